@@ -1,0 +1,77 @@
+// Input validation and per-tensor limits shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "stats.h"
+
+namespace torchhealth {
+
+// Elements per unit of work; also where parallel partial results meet, which
+// the tests use to place special values at chunk edges.
+constexpr int64_t kChunk = int64_t{1} << 16;
+
+inline bool is_supported_dtype(at::ScalarType dt) {
+  return dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat ||
+      dt == at::kDouble;
+}
+
+// Every tensor must be a strided floating-point tensor on `device_type`.
+inline void check_inputs(at::TensorList tensors, c10::DeviceType device_type) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), "tensor_stats: tensors[", i, "] is undefined");
+    TORCH_CHECK(t.layout() == at::kStrided, "tensor_stats: tensors[", i,
+        "] has layout ", t.layout(), "; torchhealth reads strided (dense) tensors");
+    TORCH_CHECK(!t.is_quantized(), "tensor_stats: tensors[", i,
+        "] is quantized; dequantize it first");
+    TORCH_CHECK(is_supported_dtype(t.scalar_type()), "tensor_stats: tensors[", i,
+        "] has dtype ", t.scalar_type(),
+        "; torchhealth reads float16, bfloat16, float32 and float64");
+    TORCH_CHECK(t.device().type() == device_type && t.device() == tensors[0].device(),
+        "tensor_stats: tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
+        tensors[0].device(), "; call tensor_stats once per device");
+  }
+}
+
+inline void check_saturation(std::optional<double> saturation) {
+  TORCH_CHECK(!saturation.has_value() || *saturation > 0,
+      "tensor_stats: saturation must be a positive magnitude, got ",
+      saturation.value_or(0.0));
+}
+
+// Default saturation threshold: half the dtype's largest finite value, i.e.
+// within a factor of 2 of overflow (32752 for float16).
+inline double default_saturation(at::ScalarType dt) {
+  switch (dt) {
+    case at::kHalf: return 65504.0 / 2;
+    case at::kBFloat16: return 3.3895313892515355e38 / 2;
+    case at::kFloat: return static_cast<double>(std::numeric_limits<float>::max()) / 2;
+    default: return std::numeric_limits<double>::max() / 2;
+  }
+}
+
+inline double smallest_normal(at::ScalarType dt) {
+  switch (dt) {
+    case at::kHalf: return 6.103515625e-05;  // 2^-14
+    case at::kBFloat16:
+    case at::kFloat: return static_cast<double>(std::numeric_limits<float>::min());
+    default: return std::numeric_limits<double>::min();
+  }
+}
+
+template <typename acc_t>
+inline Limits<acc_t> limits_for(at::ScalarType dt, std::optional<double> saturation) {
+  Limits<acc_t> lim;
+  lim.min_normal = static_cast<acc_t>(smallest_normal(dt));
+  lim.saturation = round_up_to<acc_t>(saturation.value_or(default_saturation(dt)));
+  return lim;
+}
+
+inline int64_t output_columns(bool histogram) {
+  return kCols + (histogram ? kBins : 0);
+}
+
+}  // namespace torchhealth

@@ -1,0 +1,95 @@
+// CPU kernel of torchhealth::tensor_stats: every tensor is cut into chunks of
+// kChunk elements, the chunks run in parallel, and the per-chunk partial
+// results are merged in chunk order so that sums are deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "chunk_kernel.h"
+
+namespace torchhealth {
+namespace {
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// A non-overlapping and dense tensor (contiguous, transposed, permuted) holds
+// its numel elements in one span starting at data_ptr(): statistics do not
+// depend on order, so it is read in memory order without a copy. Anything else
+// (e.g. a strided slice) is made contiguous first.
+at::Tensor dense_span(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
+                            std::optional<double> saturation) {
+  check_inputs(tensors, c10::DeviceType::CPU);
+  check_saturation(saturation);
+  const int64_t num_tensors = static_cast<int64_t>(tensors.size());
+  at::Tensor out = at::zeros({num_tensors, output_columns(histogram)},
+                             at::TensorOptions().dtype(at::kLong));
+  int64_t* out_data = out.data_ptr<int64_t>();
+  const int64_t stride = out.stride(0);
+
+  std::vector<at::Tensor> spans;
+  spans.reserve(num_tensors);
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    spans.push_back(dense_span(tensors[t]));
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) {
+      chunks.push_back({t, b, std::min(n, b + kChunk)});
+    }
+  }
+
+  std::vector<Acc> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> local(histogram ? kBins : 0, 0);
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& span = spans[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.scalar_type(),
+          "tensor_stats_cpu", [&] {
+            using acc_t = acc_type_t<scalar_t>;
+            const auto lim = limits_for<acc_t>(span.scalar_type(), saturation);
+            const scalar_t* base = static_cast<const scalar_t*>(span.const_data_ptr());
+            partial[c] = cpu::chunk_stats<scalar_t>(base + ch.begin, ch.end - ch.begin, lim,
+                                                    histogram ? local.data() : nullptr);
+          });
+      if (histogram) {
+        // Integer counts commute, so chunks of one tensor may add concurrently.
+        int64_t* row = out_data + ch.tensor * stride + kCols;
+        for (int b = 0; b < kBins; ++b) {
+          if (local[b] != 0) {
+            __atomic_fetch_add(row + b, local[b], __ATOMIC_RELAXED);
+            local[b] = 0;
+          }
+        }
+      }
+    }
+  });
+
+  size_t c = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    Acc acc = Acc::identity();
+    for (; c < chunks.size() && chunks[c].tensor == t; ++c) {
+      acc.merge(partial[c]);
+    }
+    acc.store(out_data + t * stride, tensors[t].numel());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchhealth, CPU, m) {
+  m.impl("tensor_stats", &tensor_stats_cpu);
+}
+
+}  // namespace torchhealth

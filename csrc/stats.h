@@ -1,0 +1,228 @@
+// The arithmetic of torchhealth, written once and compiled for both the CPU
+// and CUDA kernels: the output layout, per-element classification, the
+// accumulator's update and merge, and the histogram bin function.
+//
+// Semantics (mirrored exactly by torchhealth/reference.py):
+//  * nan, posinf, neginf count non-finite values; every other statistic is
+//    over the finite values only.
+//  * zero counts +0 and -0. subnormal counts nonzero values whose magnitude is
+//    below the smallest normal of the tensor's own dtype.
+//  * saturated counts finite values with |x| >= the tensor's threshold.
+//  * min/max/absmax are exact; a zero of either sign is reported as +0.0. A
+//    tensor with no finite value has min=+inf, max=-inf, absmax=0 (the
+//    identities of the merge, so rows combine exactly across calls).
+//  * sum and sumsq are accumulated in double.
+//  * The histogram counts finite nonzero values by sign and binary exponent e
+//    (2^e <= |x| < 2^(e+1)) on one grid for every dtype: per sign, slot 0 holds
+//    |x| < 2^kExpMin, slots 1..kExpMax-kExpMin+1 hold e = kExpMin..kExpMax and
+//    the last slot holds |x| >= 2^(kExpMax+1) (only float64 reaches the two
+//    end slots). Negative values come first, then positive, each in
+//    ascending exponent order.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace torchhealth {
+
+// ---- Output layout: one int64 row per tensor ------------------------------
+// Columns [0, kNumCounts) are counts, [kMin, kCols) are doubles stored by bit
+// pattern, then kBins histogram columns when the histogram is requested.
+enum Column : int {
+  kNumel = 0,
+  kNan,
+  kPosInf,
+  kNegInf,
+  kZero,
+  kSubnormal,
+  kSaturated,
+  kNumCounts,
+  kMin = kNumCounts,
+  kMax,
+  kAbsMax,
+  kSum,
+  kSumSq,
+  kCols,
+};
+constexpr int kNumValues = kCols - kMin;
+
+constexpr int kExpMin = -149;  // float32's smallest subnormal, 2^-149
+constexpr int kExpMax = 127;   // float32's largest finite exponent
+constexpr int kBinsPerSign = kExpMax - kExpMin + 3;  // + underflow + overflow
+constexpr int kBins = 2 * kBinsPerSign;
+
+// ---- Bit casts usable on host and device ----------------------------------
+C10_HOST_DEVICE inline uint64_t bits_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+C10_HOST_DEVICE inline uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__float_as_uint(x));
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+C10_HOST_DEVICE inline double double_of(int64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(b);
+#else
+  double x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+
+C10_HOST_DEVICE inline int64_t int_of(double x) {
+  return static_cast<int64_t>(bits_of(x));
+}
+
+C10_HOST_DEVICE inline int clz32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __clz(static_cast<int>(v));
+#else
+  return __builtin_clz(v);
+#endif
+}
+
+// ---- Histogram bin of a finite nonzero value ------------------------------
+// Both overloads give the same bin for the same value; the float one needs no
+// conversion, which is what the vectorised CPU path and CUDA use for the
+// 16- and 32-bit dtypes.
+C10_HOST_DEVICE inline int hist_bin(double x) {
+  const uint64_t b = bits_of(x);
+  const int biased = static_cast<int>((b >> 52) & 0x7ff);
+  int e = biased - 1023;  // float64 subnormals land far below kExpMin anyway
+  e = e < kExpMin - 1 ? kExpMin - 1 : (e > kExpMax + 1 ? kExpMax + 1 : e);
+  return (x > 0 ? kBinsPerSign : 0) + (e - (kExpMin - 1));
+}
+
+C10_HOST_DEVICE inline int hist_bin(float x) {
+  const uint32_t b = bits_of(x);
+  const uint32_t biased = (b >> 23) & 0xff;
+  // Normal: e = biased - 127, slot = e - (kExpMin - 1) = biased + 23.
+  // Subnormal m * 2^-149: e = floor(log2 m) - 149, slot = 32 - clz(m).
+  const int slot = biased != 0 ? static_cast<int>(biased) + 23
+                               : 32 - clz32(b & 0x7fffff);
+  return ((b >> 31) ? 0 : kBinsPerSign) + slot;
+}
+
+// ---- Per-dtype limits -----------------------------------------------------
+// acc_t is the type a value is classified in: float for the 16- and 32-bit
+// dtypes (every such value is exact in float), double for float64.
+template <typename scalar_t>
+using acc_type_t =
+    std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+template <typename acc_t>
+struct Limits {
+  acc_t min_normal;  // smallest positive normal of the tensor's dtype
+  acc_t saturation;  // |x| >= saturation counts as saturated
+};
+
+// The smallest acc_t that is >= t, so that comparing in acc_t gives exactly
+// the answer of comparing in double.
+template <typename acc_t>
+inline acc_t round_up_to(double t) {
+  acc_t r = static_cast<acc_t>(t);
+  if (static_cast<double>(r) < t) {
+    r = std::nextafter(r, std::numeric_limits<acc_t>::infinity());
+  }
+  return r;
+}
+
+// ---- The accumulator ------------------------------------------------------
+struct Acc {
+  int64_t nan, posinf, neginf, zero, subnormal, saturated;
+  double min, max, absmax, sum, sumsq;
+
+  C10_HOST_DEVICE static Acc identity() {
+    Acc a;
+    a.nan = a.posinf = a.neginf = a.zero = a.subnormal = a.saturated = 0;
+    a.min = std::numeric_limits<double>::infinity();
+    a.max = -std::numeric_limits<double>::infinity();
+    a.absmax = 0.0;
+    a.sum = 0.0;
+    a.sumsq = 0.0;
+    return a;
+  }
+
+  C10_HOST_DEVICE void merge(const Acc& o) {
+    nan += o.nan;
+    posinf += o.posinf;
+    neginf += o.neginf;
+    zero += o.zero;
+    subnormal += o.subnormal;
+    saturated += o.saturated;
+    min = o.min < min ? o.min : min;
+    max = o.max > max ? o.max : max;
+    absmax = o.absmax > absmax ? o.absmax : absmax;
+    sum += o.sum;
+    sumsq += o.sumsq;
+  }
+
+  // Writes the non-histogram columns of one output row.
+  C10_HOST_DEVICE void store(int64_t* row, int64_t numel) const {
+    row[kNumel] = numel;
+    row[kNan] = nan;
+    row[kPosInf] = posinf;
+    row[kNegInf] = neginf;
+    row[kZero] = zero;
+    row[kSubnormal] = subnormal;
+    row[kSaturated] = saturated;
+    row[kMin] = int_of(min);
+    row[kMax] = int_of(max);
+    row[kAbsMax] = int_of(absmax);
+    row[kSum] = int_of(sum);
+    row[kSumSq] = int_of(sumsq);
+  }
+};
+
+// Classifies one value. Returns the histogram bin, or -1 when the value has
+// none (non-finite or zero).
+template <typename acc_t>
+C10_HOST_DEVICE inline int update(Acc& a, acc_t x, const Limits<acc_t>& lim) {
+  if (x != x) {
+    a.nan++;
+    return -1;
+  }
+  const acc_t ax = x < 0 ? -x : x;
+  if (ax == std::numeric_limits<acc_t>::infinity()) {
+    if (x > 0) {
+      a.posinf++;
+    } else {
+      a.neginf++;
+    }
+    return -1;
+  }
+  const double d = x == 0 ? 0.0 : static_cast<double>(x);  // -0 -> +0
+  a.min = d < a.min ? d : a.min;
+  a.max = d > a.max ? d : a.max;
+  const double ad = static_cast<double>(ax);
+  a.absmax = ad > a.absmax ? ad : a.absmax;
+  a.sum += d;
+  a.sumsq += d * d;
+  a.saturated += ax >= lim.saturation;
+  if (x == 0) {
+    a.zero++;
+    return -1;
+  }
+  a.subnormal += ax < lim.min_normal;
+  return hist_bin(x);
+}
+
+}  // namespace torchhealth

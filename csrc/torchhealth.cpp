@@ -1,0 +1,20 @@
+// Operator schemas, declared once; each backend registers its kernel in its own
+// file under cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing torchhealth._C loads this library, which registers the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchhealth, m) {
+  // Returns int64 [len(tensors), cols]: one row of statistics per tensor, laid
+  // out as in csrc/stats.h (doubles stored by bit pattern).
+  m.def("tensor_stats(Tensor[] tensors, bool histogram=True, float? saturation=None) -> Tensor");
+}

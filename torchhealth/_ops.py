@@ -1,0 +1,113 @@
+"""`tensor_stats`: the one entry point to the kernels, with the backend chosen
+once at import (the compiled extension, or the pure-PyTorch reference)."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .stats import BINS, COLS, TensorStats
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which implementation `tensor_stats` uses, and why."""
+
+    name: str  # "extension" or "reference"
+    reason: str
+    cuda: bool  # whether CUDA kernels are compiled in
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def _load() -> Backend:
+    try:
+        from . import _C  # noqa: F401  (loading it registers the ops)
+    except ImportError as e:
+        reason = (f"the compiled extension torchhealth._C could not be imported: {e}. "
+                  "Using the pure-PyTorch reference, which is correct but slower; build the "
+                  "extension with `pip install --no-build-isolation -e .`")
+        warnings.warn(f"torchhealth: {reason}", RuntimeWarning, stacklevel=3)
+        return Backend("reference", reason, cuda=False)
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("torchhealth::tensor_stats", "CUDA")
+    return Backend("extension", f"torchhealth._C from {_C.__file__}", cuda=cuda)
+
+
+_BACKEND = _load()
+
+if _BACKEND.name == "extension":
+    @torch.library.register_fake("torchhealth::tensor_stats")
+    def _tensor_stats_fake(tensors, histogram=True, saturation=None):
+        return tensors[0].new_empty((len(tensors), COLS + (BINS if histogram else 0)),
+                                    dtype=torch.int64)
+
+
+def backend() -> Backend:
+    """The active implementation of `tensor_stats` and why it was chosen."""
+    return _BACKEND
+
+
+def _validate(tensors, histogram, saturation) -> list[torch.Tensor]:
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"tensor_stats: tensors must be a list or tuple of tensors, got "
+                        f"{type(tensors).__name__} (wrap an iterator in list(...))")
+    if not isinstance(histogram, bool):
+        raise TypeError(f"tensor_stats: histogram must be a bool, got {type(histogram).__name__}")
+    if saturation is not None:
+        if isinstance(saturation, bool) or not isinstance(saturation, (int, float)):
+            raise TypeError(f"tensor_stats: saturation must be a float or None, got "
+                            f"{type(saturation).__name__}")
+        if not saturation > 0:
+            raise ValueError(f"tensor_stats: saturation must be a positive magnitude, got {saturation}")
+    tracing = torch.compiler.is_compiling()
+    out = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor_stats: tensors[{i}] is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensor_stats: tensors[{i}] has layout {t.layout}; torchhealth reads "
+                             "strided (dense) tensors; call .to_dense() first")
+        if t.is_quantized:
+            raise TypeError(f"tensor_stats: tensors[{i}] is quantized ({t.dtype}); dequantize it first")
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
+                            "float16, bfloat16, float32 and float64")
+        if t.device.type == "meta" and not tracing:
+            raise ValueError(f"tensor_stats: tensors[{i}] is on the meta device and holds no data")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensor_stats: tensors[{i}] is on {t.device} but tensors[0] is on "
+                             f"{tensors[0].device}; call tensor_stats once per device")
+        out.append(t.detach())
+    return out
+
+
+def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
+                 saturation: float | None = None) -> TensorStats:
+    """Health statistics of every tensor in one pass: one `TensorStats` row each.
+
+    Args:
+        tensors: a list or tuple of float16/bfloat16/float32/float64 tensors on one
+            device, any shapes (0-d and empty included), contiguous or not (a
+            tensor that is neither contiguous nor a permutation of a contiguous
+            one is copied first). Autograd is not recorded.
+        histogram: also compute the exact log2-magnitude histogram.
+        saturation: absolute magnitude at or above which a finite value counts as
+            saturated; default: half of each tensor's dtype maximum.
+
+    Results stay on the tensors' device; the call does not synchronise.
+    Raises TypeError/ValueError naming the index of an unusable tensor.
+    """
+    tensors = _validate(tensors, histogram, saturation)
+    if saturation is not None:
+        saturation = float(saturation)
+    if not tensors:
+        return TensorStats(reference.tensor_stats([], histogram))
+    if _BACKEND.name == "extension":
+        return TensorStats(torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation))
+    return TensorStats(reference.tensor_stats(tensors, histogram, saturation))
