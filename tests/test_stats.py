@@ -341,7 +341,11 @@ def test_torch_compile_fullgraph():
     b = torch.randn(10, 10).half()
     a[3] = math.nan
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
-    for got, want in zip(compiled(a, b), f(a, b)):
-        assert torch.equal(got, want)
+    got, want = compiled(a, b), f(a, b)
+    for i in (0, 2, 3):  # the op's own outputs, reduced exactly
+        assert torch.equal(got[i], want[i])
+    # l2norm is a sqrt computed after the op: inductor's and eager's float64
+    # sqrt may differ in the last place.
+    torch.testing.assert_close(got[1], want[1], rtol=1e-15, atol=0)
     b[0, 0] = math.inf  # new data, same graph
     assert compiled(a, b)[0].item() == 2

@@ -1,7 +1,8 @@
 // CPU kernel of torchhealth::tensor_stats: every tensor is cut into chunks of
 // kChunk elements, the chunks run in parallel, and the per-chunk partial
-// results are merged in chunk order so that sums are deterministic.
-#include <ATen/Dispatch.h>
+// results are merged in chunk order so that sums are deterministic (for a given
+// kernel: the scalar and SIMD kernels add in different orders). The per-chunk
+// work is done by the kernels cpu_kernels() picks for this CPU (chunk_kernel.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -48,24 +49,34 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
     }
   }
 
+  const cpu::Kernels& kernels = cpu::cpu_kernels();
   std::vector<Acc> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> local(histogram ? kBins : 0, 0);
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const at::Tensor& span = spans[ch.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.scalar_type(),
-          "tensor_stats_cpu", [&] {
-            using acc_t = acc_type_t<scalar_t>;
-            const auto lim = limits_for<acc_t>(span.scalar_type(), saturation);
-            const scalar_t* base = static_cast<const scalar_t*>(span.const_data_ptr());
-            partial[c] = cpu::chunk_stats<scalar_t>(base + ch.begin, ch.end - ch.begin, lim,
-                                                    histogram ? local.data() : nullptr);
-          });
+      const at::ScalarType dt = span.scalar_type();
+      const int64_t n = ch.end - ch.begin;
+      cpu::HistOut hist{histogram ? local.data() : nullptr};
+      if (dt == at::kDouble) {
+        partial[c] = kernels.f64(span.const_data_ptr<double>() + ch.begin, n,
+                                 limits_for<double>(dt, saturation), &hist);
+      } else {
+        const auto lim = limits_for<float>(dt, saturation);
+        if (dt == at::kFloat) {
+          partial[c] = kernels.f32(span.const_data_ptr<float>() + ch.begin, n, lim, &hist);
+        } else if (dt == at::kBFloat16) {
+          partial[c] = kernels.bf16(span.const_data_ptr<c10::BFloat16>() + ch.begin, n, lim, &hist);
+        } else {
+          TORCH_INTERNAL_ASSERT(dt == at::kHalf);
+          partial[c] = kernels.f16(span.const_data_ptr<c10::Half>() + ch.begin, n, lim, &hist);
+        }
+      }
       if (histogram) {
         // Integer counts commute, so chunks of one tensor may add concurrently.
         int64_t* row = out_data + ch.tensor * stride + kCols;
-        for (int b = 0; b < kBins; ++b) {
+        for (int b = hist.lo; b < hist.hi; ++b) {
           if (local[b] != 0) {
             __atomic_fetch_add(row + b, local[b], __ATOMIC_RELAXED);
             local[b] = 0;

@@ -1,0 +1,68 @@
+// The SIMD chunk kernel for x86-64-v3 (AVX2, FMA, F16C, BMI2): 8 float32
+// lanes, one 256-bit register per GCC vector.
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "chunk_kernel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+
+// Everything above is compiled for the baseline ISA; only what follows is v3.
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+
+namespace torchhealth {
+namespace cpu {
+namespace avx2 {
+
+constexpr int kLanes = 8;
+
+#include "simd_kernel.h"
+
+inline vu sllv(vu a, vu k) { return (vu)_mm256_sllv_epi32((__m256i)a, (__m256i)k); }
+
+inline vf half_to_float(vh h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
+
+inline bool any_lane(vu m) { return !_mm256_testz_si256((__m256i)m, (__m256i)m); }
+
+inline vd lo_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)x)); }
+inline vd hi_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x, 1)); }
+
+inline uint32_t reduce_add(vu v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128((__m256i)v),
+                            _mm256_extracti128_si256((__m256i)v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
+}
+
+inline vu maj3(vu a, vu b, vu c) { return (a & b) | ((a ^ b) & c); }
+inline vu xor3(vu a, vu b, vu c) { return a ^ b ^ c; }
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace torchhealth
+
+#pragma GCC pop_options
+
+namespace torchhealth {
+namespace cpu {
+
+Kernels avx2_kernels() {
+  return {"avx2", &avx2::chunk_f32, &avx2::chunk_bf16, &avx2::chunk_f16, &avx2::chunk_f64};
+}
+
+}  // namespace cpu
+}  // namespace torchhealth
+
+#else  // not GCC on x86-64: cpu_kernels() never asks for these
+
+namespace torchhealth {
+namespace cpu {
+Kernels avx2_kernels() { return scalar_kernels(); }
+}  // namespace cpu
+}  // namespace torchhealth
+
+#endif

@@ -1,0 +1,560 @@
+// The vectorised chunk kernel, written once with GCC vector extensions and
+// compiled once per ISA. Not a normal header: kernel_avx2.cpp and
+// kernel_avx512.cpp include it inside `namespace torchhealth::cpu::<isa>`,
+// under `#pragma GCC target`, after every other include (so no inline function
+// of ATen, c10 or stats.h is ever emitted with AVX2/AVX-512 code, which would
+// break the one-definition rule on older CPUs). The includer defines kLanes
+// before and the ISA primitives declared below after including it.
+//
+// Semantics are exactly those of update() in stats.h, which this file calls for
+// chunk tails and for values the vector paths leave out. How:
+//
+//  * A chunk is cut into blocks of kBlock = 128 * kLanes float32 values
+//    (16-bit dtypes are widened exactly into an L1-resident buffer first).
+//  * Pass 1 (fast) reads a block and computes, per lane, min, max, the zero
+//    count, the count of |x| below small_bits (float16: its subnormals), the
+//    smallest nonzero |x| (with the histogram only), and the sums in double.
+//    The block is then checked: NaN and Inf make the sums non-finite, and
+//    max(-min, max) must stay below the saturation threshold; for float32 and
+//    bfloat16 no nonzero |x| may be below 2^-63. A block that fails (rare: it
+//    holds a NaN, Inf, saturated, float32/bfloat16-subnormal or tiny value) is
+//    read again by the careful variant, which counts every class with masks.
+//  * Pass 2 (histogram) re-reads the block from L1. Magnitudes in a block span
+//    few binary exponents, so a window of 16 exponents per sign, topped at the
+//    block's largest exponent E, holds nearly every value: the value's window
+//    slot k (0..15 positive, 16..31 negative) becomes a one-hot bit in a 32-bit
+//    lane, and the 32 bit positions are counted by a positional popcount
+//    (Harley-Seal carry-save adders into 8 bit-planes; Klarqvist, Mula and
+//    Lemire 2019). A lane counts at most kBlock/kLanes = 128 values, which 8
+//    planes hold exactly. Values below the window (and subnormals, which are
+//    binned by mantissa) are rare and go one by one through hist_bin().
+//
+// Cost (benchmarks/RESULTS-cpu.md): pass 1 is ~15 vector ops per register of
+// values, 7 of them for the exact double sums; pass 2 another ~8 (AVX-512) to
+// ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
+// pair), plus a transpose and reduction per block. Both are compute-bound on
+// Zen 4, where the two ISAs run at about the same speed (512-bit ops are
+// split in two).
+
+// The includer defines kLanes, the float32 lanes of its registers (8 for AVX2,
+// 16 for AVX-512), so that every GCC vector is one machine register: wider
+// vectors than the ISA has are lowered lane by lane through the stack (that
+// made the first AVX2 build 10x slower than AVX-512).
+constexpr int kBlock = 128 * kLanes;  // a lane meets <= 128 values per block; 8 KB at AVX-512
+
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef double vd __attribute__((vector_size(4 * kLanes)));  // kLanes / 2 doubles
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+
+// ---- ISA primitives, defined by the includer -------------------------------
+// a << k per lane, 0 when k >= 32 (vpsllvd; C++ shifts leave that undefined).
+inline vu sllv(vu a, vu k);
+// float16 bits to float32, exactly (vcvtph2ps).
+inline vf half_to_float(vh h);
+// Whether any lane is nonzero.
+inline bool any_lane(vu m);
+// The low and high halves of a vector, converted exactly to double.
+inline vd lo_double(vf x);
+inline vd hi_double(vf x);
+// The sum of the lanes (callers keep it below 2^32).
+inline uint32_t reduce_add(vu v);
+// Bitwise majority and parity of three vectors: one vpternlogd each on AVX-512.
+inline vu maj3(vu a, vu b, vu c);
+inline vu xor3(vu a, vu b, vu c);
+
+// ---- Helpers ----------------------------------------------------------------
+inline vu splat(uint32_t x) { return vu{} + x; }
+inline vi splat_i(int32_t x) { return vi{} + x; }
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float float_from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline uint32_t hmax_u31(vu v) {  // lanes below 2^31
+  uint32_t m = 0;
+  for (int l = 0; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+inline uint32_t hmin_u(vu v) {
+  uint32_t m = ~0u;
+  for (int l = 0; l < kLanes; ++l) m = v[l] < m ? v[l] : m;
+  return m;
+}
+
+inline int64_t hsum_u(vu v) { return reduce_add(v); }  // block counts: <= kBlock
+
+// Lane-parallel partial results of one block.
+struct Block {
+  vu amax, anz, zero, small, nan, pinf, ninf, sub, sat;
+  vf vmin, vmax;
+  vd s0, s1, q0, q1;
+
+  void init() {
+    amax = zero = small = nan = pinf = ninf = sub = sat = vu{};
+    anz = splat(~0u);
+    vmin = vf{} + std::numeric_limits<float>::infinity();
+    vmax = vf{} - std::numeric_limits<float>::infinity();
+    s0 = s1 = q0 = q1 = vd{};
+  }
+};
+
+struct Consts {
+  uint32_t sat_bits;   // |x| bits >= sat_bits: saturated (finite values only)
+  uint32_t clean_max;  // a block whose |x| bits all stay below needs no special count
+  uint32_t mn_bits;    // bits of the dtype's smallest normal, as float32
+  // The fast pass counts |x| bits < small_bits. For float16 that is the
+  // smallest normal, so small - zero is the subnormal count (float16
+  // subnormals are common). For bfloat16 and float32 it is 2^-63: a block with
+  // a smaller nonzero value (subnormals included) goes to the careful pass.
+  uint32_t small_bits;
+  bool small_is_subnormal;
+};
+
+// The sums in double, value by value: float32 -> float64 is exact, and so is
+// the square. (Float partial sums would halve pass 1's work and stay inside
+// SUM_RTOL, but sums would then differ between partitions of the same data by
+// ~1e-8 relative, more than tests/test_stats.py allows.)
+inline void accumulate_sums(vf x, Block& b) {
+  const vd dl = lo_double(x);
+  const vd dh = hi_double(x);
+  b.s0 += dl;
+  b.s1 += dh;
+  b.q0 += dl * dl;
+  b.q1 += dh * dh;
+}
+
+// Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
+// every value is finite, below the saturation threshold and not tiny (see
+// Consts), and the caller checks that afterwards from the sums (NaN and Inf
+// make them non-finite), amax and small; kCareful=true makes no assumption.
+// anz (the smallest nonzero |x| bits, minus 1) is needed by the histogram only.
+template <bool kCareful, bool kAnz>
+inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
+  const vu absmask = splat(0x7fffffffu);
+  const vu inf = splat(0x7f800000u);
+  if (!kCareful) {
+    const vi small = splat_i(static_cast<int32_t>(c.small_bits));
+    for (int v = 0; v < nv; ++v) {
+      const vf x = load(p + v * kLanes);
+      const vu a = (vu)x & absmask;
+      b.zero -= (vu)(a == 0);
+      b.small -= (vu)((vi)a < small);
+      if (kAnz) {
+        const vu a1 = a - 1;  // zero wraps to the largest value: min ignores zeros
+        b.anz = a1 < b.anz ? a1 : b.anz;
+      }
+      b.vmin = x < b.vmin ? x : b.vmin;
+      b.vmax = x > b.vmax ? x : b.vmax;
+      accumulate_sums(x, b);
+    }
+    // Every lane saw a value and, if the block is clean, all were finite.
+    const vf neg_min = -b.vmin;
+    b.amax = (vu)(b.vmax > neg_min ? b.vmax : neg_min) & absmask;
+    if (c.small_is_subnormal) b.sub = b.small - b.zero;
+    return;
+  }
+  for (int v = 0; v < nv; ++v) {
+    const vf x = load(p + v * kLanes);
+    const vu bits = (vu)x;
+    const vu a = bits & absmask;
+    const vu a1 = a - 1;  // zero wraps to the largest value: min ignores zeros
+    b.zero -= (vu)(a == 0);
+    {
+      const vi fin = (vi)a < (vi)inf;
+      const vi isinf = a == inf;
+      const vi neg = (vi)bits < 0;
+      b.nan -= (vu)((vi)a > (vi)inf);
+      b.pinf -= (vu)(isinf & ~neg);
+      b.ninf -= (vu)(isinf & neg);
+      b.sat -= (vu)(fin & ((vi)a >= splat_i(static_cast<int32_t>(c.sat_bits))));
+      b.sub -= (vu)(a1 < splat(c.mn_bits - 1));
+      const vu af = (vu)fin & a;
+      b.amax = (vi)af > (vi)b.amax ? af : b.amax;
+      const vu a1f = a1 | ~(vu)fin;
+      b.anz = a1f < b.anz ? a1f : b.anz;
+      b.vmin = (fin & (x < b.vmin)) ? x : b.vmin;
+      b.vmax = (fin & (x > b.vmax)) ? x : b.vmax;
+      accumulate_sums((vf)((vu)fin & bits), b);  // non-finite values add +0
+    }
+  }
+}
+
+// One value's window slot as a one-hot bit. In the unmasked variant the caller
+// guarantees that every nonzero value of the block lies in the window and that
+// 16 < base <= 224, so zeros of either sign shift out. The masked variant
+// clears out-of-window lanes and bins the finite nonzero ones one by one.
+template <bool kMasked>
+inline vu one_hot(const float* p, uint32_t base, HistOut* h) {
+  const vu bits = (vu)load(p);
+  // sign|exponent minus base: j for a positive value in the window, 256 + j
+  // for a negative one, whose slot 16 + j is then the smaller (unsigned) of k0
+  // and k0 - 240. Positive values below the window wrap to huge shifts; -0
+  // gives min(256 - base, wrapped 16 - base) >= 32 when 16 < base <= 224.
+  const vu k0 = (bits >> 23) - base;
+  const vu k1 = k0 - 240u;
+  const vu k = k0 < k1 ? k0 : k1;
+  vu oh = sllv(splat(1), k);
+  if (kMasked) {
+    const vi a = (vi)(bits & 0x7fffffffu);
+    const vi base_bits = splat_i(static_cast<int32_t>(base << 23));
+    oh &= (vu)((a >= base_bits) & (a < splat_i(0x7f800000)));
+    const vu out = (vu)((a != 0) & (a < base_bits));
+    if (__builtin_expect(any_lane(out), 0)) {
+      for (int l = 0; l < kLanes; ++l) {
+        if (out[l]) h->add(hist_bin(float_from_bits(bits[l])), 1);
+      }
+    }
+  }
+  return oh;
+}
+
+// Carry-save adder: h:l = a + b + c, bitwise. A function, not a macro: the
+// one_hot() arguments have side effects (out-of-window values are binned one
+// by one) and must be evaluated exactly once.
+inline void csa(vu& h, vu& l, vu a, vu b, vu c) {
+  h = maj3(a, b, c);
+  l = xor3(a, b, c);
+}
+
+// Pass 2 over nv <= 128 vectors: the histogram of the window [base, base+16)
+// of biased float32 exponents, both signs.
+template <bool kMasked>
+inline void pass2(const float* p, int nv, uint32_t base, HistOut* h) {
+  // plane[i] holds bit i of each (lane, position) count.
+  vu ones{}, twos{}, fours{}, eights{}, p16{}, p32{}, p64{}, p128{};
+  int v = 0;
+  for (; v + 16 <= nv; v += 16) {
+    const float* q = p + v * kLanes;
+    vu twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
+#define TORCHHEALTH_D(i) one_hot<kMasked>(q + (i) * kLanes, base, h)
+    csa(twosA, ones, ones, TORCHHEALTH_D(0), TORCHHEALTH_D(1));
+    csa(twosB, ones, ones, TORCHHEALTH_D(2), TORCHHEALTH_D(3));
+    csa(foursA, twos, twos, twosA, twosB);
+    csa(twosA, ones, ones, TORCHHEALTH_D(4), TORCHHEALTH_D(5));
+    csa(twosB, ones, ones, TORCHHEALTH_D(6), TORCHHEALTH_D(7));
+    csa(foursB, twos, twos, twosA, twosB);
+    csa(eightsA, fours, fours, foursA, foursB);
+    csa(twosA, ones, ones, TORCHHEALTH_D(8), TORCHHEALTH_D(9));
+    csa(twosB, ones, ones, TORCHHEALTH_D(10), TORCHHEALTH_D(11));
+    csa(foursA, twos, twos, twosA, twosB);
+    csa(twosA, ones, ones, TORCHHEALTH_D(12), TORCHHEALTH_D(13));
+    csa(twosB, ones, ones, TORCHHEALTH_D(14), TORCHHEALTH_D(15));
+    csa(foursB, twos, twos, twosA, twosB);
+    csa(eightsB, fours, fours, foursA, foursB);
+    csa(sixteens, eights, eights, eightsA, eightsB);
+#undef TORCHHEALTH_D
+    // Add sixteens into the upper planes (a ripple of half adders).
+    vu c = sixteens, t;
+    t = p16 & c; p16 ^= c; c = t;
+    t = p32 & c; p32 ^= c; c = t;
+    t = p64 & c; p64 ^= c; c = t;
+    p128 ^= c;  // no carry out: a count never exceeds 128
+  }
+  for (; v < nv; ++v) {
+    vu c = one_hot<kMasked>(p + v * kLanes, base, h), t;
+    t = ones & c; ones ^= c; c = t;
+    t = twos & c; twos ^= c; c = t;
+    t = fours & c; fours ^= c; c = t;
+    t = eights & c; eights ^= c; c = t;
+    t = p16 & c; p16 ^= c; c = t;
+    t = p32 & c; p32 ^= c; c = t;
+    t = p64 & c; p64 ^= c; c = t;
+    p128 ^= c;
+  }
+  // Transpose: bytes[i] byte b of lane l = count of position 8b+i in lane l
+  // (at most 128, so a byte holds it). Per byte, planes[pl] bit i is the 8x8
+  // bit matrix M[pl][i]; three butterfly stages swap its off-diagonal halves,
+  // quarters and bits, so that afterwards planes[i] bit pl = M[pl][i].
+  vu bytes[8] = {ones, twos, fours, eights, p16, p32, p64, p128};
+  for (int d = 4; d >= 1; d /= 2) {
+    const vu mask = splat(d == 4 ? 0x0f0f0f0fu : d == 2 ? 0x33333333u : 0x55555555u);
+    for (int r = 0; r < 8; ++r) {
+      if (r & d) continue;
+      const vu t = ((bytes[r] >> d) ^ bytes[r + d]) & mask;
+      bytes[r + d] ^= t;
+      bytes[r] ^= t << d;
+    }
+  }
+  const vu even = splat(0x00ff00ffu);
+  for (int i = 0; i < 8; ++i) {
+    // 16-bit fields: sums over kLanes <= 16 lanes stay <= 16 * 128.
+    const int64_t lo = reduce_add(bytes[i] & even);         // bytes 0 and 2
+    const int64_t hi = reduce_add((bytes[i] >> 8) & even);  // bytes 1 and 3
+    const int64_t count[4] = {lo & 0xffff, hi & 0xffff, lo >> 16, hi >> 16};
+    for (int b = 0; b < 4; ++b) {
+      if (count[b] == 0) continue;
+      const int j = 8 * b + i;  // window slot
+      // Normal float32 bins: slot = biased exponent + 23 (see hist_bin).
+      const int bin = j < 16 ? kBinsPerSign + static_cast<int>(base) + 23 + j
+                             : static_cast<int>(base) + 23 + (j - 16);
+      h->add(bin, count[b]);
+    }
+  }
+}
+
+// Whether the fast pass met no NaN or Inf (they make its sums non-finite; so
+// do, harmlessly, float overflows of finite values, which then take the careful
+// pass). Lane sums stay far from double overflow.
+inline bool sums_are_finite(const Block& b) {
+  double t = 0;
+  for (int l = 0; l < kLanes / 2; ++l) t += (b.s0[l] + b.s1[l]) + (b.q0[l] + b.q1[l]);
+  return t - t == 0;
+}
+
+// Chunk-level accumulators; blocks are merged in order.
+struct ChunkAcc {
+  int64_t zero = 0, nan = 0, pinf = 0, ninf = 0, sub = 0, sat = 0;
+  vu amax{};
+  vf vmin = vf{} + std::numeric_limits<float>::infinity();
+  vf vmax = vf{} - std::numeric_limits<float>::infinity();
+  vd s0{}, s1{}, q0{}, q1{};
+
+  void merge(const Block& b, bool careful) {
+    zero += hsum_u(b.zero);
+    sub += hsum_u(b.sub);
+    if (careful) {
+      nan += hsum_u(b.nan);
+      pinf += hsum_u(b.pinf);
+      ninf += hsum_u(b.ninf);
+      sat += hsum_u(b.sat);
+    }
+    amax = (vi)b.amax > (vi)amax ? b.amax : amax;
+    vmin = b.vmin < vmin ? b.vmin : vmin;
+    vmax = b.vmax > vmax ? b.vmax : vmax;
+    s0 += b.s0;
+    s1 += b.s1;
+    q0 += b.q0;
+    q1 += b.q1;
+  }
+
+  Acc finish() const {
+    Acc a = Acc::identity();
+    a.nan = nan;
+    a.posinf = pinf;
+    a.neginf = ninf;
+    a.zero = zero;
+    a.subnormal = sub;
+    a.saturated = sat;
+    float mn = std::numeric_limits<float>::infinity();
+    float mx = -mn;
+    for (int l = 0; l < kLanes; ++l) {
+      mn = vmin[l] < mn ? vmin[l] : mn;
+      mx = vmax[l] > mx ? vmax[l] : mx;
+    }
+    a.min = mn == 0 ? 0.0 : static_cast<double>(mn);  // -0 -> +0
+    a.max = mx == 0 ? 0.0 : static_cast<double>(mx);
+    a.absmax = static_cast<double>(float_from_bits(hmax_u31(amax)));
+    double s = 0, q = 0;
+    for (int l = 0; l < kLanes / 2; ++l) {
+      s += s0[l] + s1[l];
+      q += q0[l] + q1[l];
+    }
+    a.sum = s;
+    a.sumsq = q;
+    return a;
+  }
+};
+
+// How each input dtype reaches float32.
+struct FromFloat {
+  using type = float;
+  static const float* widen(const float* p, int, float*) { return p; }
+  static float scalar(float x) { return x; }
+};
+struct FromBFloat16 {
+  using type = uint16_t;
+  static const float* widen(const uint16_t* p, int n, float* buf) {
+    for (int i = 0; i < n; i += kLanes) {
+      vh h;
+      std::memcpy(&h, p + i, sizeof h);
+      const vu w = __builtin_convertvector(h, vu) << 16;
+      std::memcpy(buf + i, &w, sizeof w);
+    }
+    return buf;
+  }
+  static float scalar(uint16_t x) { return float_from_bits(static_cast<uint32_t>(x) << 16); }
+};
+struct FromHalf {
+  using type = uint16_t;
+  static const float* widen(const uint16_t* p, int n, float* buf) {
+    for (int i = 0; i < n; i += kLanes) {
+      vh h;
+      std::memcpy(&h, p + i, sizeof h);
+      const vf w = half_to_float(h);
+      std::memcpy(buf + i, &w, sizeof w);
+    }
+    return buf;
+  }
+  static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
+};
+
+template <typename From>
+Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  alignas(64) float buf[kBlock];
+  static_assert(kLanes <= 16, "byte counts of pass 2 are summed in 16-bit fields");
+  Consts c;
+  c.sat_bits = bits_of(lim.saturation);
+  c.clean_max = c.sat_bits < 0x7f800000u ? c.sat_bits : 0x7f800000u;
+  c.mn_bits = bits_of(lim.min_normal);
+  c.small_bits = c.mn_bits > 0x20000000u ? c.mn_bits : 0x20000000u;  // 2^-63
+  c.small_is_subnormal = c.small_bits == c.mn_bits;
+  const bool hist = h->counts != nullptr;
+  ChunkAcc ck;
+  Acc tail = Acc::identity();
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int len = static_cast<int>(n - off < kBlock ? n - off : kBlock);
+    const int nv = len / kLanes;
+    if (nv > 0) {
+      const float* f = From::widen(p + off, nv * kLanes, buf);
+      Block b;
+      b.init();
+      if (hist) {
+        pass1<false, true>(f, nv, c, b);
+      } else {
+        pass1<false, false>(f, nv, c, b);
+      }
+      uint32_t amax = hmax_u31(b.amax);
+      uint32_t anz = hmin_u(b.anz);
+      const bool clean = sums_are_finite(b) && amax < c.clean_max &&
+                         (c.small_is_subnormal || hsum_u(b.small) == hsum_u(b.zero));
+      if (!clean) {
+        b.init();
+        pass1<true, true>(f, nv, c, b);
+        amax = hmax_u31(b.amax);
+        anz = hmin_u(b.anz);
+      }
+      ck.merge(b, !clean);
+      if (hist && amax != 0) {
+        const uint32_t top = amax >> 23;  // largest biased exponent of a finite value
+        const uint32_t base = top > 16 ? top - 15 : 1;  // never exponent 0 (subnormals)
+        if (clean && anz + 1 >= (base << 23) && base > 16 && base <= 224) {
+          pass2<false>(f, nv, base, h);
+        } else {
+          pass2<true>(f, nv, base, h);
+        }
+      }
+    }
+    for (int i = nv * kLanes; i < len; ++i) {
+      const int bin = update<float>(tail, From::scalar(p[off + i]), lim);
+      if (hist && bin >= 0) h->add(bin, 1);
+    }
+  }
+  Acc a = ck.finish();
+  a.merge(tail);
+  return a;
+}
+
+Acc chunk_f32(const float* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromFloat>(p, n, lim, h);
+}
+Acc chunk_bf16(const c10::BFloat16* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromBFloat16>(reinterpret_cast<const uint16_t*>(p), n, lim, h);
+}
+Acc chunk_f16(const c10::Half* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromHalf>(reinterpret_cast<const uint16_t*>(p), n, lim, h);
+}
+
+// ---- float64 ------------------------------------------------------------------
+// The same fast/careful split with kLanes / 2 doubles per register: a block
+// whose values are all finite, below the saturation threshold and, when
+// nonzero, within [2^-500, 2^500] (so x*x neither underflows nor overflows and
+// no value is subnormal) is summarised by vector min, max, zero count and
+// sums; any other block goes value by value through update(). The histogram
+// of a fast block is binned value by value with hist_bin(), whose float64 bins
+// are not contiguous in the window sense of pass 2.
+typedef uint64_t vq __attribute__((vector_size(4 * kLanes)));
+typedef int64_t vl __attribute__((vector_size(4 * kLanes)));
+constexpr int kDLanes = kLanes / 2;
+
+inline vd load_d(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline double double_from_bits(uint64_t b) {
+  double d;
+  std::memcpy(&d, &b, sizeof d);
+  return d;
+}
+
+Acc chunk_f64(const double* p, int64_t n, const Limits<double>& lim, HistOut* h) {
+  constexpr uint64_t kInfBits = 0x7ff0000000000000ull;
+  constexpr uint64_t kSmallBits = uint64_t{1023 - 500} << 52;  // 2^-500
+  constexpr uint64_t kBigBits = uint64_t{1023 + 500} << 52;    // 2^500
+  const uint64_t sat_bits = bits_of(lim.saturation);
+  uint64_t clean_max = sat_bits < kInfBits ? sat_bits : kInfBits;
+  clean_max = clean_max < kBigBits ? clean_max : kBigBits;
+  const bool hist = h->counts != nullptr;
+  const vq absmask = vq{} + 0x7fffffffffffffffull;
+  const vl small = vl{} + static_cast<int64_t>(kSmallBits);
+  Acc a = Acc::identity();
+  constexpr int kBlockD = 64 * kLanes;  // doubles per block (as many bytes as float32)
+  for (int64_t off = 0; off < n; off += kBlockD) {
+    const int len = static_cast<int>(n - off < kBlockD ? n - off : kBlockD);
+    const int nv = len / kDLanes;
+    const double* q = p + off;
+    bool clean = false;
+    if (nv > 0) {
+      vq zero{}, nsmall{};
+      vd vmin = vd{} + std::numeric_limits<double>::infinity();
+      vd vmax = vd{} - std::numeric_limits<double>::infinity();
+      vd s{}, ss{};
+      for (int v = 0; v < nv; ++v) {
+        const vd x = load_d(q + v * kDLanes);
+        const vq ab = (vq)x & absmask;
+        zero -= (vq)(ab == 0);
+        nsmall -= (vq)((vl)ab < small);
+        vmin = x < vmin ? x : vmin;
+        vmax = x > vmax ? x : vmax;
+        s += x;
+        ss += x * x;
+      }
+      double mn = std::numeric_limits<double>::infinity(), mx = -mn, sum = 0, sumsq = 0;
+      int64_t nz = 0, ns = 0;
+      for (int l = 0; l < kDLanes; ++l) {
+        mn = vmin[l] < mn ? vmin[l] : mn;
+        mx = vmax[l] > mx ? vmax[l] : mx;
+        sum += s[l];
+        sumsq += ss[l];
+        nz += static_cast<int64_t>(zero[l]);
+        ns += static_cast<int64_t>(nsmall[l]);
+      }
+      const double am = mx > -mn ? mx : -mn;
+      // NaN and Inf make the sums non-finite (and Inf the extremes).
+      clean = sum - sum == 0 && sumsq - sumsq == 0 && (bits_of(am) & ~(uint64_t{1} << 63)) < clean_max &&
+              ns == nz;
+      if (clean) {
+        Acc b = Acc::identity();
+        b.zero = nz;
+        b.min = mn == 0 ? 0.0 : mn;  // -0 -> +0
+        b.max = mx == 0 ? 0.0 : mx;
+        b.absmax = am == 0 ? 0.0 : am;
+        b.sum = sum;
+        b.sumsq = sumsq;
+        a.merge(b);
+        if (hist) {
+          for (int i = 0; i < nv * kDLanes; ++i) {
+            if (q[i] != 0) h->add(hist_bin(q[i]), 1);
+          }
+        }
+      }
+    }
+    for (int i = clean ? nv * kDLanes : 0; i < len; ++i) {
+      const int bin = update<double>(a, q[i], lim);
+      if (hist && bin >= 0) h->add(bin, 1);
+    }
+  }
+  return a;
+}

@@ -1,0 +1,254 @@
+"""Every CPU chunk kernel (scalar, avx2, avx512) against the reference.
+
+tests/test_stats.py runs the kernel the CPU picks (auto: the widest). This file
+switches kernels in-process with the private op torch.ops.torchhealth._cpu_kernel
+and runs a compact exactness suite on each one this CPU can run; the others
+skip with the reason. Specials sit at lane (8, 16), block (1024 for avx2, 2048
+for avx512) and chunk (65536) edges, where the vector kernels change paths.
+"""
+import contextlib
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchhealth
+from torchhealth import stats as S
+
+from helpers import assert_matches_reference, specials
+
+CHUNK = 1 << 16  # csrc/checks.h kChunk
+KERNELS = ["scalar", "avx2", "avx512"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Lane, block and chunk edges of every kernel (kBlock = 128 lanes of float32,
+# 64 lanes of float64, simd_kernel.h).
+EDGES = [0, 7, 8, 15, 16, 17, 511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049, 3071, 4096, CHUNK - 1, CHUNK,
+         CHUNK + 1, CHUNK + 1024, 2 * CHUNK - 1]
+
+_op = torch.ops.torchhealth._cpu_kernel
+
+
+def runnable(kernel: str) -> bool:
+    previous = _op("")
+    try:
+        _op(kernel)
+    except RuntimeError as e:
+        assert "cannot run it" in str(e)
+        return False
+    finally:
+        _op(previous)
+    return True
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str):
+    if not runnable(kernel):
+        pytest.skip(f"this CPU cannot run the {kernel} kernel")
+    previous = _op(kernel)
+    try:
+        yield
+    finally:
+        _op(previous)
+
+
+kernel_param = pytest.mark.parametrize("kernel", KERNELS)
+
+
+def make(values, dtype):
+    return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def edge_values(dtype):
+    """Specials plus values at the kernels' internal thresholds: the float16
+    subnormal range, 2^-63 (below it the fast pass hands a float32 or bfloat16
+    block to the careful pass), values far below a block's histogram window,
+    and magnitudes whose square overflows float."""
+    fi = torch.finfo(dtype)
+    vals = specials(dtype) + [2.0**-63, -(2.0**-63), 2.0**-64, 1.5 * 2.0**-64, 2.0**-20,
+                              -(2.0**-20), 2.0**-24, 3 * 2.0**-24, 1e-30, -1e-30]
+    if fi.max > 1e30:
+        vals += [2.0**64, -(2.0**70), 2.0**100, -(2.0**120), 1e38]
+    return vals
+
+
+# --- selection --------------------------------------------------------------------
+
+def test_auto_picks_the_widest_runnable_kernel():
+    widest = next(k for k in ["avx512", "avx2", "scalar"] if runnable(k))
+    previous = _op("auto")
+    try:
+        assert _op("") == widest
+    finally:
+        _op(previous)
+
+
+def test_unknown_kernel_name_is_an_error():
+    with pytest.raises(RuntimeError, match="auto, scalar, avx2 or avx512"):
+        _op("sse9")
+
+
+# --- exactness per kernel -------------------------------------------------------------
+
+@kernel_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_specials_at_every_edge(kernel, dtype):
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(10)
+        n = 2 * CHUNK + 37
+        base = torch.randn(n, generator=g, dtype=torch.float64) * 0.02
+        vals = make(edge_values(dtype), torch.float64)
+        dense = base.clone()
+        for i, pos in enumerate(EDGES):
+            dense[pos] = vals[i % vals.numel()]
+        # One special per block, so that every other block stays on the fast path.
+        sparse = base.clone()
+        for i, pos in enumerate(range(5, n, 1000)):
+            sparse[pos] = vals[i % vals.numel()]
+        ts = [dense.to(dtype), sparse.to(dtype), (sparse * 1e4).to(dtype)]
+        for histogram in (True, False):
+            assert_matches_reference(ts, histogram=histogram)
+        assert_matches_reference(ts, saturation=1e-3)
+        assert_matches_reference(ts, saturation=1e39)  # above float32's max
+
+
+@kernel_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_histogram_window_edges(kernel, dtype):
+    """Blocks whose magnitudes span more than the 16-exponent window, values one
+    octave below it (a negative one must not alias into a positive slot), -0
+    next to huge values, and blocks of a single exponent."""
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(11)
+        top = 2.0 ** (14 if dtype == torch.float16 else 110)
+        ts = []
+        for below in [15, 16, 17, 30]:  # octaves below the block's largest value
+            x = torch.full((3000,), 1.5, dtype=torch.float64)
+            x[::7] = top
+            x[3::11] = -top / 2.0**below
+            x[5::13] = top / 2.0**below
+            x[9::17] = -0.0
+            ts.append(x.to(dtype))
+        if dtype != torch.float16:  # a clean block near the top of the range, with -0
+            huge = torch.full((3000,), 2.0**120, dtype=torch.float64)
+            huge[1::3] = -(2.0**112)
+            huge[2::5] = -0.0
+            ts.append(huge.to(dtype))
+        ts.append(torch.full((2100,), -0.75, dtype=dtype))
+        ts.append(torch.full((2100,), -0.0, dtype=dtype))
+        wide = torch.randn(5000, generator=g, dtype=torch.float64) * torch.exp2(
+            torch.randint(-40, 40, (5000,), generator=g).double())
+        ts.append(wide.to(dtype))
+        assert_matches_reference(ts)
+
+
+@kernel_param
+@pytest.mark.parametrize("dtype16", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_every_16_bit_pattern(kernel, dtype16):
+    with use_kernel(kernel):
+        x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype16)
+        perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(12))
+        assert_matches_reference([x, x[perm]])
+
+
+@kernel_param
+def test_random_bit_patterns(kernel):
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(13)
+        f32 = torch.randint(-(1 << 31), 1 << 31, (100_000,), generator=g, dtype=torch.int64)
+        f32 = f32.to(torch.int32).view(torch.float32)
+        sub = torch.randint(1, 1 << 23, (20_000,), generator=g, dtype=torch.int32).view(torch.float32)
+        tiny = torch.randn(20_000, generator=g) * 2.0**-70  # normal, but x*x is not
+        f64 = torch.randint(-(1 << 62), 1 << 62, (100_000,), generator=g, dtype=torch.int64) * 2
+        f64 = f64.view(torch.float64)
+        scaled = [torch.randn(20_000, generator=g, dtype=torch.float64) * 2.0**e
+                  for e in (-1070, -600, -499, 0, 499, 520)]  # float64 fast-path limits
+        assert_matches_reference([f32, sub, -sub, tiny, f64] + scaled)
+
+
+@kernel_param
+def test_many_tensors_of_every_size_in_one_call(kernel):
+    """Empty, single-chunk and multi-chunk tensors of every dtype side by side:
+    each kernel call sees one chunk, and chunks of one tensor add to one row."""
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(14)
+        sizes = [0, 1, 5, 16, 1000, 1025, CHUNK, 0, CHUNK + 1, 3, 2 * CHUNK + 9, 0]
+        ts = []
+        for i, n in enumerate(sizes * 3):
+            t = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** (i % 5 - 2)
+            if n and i % 4 == 0:
+                t[n // 2] = [math.nan, math.inf, -0.0, 1e-40][i % 4]
+            ts.append(t.to(DTYPES[i % 4]))
+        got = assert_matches_reference(ts)
+        assert got[:, S.NUMEL].tolist() == [t.numel() for t in ts]
+        assert_matches_reference(ts, histogram=False)
+
+
+@kernel_param
+def test_property(kernel):
+    with use_kernel(kernel):
+        _property()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def _property(data):
+    dtype = data.draw(st.sampled_from(DTYPES))
+    n = data.draw(st.sampled_from([1, 9, 17, 1023, 1025, 2047, 2049, 4100, CHUNK + 3]))
+    positions = data.draw(st.lists(st.one_of(st.sampled_from(EDGES), st.integers(0, n - 1)),
+                                   max_size=10))
+    pool = edge_values(dtype)
+    values = data.draw(st.lists(st.sampled_from(pool), min_size=len(positions),
+                                max_size=len(positions)))
+    scale = data.draw(st.sampled_from([1e-30, 1e-6, 0.02, 1.0, 3e4, 1e20]))
+    offset = data.draw(st.integers(0, 3))  # unaligned starts
+    g = torch.Generator().manual_seed(n + offset)
+    base = (torch.randn(n + offset, generator=g, dtype=torch.float64) * scale).to(dtype)
+    x = base[offset:]
+    for p, v in zip(positions, values):
+        if p < n:
+            x[p] = v
+    sat = data.draw(st.sampled_from([None, 1.0, 3e4]))
+    hist = data.draw(st.booleans())
+    assert_matches_reference([x], saturation=sat, histogram=hist)
+
+
+@kernel_param
+def test_sums_are_deterministic_and_close_to_float64(kernel):
+    with use_kernel(kernel):
+        x = torch.randn(3 * CHUNK + 5, generator=torch.Generator().manual_seed(15)) * 1e3
+        a = torchhealth.tensor_stats([x]).data
+        assert torch.equal(torchhealth.tensor_stats([x]).data, a)
+        exact = x.double().sum().item()
+        assert abs(torchhealth.tensor_stats([x]).sum.item() - exact) <= 1e-10 * x.double().abs().sum().item()
+
+
+# --- build hygiene --------------------------------------------------------------------
+
+def test_only_the_per_isa_kernels_contain_vector_extension_code():
+    """kernel_avx2.cpp and kernel_avx512.cpp compile under #pragma GCC target;
+    if an inline function of ATen, c10 or stats.h were emitted there, the
+    linker could keep that AVX copy for every caller (one-definition rule) and
+    the library would crash on older CPUs. The build uses no -march, so any
+    VEX/EVEX instruction outside the avx2/avx512 namespaces is such a leak."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from torchhealth import _C
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(Path(_C.__file__))],
+                         capture_output=True, text=True, check=True).stdout
+    leaks, fn = set(), None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+        elif re.match(r"^\s+[0-9a-f]+:\s+v[a-z]", line) and fn is not None and not re.search(
+                r"torchhealth::cpu::avx(2|512)::", fn):
+            leaks.add(fn)
+    assert not leaks, sorted(leaks)[:10]
