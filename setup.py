@@ -23,12 +23,31 @@ def want_cuda() -> bool:
     mode = os.environ.get("TORCHHEALTH_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"TORCHHEALTH_CUDA must be auto, 0 or 1, not {mode!r}")
-    available = torch.version.cuda is not None and CUDA_HOME is not None and (
-        shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
-    if mode == "1" and not available:
-        raise SystemExit("TORCHHEALTH_CUDA=1 but nvcc or a CUDA build of torch is missing "
-                         f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
-    return mode == "1" or (mode == "auto" and available)
+    if mode == "0":
+        return False
+    # Whether a GPU is visible does not matter: only the compiler and torch's
+    # CUDA build do. CUDA_HOME must be the toolkit itself (with its headers);
+    # torch guesses it from the folder of the first nvcc on PATH, which is
+    # wrong when that nvcc is a wrapper script, so say so instead of failing
+    # later in the compiler.
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None:
+        missing.append("no CUDA toolkit found (set CUDA_HOME)")
+    else:
+        if not (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+            missing.append(f"no nvcc on PATH or in {CUDA_HOME}/bin")
+        if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+            missing.append(f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h "
+                           "(point CUDA_HOME at the toolkit, not at a wrapper's folder)")
+    if mode == "1" and missing:
+        raise SystemExit("TORCHHEALTH_CUDA=1 but " + "; ".join(missing))
+    if missing and torch.version.cuda is not None:
+        # A CUDA build of torch but no usable toolkit: say why the CUDA kernels
+        # are left out rather than leave a CPU-only build unexplained.
+        print("torchhealth: building without CUDA kernels: " + "; ".join(missing), flush=True)
+    return not missing
 
 
 def extension():
@@ -36,7 +55,8 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     # setuptools wants source paths relative to the project root.
-    sources = ["csrc/torchhealth.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = (["csrc/torchhealth.cpp", "csrc/plan.cpp"]
+               + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)))
     kwargs = dict(
         name="torchhealth._C",
         sources=sources,
@@ -46,9 +66,17 @@ def extension():
     )
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        # The host side (csrc/cuda/*.cpp) is built by the C++ compiler with
+        # the flags above; nvcc builds only the kernels (csrc/cuda/*.cu), which
+        # include no ATen header, so -Werror there covers our code, not torch's.
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cpp", root_dir=ROOT))
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
-        kwargs["extra_compile_args"]["nvcc"] = opt + ["--expt-relaxed-constexpr",
-                                                      "-Xcompiler=-Wall", "-Werror=all-warnings"]
+        kwargs["extra_compile_args"]["nvcc"] = opt + [
+            "--expt-relaxed-constexpr",
+            "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
+            "--Werror=all-warnings",  # nvcc's own and ptxas warnings
+            "-Xcompiler=-Werror",  # the host compiler's, on our .cu files
+        ]
         kwargs["define_macros"] = [("TORCHHEALTH_WITH_CUDA", "1")]
         return CUDAExtension(**kwargs)
     return CppExtension(**kwargs)
