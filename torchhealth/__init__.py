@@ -1,9 +1,16 @@
 """torchhealth: fused, sync-free health statistics for PyTorch models."""
 from ._ops import Backend, backend, tensor_stats
 from .stats import BINS, BINS_PER_SIGN, EXP_MAX, EXP_MIN, HistogramBins, TensorStats, histogram_bins
+from .report import Finding, Report, Row
+from .checks import Thresholds
+from .policy import HealthCheckError, HealthWarning
+from .monitor import CheckResult, HealthMonitor
+from .optim import HealthCheckedOptimizer, SkipAwareScheduler
 
 __all__ = [
     "BINS", "BINS_PER_SIGN", "EXP_MAX", "EXP_MIN", "Backend", "HistogramBins", "TensorStats",
     "backend", "histogram_bins", "tensor_stats",
+    "CheckResult", "Finding", "HealthCheckError", "HealthCheckedOptimizer", "HealthMonitor",
+    "HealthWarning", "Report", "Row", "SkipAwareScheduler", "Thresholds",
 ]
 __version__ = "0.1.0"

@@ -165,6 +165,12 @@ class Report:
         """True when no finding of severity warning or error fired."""
         return not any(f.severity in ("warning", "error") for f in self.findings)
 
+    @property
+    def status(self) -> str:
+        """"UNHEALTHY" if an error fired, "WARNING" if only warnings, else "OK"."""
+        severities = {f.severity for f in self.findings}
+        return "UNHEALTHY" if "error" in severities else "WARNING" if "warning" in severities else "OK"
+
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "time": self.time, "skipped": self.skipped,
@@ -180,7 +186,7 @@ class Report:
                    rows=[Row.from_dict(r) for r in d["rows"]])
 
     def __str__(self) -> str:
-        head = (f"torchhealth step {self.step}: {'OK' if self.ok else 'UNHEALTHY'}"
+        head = (f"torchhealth step {self.step}: {self.status}"
                 f"{' (step skipped)' if self.skipped else ''}  grad norm {self.grad_norm:.4g}"
                 f"  param norm {self.param_norm:.4g}")
         lines = [head]

@@ -1,0 +1,242 @@
+"""The checks as pure functions: hand-made `TensorStats` in, `Signal`s out,
+without a model, an optimizer or a host read."""
+import math
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from torchhealth import checks as C
+from torchhealth.report import Report
+from torchhealth.stats import TensorStats
+
+# Tensor methods that bring a value to the host (a device sync on CUDA).
+HOST_READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
+              "__complex__", "__array__", "equal", "allclose", "is_nonzero", "nonzero",
+              "masked_select", "unique"}
+
+
+class NoHostReads(TorchFunctionMode):
+    """Fails on any tensor operation that reads a value into Python: code run
+    inside it provably does not synchronise with the device. With
+    ``only_torchhealth``, reads made by other code (an inner optimizer's own)
+    are let through."""
+
+    def __init__(self, only_torchhealth: bool = False):
+        super().__init__()
+        self.only_torchhealth = only_torchhealth
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in HOST_READS:
+            caller = sys._getframe(1).f_code.co_filename
+            if not self.only_torchhealth or "/torchhealth/" in caller:
+                raise AssertionError(f"host read: {name} in {caller}")
+        return func(*args, **(kwargs or {}))
+
+
+def stats(*rows) -> TensorStats:
+    """TensorStats from dicts of fields (unset: a finite tensor of 10 ones)."""
+    counts, values = [], []
+    for r in rows:
+        numel = r.get("numel", 10)
+        counts.append([numel, r.get("nan", 0), r.get("posinf", 0), r.get("neginf", 0),
+                       r.get("zero", 0), r.get("subnormal", 0), r.get("saturated", 0)])
+        values.append([r.get("min", 1.0), r.get("max", 1.0), r.get("absmax", 1.0),
+                       r.get("sum", float(numel)), r.get("sumsq", float(numel))])
+    return TensorStats._pack(torch.tensor(counts, dtype=torch.int64),
+                             torch.tensor(values, dtype=torch.float64), None)
+
+
+def rows(*spec, dtype=torch.float32, **kw) -> C.Rows:
+    """Rows from (name, role) pairs."""
+    return C.Rows(names=[n for n, _ in spec], roles=[r for _, r in spec],
+                  dtypes=[dtype] * len(spec), **kw)
+
+
+PG = rows(("a", "param"), ("a", "grad"), ("b", "param"), ("b", "grad"))
+TH = C.Thresholds()
+
+
+def fired(signals, check, kind):
+    (s,) = [s for s in signals if s.check == check and s.kind == kind]
+    return bool(s.fired), s.mask.tolist(), s.value.item()
+
+
+# -- nonfinite ---------------------------------------------------------------------------
+def test_nonfinite_names_the_rows_by_role():
+    s = stats({}, {"nan": 2, "posinf": 1}, {"neginf": 1}, {})
+    sig = C.nonfinite(s, PG)
+    assert fired(sig, "nonfinite", "grad") == (True, [False, True, False, False], 3.0)
+    assert fired(sig, "nonfinite", "param") == (True, [False, False, True, False], 1.0)
+    assert fired(sig, "nonfinite", "state")[0] is False
+    assert not any(x.fired for x in C.nonfinite(stats({}, {}, {}, {}), PG))
+
+
+def test_nonfinite_gradients_found_by_a_grad_scaler_are_not_a_finding():
+    s = stats({}, {"posinf": 1}, {"nan": 1}, {})
+    sig = C.nonfinite(s, PG, found_inf=torch.tensor([1.0]))
+    assert fired(sig, "nonfinite", "grad")[0] is False
+    assert fired(sig, "nonfinite", "param")[0] is True  # parameters are still the model's fault
+    assert fired(C.nonfinite(s, PG, found_inf=torch.tensor([0.0])), "nonfinite", "grad")[0]
+
+
+def test_nonfinite_optimizer_state():
+    r = rows(("a", "param"), ("a", "grad"), ("a", "state.exp_avg_sq"))
+    sig = C.nonfinite(stats({}, {}, {"posinf": 4}), r)
+    assert fired(sig, "nonfinite", "state") == (True, [False, False, True], 4.0)
+
+
+# -- exploding ---------------------------------------------------------------------------
+def _grad_norms(*norms):
+    return stats(*[x for n in norms for x in ({}, {"sumsq": n * n})])
+
+
+def test_exploding_absolute_limits():
+    th = C.Thresholds(max_norm=100.0, max_param_norm=80.0)
+    state = C.RunningState.zeros(2)
+    sig, _ = C.exploding(_grad_norms(60.0, 60.0), PG, th, state)  # total 84.9
+    assert fired(sig, "exploding", "total")[0] is False
+    assert fired(sig, "exploding", "param")[0] is False
+    sig, _ = C.exploding(_grad_norms(90.0, 10.0), PG, th, state)
+    assert fired(sig, "exploding", "param") == (True, [False, True, False, False], 90.0)
+    ok, _, value = fired(sig, "exploding", "total")
+    assert not ok and value == pytest.approx(math.hypot(90, 10))
+    sig, _ = C.exploding(_grad_norms(75.0, 75.0), PG, th, state)
+    assert fired(sig, "exploding", "total") == (True, [True], pytest.approx(75 * math.sqrt(2)))
+
+
+def test_spike_against_running_baseline_is_warmup_aware():
+    th = C.Thresholds(warmup=5, spike_factor=10.0)
+    state = C.RunningState.zeros(2)
+    # A spike during warm-up does not fire (there is no baseline yet).
+    sig, state = C.exploding(_grad_norms(1.0, 1.0), PG, th, state)
+    assert fired(sig, "exploding", "spike")[0] is False
+    for n in (1.1, 0.9, 1.0, 1.05):
+        sig, state = C.exploding(_grad_norms(n, n), PG, th, state)
+        assert fired(sig, "exploding", "spike")[0] is False
+    assert state.count.item() == 5
+    base = state.mean.clone()
+    sig, after = C.exploding(_grad_norms(50.0, 50.0), PG, th, state)
+    ok, _, ratio = fired(sig, "exploding", "spike")
+    assert ok and ratio == pytest.approx(50.0 / math.exp(base.item()) * math.sqrt(2), rel=1e-9)
+    # The spike does not teach the baseline; a normal step after it does not fire.
+    assert torch.equal(after.mean, base) and after.count.item() == 5
+    sig, after = C.exploding(_grad_norms(3.0, 3.0), PG, th, after)
+    assert fired(sig, "exploding", "spike")[0] is False and after.count.item() == 6
+
+
+def test_spike_baseline_skips_nonfinite_and_scaler_skipped_steps():
+    th = C.Thresholds(warmup=1)
+    state = C.RunningState.zeros(2)
+    _, state = C.exploding(_grad_norms(0.0, 0.0), PG, th, state)  # log(0) = -inf: not learnt
+    assert state.count.item() == 0
+    _, state = C.exploding(_grad_norms(1.0, 1.0), PG, th, state, found_inf=torch.tensor([1.0]))
+    assert state.count.item() == 0
+    _, state = C.exploding(_grad_norms(1.0, 1.0), PG, th, state)
+    assert state.count.item() == 1 and state.mean.item() == pytest.approx(math.log(math.sqrt(2)))
+
+
+# -- vanishing ---------------------------------------------------------------------------
+def test_vanishing_total_norm():
+    th = C.Thresholds(min_norm=1e-6)
+    sig = C.vanishing(_grad_norms(1e-7, 1e-7), PG, th)
+    assert fired(sig, "vanishing", "total")[0] is True
+    assert fired(C.vanishing(_grad_norms(1e-5, 0.0), PG, th), "vanishing", "total")[0] is False
+    # non-finite gradients are the nonfinite check's, not a vanishing norm
+    s = stats({}, {"nan": 10, "sumsq": 0.0}, {}, {"sumsq": 0.0})
+    assert not any(x.fired for x in C.vanishing(s, PG, th))
+
+
+def test_vanishing_relative_rms():
+    sig = C.vanishing(_grad_norms(1.0, 1e-7), PG, TH)
+    assert fired(sig, "vanishing", "relative")[:2] == (True, [False, False, False, True])
+    assert fired(C.vanishing(_grad_norms(1.0, 1e-5), PG, TH), "vanishing", "relative")[0] is False
+
+
+def test_vanishing_zero_fraction_skips_embedding_tables():
+    s = stats({}, {"zero": 995, "numel": 1000}, {}, {"zero": 990, "subnormal": 9, "numel": 1000})
+    sig = C.vanishing(s, PG, C.Thresholds(max_zero_fraction=0.99))
+    ok, mask, value = fired(sig, "vanishing", "zeros")
+    assert ok and mask == [False, True, False, True] and value == pytest.approx(0.999)
+    r = rows(("a", "param"), ("a", "grad"), ("b", "param"), ("b", "grad"))
+    r.sparse = [True, False]
+    r._device_cache.clear()
+    assert fired(C.vanishing(s, r, TH), "vanishing", "zeros")[1] == [False, False, False, True]
+
+
+# -- headroom ----------------------------------------------------------------------------
+def test_headroom_only_in_low_precision():
+    s = stats({"absmax": 40000.0, "saturated": 3}, {"absmax": 100.0})
+    r = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16, torch.float16])
+    ok, mask, use = fired(C.headroom(s, r, TH), "headroom", "overflow")
+    assert ok and mask == [True, False] and use == pytest.approx(40000 / 65504)
+    r32 = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float32] * 2)
+    assert not any(x.fired for x in C.headroom(s, r32, TH))
+    assert fired(C.headroom(s, r, C.Thresholds(headroom=0.75)), "headroom", "overflow")[0] is False
+
+
+def test_headroom_underflow_bfloat16():
+    s = stats({"numel": 100, "zero": 50, "subnormal": 1}, {"numel": 100, "subnormal": 2})
+    r = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
+    ok, mask, frac = fired(C.headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
+                           "headroom", "underflow")
+    assert ok and mask == [True, True] and frac == pytest.approx(0.02)
+
+
+# -- dead --------------------------------------------------------------------------------
+def test_dead_after_k_consecutive_checks_of_none_or_zero_grads():
+    th = C.Thresholds(dead_after=3)
+    # "b" has no gradient row at all (grad None); "c" is frozen; "a" is alive.
+    r = C.Rows(names=["a", "a", "b", "c"], roles=["param", "grad", "param", "param"],
+               dtypes=[torch.float32] * 4, param_index=[0, 0, 1, 2], param_names=["a", "b", "c"],
+               trainable=[True, True, False])
+    state = C.RunningState.zeros(3)
+    for k in range(1, 4):
+        (sig,), state = C.dead(stats({}, {}, {}, {}), r, th, state)
+        assert state.dead.tolist() == [0, k, 0] and bool(sig.fired) == (k >= 3)
+    assert sig.mask.tolist() == [False, True, False] and sig.axis == "params"
+    # An all-zero gradient counts too; a nonzero one resets the counter.
+    zero = stats({}, {"zero": 10, "sumsq": 0.0}, {}, {})
+    for _ in range(3):
+        (sig,), state = C.dead(zero, r, th, state)
+    assert state.dead.tolist() == [3, 6, 0] and sig.mask.tolist() == [True, True, False]
+    (sig,), state = C.dead(stats({}, {}, {}, {}), r, th, state)
+    assert state.dead.tolist() == [0, 7, 0]
+
+
+# -- all together, on the device ---------------------------------------------------------------
+def test_run_checks_never_reads_the_device_and_does_not_mutate_its_inputs():
+    s = stats({}, {"nan": 1}, {"absmax": 1e5}, {"zero": 10, "sumsq": 0.0})
+    before = s.data.clone()
+    state = C.RunningState.zeros(2)
+    with NoHostReads():
+        signals, new = C.run_checks(s, PG, TH, state, found_inf=torch.zeros(1))
+    assert torch.equal(s.data, before) and state.count.item() == 0 and state.dead.tolist() == [0, 0]
+    assert [x.check for x in signals] == ["nonfinite"] * 3 + ["exploding"] * 3 + \
+        ["vanishing"] * 3 + ["headroom"] * 2 + ["dead"]
+    # the NaN gradient, and the all-zero gradient of "b" (vanishing: zeros)
+    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 3
+    assert new.dead.tolist() == [0, 1]
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
+        bool(signals[0].fired)  # the guard itself works
+
+
+def test_finding_names_parameters_and_statistics():
+    s = stats({}, {"nan": 2, "posinf": 1, "numel": 8}, {}, {})
+    r = rows(("net.0.weight", "param"), ("net.0.weight", "grad"), ("net.2.bias", "param"),
+             ("net.2.bias", "grad"), shapes=[(2, 4)] * 2 + [(10,)] * 2)
+    (sig, *_) = C.nonfinite(s, r)
+    report = Report.from_stats(7, s, r.names, r.roles, r.shapes, r.dtypes)
+    f = C.finding(sig, True, sig.mask.tolist(), sig.value.item(), report.rows, r.param_names)
+    assert f.check == "nonfinite" and f.severity == "error" and f.names == ["net.0.weight"]
+    assert "2 NaN, 1 +Inf of 8" in f.message and f.value == 3.0
+    assert C.finding(sig, False, sig.mask.tolist(), 0.0, report.rows, r.param_names) is None
+
+
+@pytest.mark.parametrize("bad", [dict(max_norm=0), dict(spike_decay=1.0), dict(warmup=0),
+                                 dict(dead_after=0), dict(headroom=-1)])
+def test_thresholds_are_validated(bad):
+    with pytest.raises(ValueError, match="Thresholds"):
+        C.Thresholds(**bad)

@@ -1,0 +1,174 @@
+"""HealthMonitor: host reads by construction, policies, and use without a wrapper."""
+import warnings
+
+import pytest
+import torch
+
+import torchhealth as th
+from torchhealth import policy as P
+from torchhealth.monitor import CheckResult
+from test_checks import NoHostReads
+
+O = torch.optim
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _backward(model, i, nan=False):
+    g = torch.Generator().manual_seed(i)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+    if nan:
+        x[2, 1] = float("nan")
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+def _step(model, opt, i, nan=False):
+    opt.zero_grad()
+    _backward(model, i, nan)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_sync_never_with_fused_skip_makes_no_host_read(monkeypatch, name):
+    """By construction: with sync="never" and an optimizer that takes found_inf,
+    a step (check, policy, skip or step) reads nothing from the device, even
+    when the step must be skipped. The copies are pretended to be in flight."""
+    model = _model()
+    inner = getattr(O, name)(model.parameters(), lr=0.01, fused=True)
+    opt = th.HealthCheckedOptimizer(inner, model=model, sync="never", max_grad_norm=1.0)
+    monkeypatch.setattr(CheckResult, "ready", property(lambda self: False))
+    before = [p.detach().clone() for p in model.parameters()]
+    for i, nan in enumerate([False, True]):
+        opt.zero_grad()
+        _backward(model, i, nan)
+        with NoHostReads():
+            opt.step()
+    assert isinstance(opt._last_skip, torch.Tensor)  # decided on the device
+    monkeypatch.undo()
+    assert opt.step_was_skipped and opt.skipped_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # step 0 stepped
+    with pytest.warns(th.HealthWarning, match="step 1: nonfinite"):
+        report = opt.last_report
+    assert report.step == 1 and report.skipped
+
+
+@pytest.mark.parametrize("inner", [lambda p: O.Adam(p, lr=0.01), lambda p: O.SGD(p, lr=0.1)])
+@pytest.mark.parametrize("sync", ["step", "never"])
+def test_at_most_one_transfer_per_step(monkeypatch, inner, sync):
+    """By construction: outside `CheckResult._read` (one copy of one packed
+    buffer to the host, then Python conversions of that copy) and
+    `CheckResult.report` (which only uses what `_read` returned), torchhealth
+    reads nothing from the device; `_read` runs at most once per step: for this
+    step with sync="step", for an earlier step's landed copy with sync="never"."""
+    transfers = []
+    read, report, flag = CheckResult._read, CheckResult.report, P.read_flag
+
+    def counted_read(self):
+        if self._host is None:
+            transfers.append(("verdict", self.step))
+        with torch._C.DisableTorchFunction():
+            return read(self)
+
+    def counted_flag(t):
+        transfers.append(("skip flag", opt.steps - 1))
+        with torch._C.DisableTorchFunction():
+            return flag(t)
+
+    def host_report(self):
+        with torch._C.DisableTorchFunction():
+            return report(self)
+
+    monkeypatch.setattr(CheckResult, "_read", counted_read)
+    monkeypatch.setattr(CheckResult, "report", host_report)
+    monkeypatch.setattr(P, "read_flag", counted_flag)
+    model = _model()
+    opt = th.HealthCheckedOptimizer(inner(model.parameters()), model=model, sync=sync,
+                                    on_report=lambda r: None)  # a Report every step
+    per_step = []
+    for i in range(4):
+        opt.zero_grad()
+        _backward(model, i, nan=i == 2)
+        before = len(transfers)
+        with warnings.catch_warnings(), NoHostReads(only_torchhealth=True):
+            warnings.simplefilter("ignore", th.HealthWarning)
+            opt.step()
+        per_step.append(transfers[before:])
+    if sync == "step":  # this step's verdict, once; the skip decision is then a host bool
+        assert per_step == [[("verdict", i)] for i in range(4)]
+    else:  # the previous step's landed copy (no wait), and one flag for a non-fused optimizer
+        assert per_step == [[("skip flag", 0)]] + [[("verdict", i - 1), ("skip flag", i)]
+                                                   for i in range(1, 4)]
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("sync", ["step", "never"])
+def test_zero_policy_replaces_nonfinite_gradients_and_says_so_only_when_it_did(sync):
+    model = _model()
+    reports = []
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model, sync=sync,
+                                    policy={"nonfinite": "zero"}, on_report=reports.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", th.HealthWarning)
+        for i in range(3):
+            _step(model, opt, i, nan=i == 1)
+        opt.flush()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not opt.step_was_skipped and opt.skipped_steps == 0
+    assert [("zeroed non-finite gradient values" in r.actions) for r in reports] == [False, True, False]
+    assert reports[1].nonfinite("grad") > 0  # the statistics describe the gradients before zeroing
+    assert len([w for w in caught if "nonfinite" in str(w.message)]) == 1
+
+
+def test_callable_policy_gets_report_and_finding():
+    model = _model()
+    calls = []
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model,
+                                    policy={"nonfinite": lambda r, f: calls.append((r.step, f.check, f.names))})
+    for i in range(2):
+        _step(model, opt, i, nan=i == 1)
+    assert calls == [(1, "nonfinite", ["0.weight", "0.bias", "2.weight", "2.bias"])]
+    assert not opt.step_was_skipped  # a callable does not skip
+
+
+def test_monitor_without_a_wrapper_on_a_module():
+    model = _model()
+    mon = th.HealthMonitor(model, thresholds=th.Thresholds(max_norm=1e-3), policy="ignore")
+    _backward(model, 0)
+    result = mon.check(0)
+    assert result is not None and not result.skipped and not result.fired  # ignored
+    report = mon.last_report
+    assert [f.check for f in report.findings] == ["exploding"]
+    assert report.actions == [] and {r.name for r in report.rows} == {"0.weight", "0.bias",
+                                                                       "2.weight", "2.bias"}
+    assert report.grad_norm == pytest.approx(
+        torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item())
+
+
+def test_policy_and_settings_are_validated():
+    model = _model()
+    with pytest.raises(ValueError, match="unknown check"):
+        th.HealthMonitor(model, policy={"exploded": "warn"})
+    with pytest.raises(ValueError, match="only non-finite"):
+        th.HealthMonitor(model, policy={"dead": "zero"})
+    with pytest.raises(ValueError, match="sync"):
+        th.HealthMonitor(model, sync="sometimes")
+    with pytest.raises(ValueError, match="check_every"):
+        th.HealthMonitor(model, check_every=0)
+
+
+def test_embedding_tables_are_exempt_from_the_zero_fraction_check():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 8), torch.nn.Linear(8, 1))
+    model(torch.tensor([3, 7])).sum().backward()  # 2 of 1000 rows get a gradient
+    assert (model[0].weight.grad == 0).double().mean() > 0.99
+    with_names = th.HealthMonitor(model, policy="ignore")
+    with_names.check(0)
+    assert not with_names.last_report.findings
+    # Without the model, the monitor cannot know it is an embedding table.
+    anonymous = th.HealthMonitor(list(model.parameters()), policy="ignore")
+    anonymous.check(0)
+    (f,) = anonymous.last_report.findings
+    assert f.check == "vanishing" and f.names == ["group0.param0"]

@@ -1,0 +1,389 @@
+"""Health checks: pure functions from `TensorStats` (+ small running state) to
+`Signal`s, computed on the statistics' device without synchronising.
+
+A `Signal` is a check that may have fired: a 0-d bool ``fired``, a bool mask of
+the tensors (or parameters) that triggered it, the measured value and its
+threshold, all still on the device. `finding` turns one into a host-side
+`Finding` once a `Report` has been built.
+
+Checks and their defaults (every threshold lives in `Thresholds`):
+
+========== =========================================================== ========
+check      fires when                                                  severity
+========== =========================================================== ========
+nonfinite  a gradient, parameter or (opt-in) optimizer state tensor     error
+           holds NaN or +-Inf
+exploding  total gradient norm > ``max_norm`` (1e4); one parameter's    error
+           gradient norm > ``max_param_norm`` (1e4); total norm above
+           ``spike_factor`` (10x) the running baseline and more than
+           ``spike_zscore`` (4) deviations above it (after ``warmup``
+           (10) checks)
+vanishing  total gradient norm < ``min_norm`` (1e-8); a parameter whose warning
+           gradient RMS is below ``min_relative_rms`` (1e-6) x the largest
+           gradient RMS; a parameter whose gradient is more than
+           ``max_zero_fraction`` (99%) zeros and subnormals (embedding
+           tables and sparse gradients exempt: they are mostly zero by
+           design)
+headroom   a float16/bfloat16 tensor with ``|x| >= headroom * dtype max`` warning
+           (0.5: one bit from overflow), or more than
+           ``max_subnormal_fraction`` (1%) of its nonzero values subnormal
+dead       a trainable parameter whose gradient was None or all zero   warning
+           for ``dead_after`` (3) consecutive checks
+========== =========================================================== ========
+
+Norms are over finite values only (see `TensorStats.l2norm`); non-finite values
+are the nonfinite check's business.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .report import Finding, Row
+from .stats import TensorStats
+
+CHECKS = ("nonfinite", "exploding", "vanishing", "headroom", "dead")
+SEVERITY = {"nonfinite": "error", "exploding": "error", "vanishing": "warning",
+            "headroom": "warning", "dead": "warning"}
+_LOWP = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of every check. Defaults are in the module docstring;
+    set a limit to ``math.inf`` (or ``0`` for lower limits) to disable it."""
+
+    max_norm: float = 1e4
+    max_param_norm: float = 1e4
+    spike_factor: float = 10.0
+    spike_zscore: float = 4.0
+    spike_decay: float = 0.95  # EMA decay of the baseline, after warm-up
+    warmup: int = 10
+    min_norm: float = 1e-8
+    min_relative_rms: float = 1e-6
+    max_zero_fraction: float = 0.99
+    headroom: float = 0.5
+    max_subnormal_fraction: float = 0.01
+    dead_after: int = 3
+
+    def __post_init__(self):
+        for name in ("max_norm", "max_param_norm", "spike_factor", "headroom"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Thresholds.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.spike_decay < 1:
+            raise ValueError(f"Thresholds.spike_decay must be in (0, 1), got {self.spike_decay}")
+        if self.warmup < 1 or self.dead_after < 1:
+            raise ValueError("Thresholds.warmup and Thresholds.dead_after must be at least 1")
+
+
+@dataclass
+class Rows:
+    """What each statistics row describes, on the host, plus the parameters.
+
+    ``roles[i]`` is "param", "grad" or "state.<key>"; ``param_index[i]`` is the
+    parameter row ``i`` belongs to. ``trainable[j]``/``param_names[j]`` describe
+    parameter ``j`` (dead-parameter counters are per parameter, since a None
+    gradient has no row). ``sparse[j]`` marks a parameter whose gradient is
+    mostly zero by design (an embedding table, a sparse gradient): the
+    zero-fraction part of the vanishing check skips it.
+    """
+
+    names: list[str]
+    roles: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[tuple[int, ...]] = None
+    param_index: list[int] = None
+    param_names: list[str] = None
+    trainable: list[bool] = None
+    sparse: list[bool] = None
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        n = len(self.names)
+        if self.shapes is None:
+            self.shapes = [()] * n
+        if self.param_index is None:  # one parameter per distinct name
+            order = list(dict.fromkeys(self.names))
+            self.param_index = [order.index(x) for x in self.names]
+            self.param_names = self.param_names or order
+        if self.param_names is None:
+            raise ValueError("Rows: param_names is required with param_index")
+        if self.trainable is None:
+            self.trainable = [True] * len(self.param_names)
+        if self.sparse is None:
+            self.sparse = [False] * len(self.param_names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def masks(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-row and per-parameter constants on `device`, made once."""
+        cached = self._device_cache.get(device)
+        if cached is None:
+            grad = [r == "grad" for r in self.roles]
+            has_grad = [False] * len(self.param_names)
+            for i, g in enumerate(grad):
+                if g:
+                    has_grad[self.param_index[i]] = True
+            dmax = [torch.finfo(d).max for d in self.dtypes]
+            cached = {
+                "grad": torch.tensor(grad, dtype=torch.bool),
+                "param": torch.tensor([r == "param" for r in self.roles], dtype=torch.bool),
+                "state": torch.tensor([r.startswith("state") for r in self.roles], dtype=torch.bool),
+                "lowp": torch.tensor([d in _LOWP for d in self.dtypes], dtype=torch.bool),
+                "dtype_max": torch.tensor(dmax, dtype=torch.float64),
+                "grad_param": torch.tensor([self.param_index[i] for i, g in enumerate(grad) if g],
+                                           dtype=torch.int64),
+                "grad_rows": torch.tensor([i for i, g in enumerate(grad) if g], dtype=torch.int64),
+                "has_grad": torch.tensor(has_grad, dtype=torch.bool),
+                "trainable": torch.tensor(self.trainable, dtype=torch.bool),
+                "sparse": torch.tensor([self.sparse[j] for j in self.param_index], dtype=torch.bool),
+            }
+            cached = {k: v.to(device) for k, v in cached.items()}
+            self._device_cache[device] = cached
+        return cached
+
+
+@dataclass
+class Signal:
+    """One check's verdict on the device. ``mask`` is over statistics rows
+    (``axis="rows"``) or parameters (``axis="params"``)."""
+
+    check: str
+    kind: str
+    fired: torch.Tensor  # bool []
+    mask: torch.Tensor  # bool [rows] or [params]
+    value: torch.Tensor  # float64 []: the measured value (the worst one)
+    threshold: float
+    axis: str = "rows"
+
+    @property
+    def severity(self) -> str:
+        return SEVERITY[self.check]
+
+
+@dataclass
+class RunningState:
+    """State kept on the device between checks: the gradient-norm baseline
+    (count, mean and variance of log(total norm), an EMA after warm-up) and
+    per-parameter counts of consecutive checks with a dead gradient."""
+
+    count: torch.Tensor  # int64 []
+    mean: torch.Tensor  # float64 []
+    var: torch.Tensor  # float64 []
+    dead: torch.Tensor  # int64 [params]
+
+    @staticmethod
+    def zeros(num_params: int, device="cpu") -> RunningState:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return RunningState(torch.zeros((), dtype=torch.int64, device=device), z, z.clone(),
+                            torch.zeros(num_params, dtype=torch.int64, device=device))
+
+    def to(self, device) -> RunningState:
+        return RunningState(*(t.to(device) for t in (self.count, self.mean, self.var, self.dead)))
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead}
+
+    @staticmethod
+    def from_state_dict(d: dict) -> RunningState:
+        return RunningState(d["count"], d["mean"], d["var"], d["dead"])
+
+
+# -- the checks ---------------------------------------------------------------------
+def _signal(check, kind, mask, value, threshold, axis="rows") -> Signal:
+    return Signal(check, kind, mask.any(), mask, value.to(torch.float64), float(threshold), axis)
+
+
+# _no_row_sqrt: per-row norms are compared as squares (sumsq against limit**2)
+# and only 0-d results take a sqrt/log/exp. On the CPU a transcendental op over
+# a multi-element float64 tensor may enter the thread pool, and on a loaded
+# machine each such entry was measured at ~8 ms (2 threads); elementwise
+# comparisons and reductions stay inline.
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+
+
+def total_grad_norm(stats: TensorStats, rows: Rows) -> torch.Tensor:
+    """L2 norm over every finite gradient value (float64, 0-d)."""
+    m = rows.masks(stats.device)
+    return torch.where(m["grad"], stats.sumsq, 0.0).sum().sqrt()
+
+
+def nonfinite(stats: TensorStats, rows: Rows, found_inf: torch.Tensor | None = None) -> list[Signal]:
+    """NaN or +-Inf in gradients, parameters and optimizer state. Non-finite
+    gradients are not a model fault when a GradScaler already found them
+    (``found_inf`` > 0): loss scaling overflowed and the scaler skips the step."""
+    m = rows.masks(stats.device)
+    bad = stats.nonfinite > 0
+    grad_bad = bad & m["grad"]
+    if found_inf is not None:
+        grad_bad = grad_bad & ~(found_inf > 0)
+    count = stats.nonfinite.double()
+    return [_signal("nonfinite", kind, mask, torch.where(mask, count, 0.0).sum(), 0)
+            for kind, mask in (("grad", grad_bad), ("param", bad & m["param"]),
+                               ("state", bad & m["state"]))]
+
+
+def exploding(stats: TensorStats, rows: Rows, th: Thresholds, state: RunningState,
+              found_inf: torch.Tensor | None = None,
+              total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
+    """Absolute limits on the total and per-parameter gradient norms, and
+    spikes of the total norm against the running baseline. The baseline learns
+    only from finite, non-spiking norms of steps the scaler did not skip."""
+    m = rows.masks(stats.device)
+    total = total_grad_norm(stats, rows) if total is None else total
+    big = m["grad"] & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
+    x = total.log()
+    std = state.var.clamp(min=0).sqrt()
+    warm = state.count >= th.warmup
+    margin = torch.clamp(std * th.spike_zscore, min=math.log(th.spike_factor))
+    spike = warm & (x - state.mean > margin)
+    ratio = torch.where(warm, (x - state.mean).exp(), 0.0)
+    learn = torch.isfinite(x) & ~spike
+    if found_inf is not None:
+        learn = learn & ~(found_inf > 0)
+    count = state.count + learn.long()
+    # Exact running mean while warming up, then an EMA: early steps do not
+    # leave a zero-initialised baseline behind.
+    alpha = torch.clamp(1.0 / count.clamp(min=1).double(), min=1.0 - th.spike_decay)
+    delta = torch.where(learn, x - state.mean, 0.0)
+    mean = torch.where(learn, state.mean + alpha * delta, state.mean)
+    var = torch.where(learn, (1 - alpha) * (state.var + alpha * delta * delta), state.var)
+    signals = [
+        _signal("exploding", "total", (total > th.max_norm)[None], total, th.max_norm),
+        _signal("exploding", "param", big, _masked_max(stats.sumsq, m["grad"]).clamp(min=0).sqrt(),
+                th.max_param_norm),
+        Signal("exploding", "spike", spike, spike[None], ratio, th.spike_factor),
+    ]
+    return signals, RunningState(count, mean, var, state.dead)
+
+
+def vanishing(stats: TensorStats, rows: Rows, th: Thresholds,
+              total: torch.Tensor | None = None) -> list[Signal]:
+    """A tiny total gradient norm, a parameter whose gradient RMS is tiny next
+    to the largest one, or a gradient that is nearly all zeros/subnormals."""
+    m = rows.masks(stats.device)
+    g = m["grad"] & (stats.nonfinite == 0)  # non-finite gradients are another check's
+    total = total_grad_norm(stats, rows) if total is None else total
+    any_grad = g.any() & ~(m["grad"] & (stats.nonfinite > 0)).any()
+    # Mean squares against the squared limit: the same test as on RMS values,
+    # without a sqrt over every row (see `_no_row_sqrt`).
+    ms = stats.sumsq / stats.finite.clamp(min=1).double()
+    top = _masked_max(ms, g)
+    rel2 = ms / top.clamp(min=torch.finfo(torch.float64).tiny)
+    small = g & (rel2 < th.min_relative_rms ** 2) & (top > 0)
+    frac = (stats.zero + stats.subnormal).double() / stats.numel.clamp(min=1).double()
+    sparse = g & ~m["sparse"] & (frac > th.max_zero_fraction) & (stats.numel > 0)
+    low = any_grad & (total < th.min_norm)
+    return [
+        _signal("vanishing", "total", low[None], total, th.min_norm),
+        _signal("vanishing", "relative", small,
+                torch.where(small, rel2, math.inf).amin().sqrt() if len(rows)
+                else total.new_tensor(math.inf),
+                th.min_relative_rms),
+        _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
+    ]
+
+
+def headroom(stats: TensorStats, rows: Rows, th: Thresholds) -> list[Signal]:
+    """float16/bfloat16 tensors close to overflow (|x| within a factor
+    1/headroom of the dtype's maximum) or losing values to subnormals."""
+    m = rows.masks(stats.device)
+    lowp = m["lowp"]
+    use = stats.absmax / m["dtype_max"]
+    near = lowp & (use >= th.headroom)
+    nonzero = (stats.finite - stats.zero).clamp(min=1).double()
+    sub = stats.subnormal.double() / nonzero
+    under = lowp & (sub > th.max_subnormal_fraction)
+    return [_signal("headroom", "overflow", near, _masked_max(use, lowp), th.headroom),
+            _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)]
+
+
+def dead(stats: TensorStats, rows: Rows, th: Thresholds,
+         state: RunningState) -> tuple[list[Signal], RunningState]:
+    """Trainable parameters whose gradient was None or exactly zero (every
+    element +-0) for ``dead_after`` consecutive checks."""
+    m = rows.masks(stats.device)
+    zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
+    now = ~m["has_grad"]
+    now = now.index_put((m["grad_param"],), zero_rows)
+    now = now & m["trainable"]
+    counts = torch.where(now, state.dead + 1, 0)
+    mask = counts >= th.dead_after
+    value = counts.amax().double() if counts.numel() else counts.new_zeros((), dtype=torch.float64)
+    signal = _signal("dead", "dead", mask, value, th.dead_after, axis="params")
+    return [signal], RunningState(state.count, state.mean, state.var, counts)
+
+
+def run_checks(stats: TensorStats, rows: Rows, th: Thresholds, state: RunningState,
+               found_inf: torch.Tensor | None = None,
+               total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
+    """Every check, in `CHECKS` order; the new running state. ``total``: the
+    total gradient norm if the caller already has it (`total_grad_norm`)."""
+    total = total_grad_norm(stats, rows) if total is None else total
+    signals = nonfinite(stats, rows, found_inf)
+    ex, state = exploding(stats, rows, th, state, found_inf, total)
+    dd, state = dead(stats, rows, th, state)
+    return signals + ex + vanishing(stats, rows, th, total) + headroom(stats, rows, th) + dd, state
+
+
+# -- host side: a fired Signal as a Finding ---------------------------------------------
+_TITLE = {
+    ("nonfinite", "grad"): "non-finite gradients",
+    ("nonfinite", "param"): "non-finite parameters",
+    ("nonfinite", "state"): "non-finite optimizer state",
+    ("exploding", "total"): "total gradient norm {value:.4g} above the limit {threshold:.4g}",
+    ("exploding", "param"): "gradient norm above {threshold:.4g}",
+    ("exploding", "spike"): "gradient norm spiked to {value:.3g}x its running baseline",
+    ("vanishing", "total"): "total gradient norm {value:.3g} below {threshold:.3g}",
+    ("vanishing", "relative"): "gradient RMS below {threshold:.3g}x the largest one",
+    ("vanishing", "zeros"): "more than {pct:.0f}% of gradient values are zero or subnormal",
+    ("headroom", "overflow"): "float16/bfloat16 values within {bits:.0f} bit(s) of overflow",
+    ("headroom", "underflow"): "more than {pct:.0f}% of float16/bfloat16 values are subnormal",
+    ("dead", "dead"): "no gradient (None or all zero) for {threshold:.0f}+ consecutive checks",
+}
+
+
+def _detail(signal: Signal, row: Row) -> str:
+    if signal.check == "nonfinite":
+        parts = [f"{n} {k}" for k, n in (("NaN", row.nan), ("+Inf", row.posinf),
+                                          ("-Inf", row.neginf)) if n]
+        return f"{', '.join(parts)} of {row.numel}"
+    if signal.check == "exploding":
+        return f"norm {row.l2norm:.4g}"
+    if signal.check == "vanishing":
+        frac = (row.zero + row.subnormal) / max(row.numel, 1)
+        return f"rms {row.rms:.3g}, {100 * frac:.1f}% zero/subnormal"
+    if signal.check == "headroom":
+        return f"{row.dtype} absmax {row.absmax:.5g}, {row.saturated} saturated, {row.subnormal} subnormal"
+    return ""
+
+
+def finding(signal: Signal, fired: bool, mask: list[bool], value: float, rows: list[Row],
+            param_names: list[str], limit: int = 4) -> Finding | None:
+    """The host-side `Finding` of a signal whose device values were read into
+    ``fired``/``mask``/``value``; ``rows`` are the Report's rows (same order as
+    the statistics). None when the signal did not fire."""
+    if not fired:
+        return None
+    t = signal.threshold
+    title = _TITLE[(signal.check, signal.kind)].format(
+        value=value, threshold=t, pct=100 * t, bits=-math.log2(t) if 0 < t < 1 else 0)
+    if signal.axis == "params":
+        names = [n for n, hit in zip(param_names, mask) if hit]
+        details = names
+    elif signal.kind in ("total", "spike"):
+        names, details = [], []
+    else:
+        hit = [r for r, h in zip(rows, mask) if h]
+        names = list(dict.fromkeys(r.name for r in hit))
+        details = [f"{r.name} ({r.role}: {_detail(signal, r)})" for r in hit]
+    more = f", and {len(details) - limit} more" if len(details) > limit else ""
+    message = title + (": " + "; ".join(details[:limit]) + more if details else "")
+    return Finding(check=signal.check, severity=signal.severity, message=message, names=names,
+                   value=float(value), threshold=t)

@@ -1,0 +1,182 @@
+"""Policies: what to do when a check fires.
+
+Per check (see `torchhealth.checks.CHECKS`) one of:
+
+- ``"ignore"``: record the finding in the Report, nothing else.
+- ``"warn"``: also emit a `HealthWarning`.
+- ``"raise"``: raise `HealthCheckError` naming the step, the tensors and their
+  statistics. Raised from Python once the verdict reaches the host (never a
+  device assert, which would destroy a CUDA context).
+- ``"skip"``: warn and skip the optimizer step. The step is predicated, never
+  masked: parameters and optimizer state stay bit-identical to not stepping.
+- ``"zero"`` (nonfinite only): warn and replace non-finite gradient values by 0.
+- a callable ``fn(report, finding)``: called with the host-side Report.
+
+The default (`DEFAULT`) skips steps with non-finite values and warns on
+everything else. Device-side actions (skip flag, zeroing, clipping) live here
+too, so that every caller of the monitor acts the same way.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from .checks import CHECKS
+from .report import Finding, Report
+
+ACTIONS = ("ignore", "warn", "raise", "skip", "zero")
+DEFAULT: dict[str, str] = {"nonfinite": "skip", "exploding": "warn", "vanishing": "warn",
+                           "headroom": "warn", "dead": "warn"}
+Action = str | Callable[[Report, Finding], None]
+
+
+class HealthWarning(UserWarning):
+    """A health check fired under the "warn", "skip" or "zero" policy."""
+
+
+class HealthCheckError(RuntimeError):
+    """A health check fired under the "raise" policy. ``report`` is the full
+    Report of the failing check (``report.step`` is the step it happened in)."""
+
+    def __init__(self, message: str, report: Report):
+        super().__init__(message)
+        self.report = report
+
+
+def resolve(policy: str | Mapping[str, Action] | None) -> dict[str, Action]:
+    """A full check -> action map from None (`DEFAULT`), one action for every
+    check, or a partial map (missing checks keep their default)."""
+    if policy is None:
+        out = dict(DEFAULT)
+    elif isinstance(policy, str) or callable(policy):
+        out = {c: policy for c in CHECKS}
+    elif isinstance(policy, Mapping):
+        unknown = set(policy) - set(CHECKS)
+        if unknown:
+            raise ValueError(f"policy: unknown check(s) {sorted(unknown)}; checks are {list(CHECKS)}")
+        out = {**DEFAULT, **policy}
+    else:
+        raise TypeError(f"policy must be None, an action or a dict of check -> action, "
+                        f"got {type(policy).__name__}")
+    for check, action in out.items():
+        if not callable(action) and action not in ACTIONS:
+            raise ValueError(f"policy[{check!r}] = {action!r}; actions are {list(ACTIONS)} "
+                             "or a callable(report, finding)")
+        if action == "zero" and check != "nonfinite":
+            raise ValueError(f"policy[{check!r}] = 'zero': only non-finite values can be zeroed")
+    return out
+
+
+def describe(action: Action) -> str:
+    return action if isinstance(action, str) else getattr(action, "__name__", "callable")
+
+
+# -- host side ---------------------------------------------------------------------
+def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False,
+             stacklevel: int = 2) -> None:
+    """Carries out the host-side actions of `report`'s findings: warnings and
+    callables first, then one `HealthCheckError` for every "raise" finding.
+    ``late``: the verdict arrives after that step's optimizer step (sync="never")."""
+    to_raise = []
+    for f in report.findings:
+        action = policy[f.check]
+        if callable(action):
+            action(report, f)
+        elif action in ("warn", "skip", "zero"):
+            warnings.warn(f"torchhealth step {report.step}: {f.check}: {f.message}",
+                          HealthWarning, stacklevel=stacklevel + 1)
+        elif action == "raise":
+            to_raise.append(f)
+    if to_raise:
+        when = ("reported late (sync='never'): that step's optimizer step was already taken"
+                if late else "its optimizer step was not taken")
+        lines = [f"torchhealth: step {report.step} failed {len(to_raise)} check(s) "
+                 f"(policy 'raise'; {when}):"]
+        lines += [f"  {f.check}: {f.message}" for f in to_raise]
+        lines.append(f"  grad norm {report.grad_norm:.4g}, param norm {report.param_norm:.4g}")
+        raise HealthCheckError("\n".join(lines), report)
+
+
+# -- device side -------------------------------------------------------------------
+def _by_device_dtype(grads: Iterable[torch.Tensor]) -> dict:
+    # Elementwise in-place actions act on a sparse gradient's values (duplicate
+    # indices included: scaling each is scaling their sum).
+    groups = defaultdict(list)
+    for g in grads:
+        if g is not None:
+            g = g._values() if g.is_sparse else g
+            groups[(g.device, g.dtype)].append(g)
+    return groups
+
+
+@torch.no_grad()
+def zero_nonfinite_(grads: Iterable[torch.Tensor]) -> None:
+    """Replaces NaN and +-Inf gradient values by 0 in place; finite values are
+    untouched (bit for bit), so it is safe to run unconditionally."""
+    for g in grads:
+        if g is not None:
+            (g._values() if g.is_sparse else g).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def clip_(grads: Iterable[torch.Tensor], total_norm: torch.Tensor, max_norm: float,
+          eps: float = 1e-6) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` with a norm that is already known (the
+    statistics' float64 norm of the finite gradient values): scales every
+    gradient by ``min(1, max_norm / (total_norm + eps))`` without a sync.
+    Returns the coefficient (0-d, on the norm's device)."""
+    coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
+    for (device, _), gs in _by_device_dtype(grads).items():
+        torch._foreach_mul_(gs, coef.to(device=device, dtype=torch.float32))
+    return coef
+
+
+@torch.no_grad()
+def unscale_(grads: Iterable[torch.Tensor], grad_scale: torch.Tensor) -> None:
+    """Divides gradients by a GradScaler's scale in place, exactly as
+    ``GradScaler.unscale_`` does (it multiplies by the float32 reciprocal)."""
+    inv = grad_scale.double().reciprocal().float()
+    for (device, _), gs in _by_device_dtype(grads).items():
+        dummy = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, dummy, inv.to(device))
+
+
+def accepts_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours ``optimizer.found_inf`` (torch's fused
+    Adam, AdamW, SGD and Adagrad): then it skips on the device, no sync."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and \
+        getattr(optimizer, "defaults", {}).get("fused", False) is True
+
+
+def predicated_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor | bool | None,
+                    closure: Callable | None = None):
+    """Runs ``optimizer.step(closure)`` unless `skip`. A skipped step leaves
+    parameters and state bit-identical to not stepping: optimizers that accept
+    ``found_inf`` get it and skip on the device without a sync; any other
+    optimizer is simply not called, which reads one flag when `skip` is a device
+    tensor. Returns ``(step's return value or None, skipped)`` where skipped is
+    a bool or, on the sync-free path, a 0-d bool tensor."""
+    args = () if closure is None else (closure,)
+    if skip is None or skip is False:
+        return optimizer.step(*args), False
+    if skip is True:
+        return None, True
+    if accepts_found_inf(optimizer):
+        optimizer.found_inf = skip.float()
+        try:
+            return optimizer.step(*args), skip
+        finally:
+            del optimizer.found_inf
+    if read_flag(skip):
+        return None, True
+    return optimizer.step(*args), False
+
+
+def read_flag(flag: torch.Tensor) -> bool:
+    """Reads a 0-d device flag on the host: the one synchronisation of a step
+    whose skip decision stayed on the device but whose optimizer cannot take
+    ``found_inf``."""
+    return bool(flag)
