@@ -1,0 +1,198 @@
+"""The Lightning and transformers callbacks, with the real frameworks on the CPU."""
+import csv
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import torchhealth
+from torchhealth.sinks import JsonlSink, read_jsonl
+
+
+# -- Lightning -------------------------------------------------------------------------------
+def _lightning_module(pl, *, fused: bool = False, nan_at: int | None = None):
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+            self.seen_norms = []  # the gradient norm the module's own hook sees, after the callback's
+
+        def training_step(self, batch, i):
+            x, y = batch
+            if self.global_step == nan_at:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+        def on_before_optimizer_step(self, optimizer):
+            grads = [p.grad.double() for p in self.parameters() if p.grad is not None]
+            self.seen_norms.append(torch.sqrt(sum((g * g).sum() for g in grads)).item() if grads else None)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2, fused=fused)
+    return Module()
+
+
+def _fit(pl, module, callback, tmp_path, *, steps=4, plugins=(), logger=False):
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1] ** 2), batch_size=16)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callback if isinstance(callback, list) else [callback],
+                         plugins=list(plugins), default_root_dir=tmp_path, log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice about dataloader workers etc.
+        warnings.filterwarnings("always", category=torchhealth.HealthWarning)
+        trainer.fit(module, data)
+    return trainer
+
+
+def test_lightning_callback_logs_every_step_through_the_loggers(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torchhealth.integrations.lightning import HealthCheckCallback
+    torch.manual_seed(1)
+    module = _lightning_module(pl)
+    callback = HealthCheckCallback(histogram=True, sinks=[JsonlSink(tmp_path / "run.jsonl")], per_tensor=True)
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    _fit(pl, module, callback, tmp_path, steps=4, logger=logger)
+    reports = read_jsonl(tmp_path / "run.jsonl")
+    assert [r.step for r in reports] == [0, 1, 2, 3]
+    assert {r.name for r in reports[0].rows} == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert all(r.hist for r in reports[0].rows if r.role == "grad")
+    # The callback saw the gradients the optimizer used: same norm as the module's own hook.
+    assert [r.grad_norm for r in reports] == pytest.approx(module.seen_norms, rel=1e-12)
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {int(r["step"]): float(r["health/grad_norm"]) for r in rows if r.get("health/grad_norm")}
+    assert logged == pytest.approx({r.step: r.grad_norm for r in reports})
+    assert any(r.get("grad_norm/net.0.weight") for r in rows)
+
+
+def test_lightning_callback_skips_a_nonfinite_step(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torchhealth.integrations.lightning import HealthCheckCallback
+    torch.manual_seed(1)
+    module = _lightning_module(pl, nan_at=2)
+    callback = HealthCheckCallback()  # default policy: skip non-finite steps
+    before = {}
+
+    class Snapshot(pl.Callback):  # parameters and Adam state before each step
+        def on_train_batch_start(self, trainer, pl_module, batch, i):
+            opt = trainer.optimizers[0]
+            before[trainer.global_step] = ([p.detach().clone() for p in pl_module.parameters()],
+                                           [s["exp_avg"].clone() for s in opt.state.values()])
+    with pytest.warns(torchhealth.HealthWarning, match="step 2: nonfinite"):
+        _fit(pl, module, [callback, Snapshot()], tmp_path, steps=4)
+    assert callback.skipped_steps == 1 and callback.last_report.step == 3
+    # Step 2 changed no parameter and no optimizer state; step 1 did.
+    for a, b in zip(before[2][0] + before[2][1], before[3][0] + before[3][1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(before[1][0][0], before[2][0][0])
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["lightning-unscales", "optimizer-unscales"])
+def test_lightning_callback_sees_unscaled_gradients_under_amp(tmp_path, fused):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from torchhealth.integrations.lightning import HealthCheckCallback
+    norms = {}
+    for amp in (False, True):
+        torch.manual_seed(1)
+        module = _lightning_module(pl, fused=fused)
+        got = []
+        callback = HealthCheckCallback(sinks=[got.append])
+        # fp16 autocast with a GradScaler on the CPU (Lightning's flag would pick bf16 there).
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))] \
+            if amp else []
+        _fit(pl, module, callback, tmp_path, steps=3, plugins=plugins)
+        norms[amp] = [r.grad_norm for r in got]
+        assert not any(r.findings for r in got)
+    # Scaled gradients would be 4096x larger; fp16 autocast changes them only slightly.
+    assert norms[True] == pytest.approx(norms[False], rel=0.02)
+
+
+# -- transformers ------------------------------------------------------------------------------
+@pytest.fixture
+def hf(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return transformers
+
+
+def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)  # random weights, nothing downloaded
+    ids = torch.randint(0, 64, (40, 8))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    calls = [0]
+
+    def inject(module, inputs, output):  # NaN embeddings in the forward of step `nan_at`
+        calls[0] += 1
+        return output * float("nan") if calls[0] == (nan_at or 0) + 1 and nan_at is not None else output
+    model.transformer.wte.register_forward_hook(inject)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-3,
+        max_grad_norm=0.0)
+    return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]), model
+
+
+def test_hf_callback_checks_every_optimizer_step(hf, tmp_path):
+    from torchhealth.integrations.hf import HealthCheckCallback
+    callback = HealthCheckCallback(histogram=True, sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    trainer, model = _hf_trainer(hf, tmp_path, callback, steps=4)
+    grads = []
+    trainer.add_callback(type("Spy", (hf.TrainerCallback,), {"on_pre_optimizer_step": lambda self, a, s, c, **k: grads.append(
+        torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item())})())
+    trainer.train()
+    reports = read_jsonl(tmp_path / "run.jsonl")
+    assert [r.step for r in reports] == [0, 1, 2, 3] and trainer.state.global_step == 4
+    assert "transformer.h.0.attn.c_attn.weight" in {r.name for r in reports[0].rows}
+    assert [r.grad_norm for r in reports] == pytest.approx(grads, rel=1e-12)
+    assert not any(r.findings for r in reports if r.step > 0)
+
+
+def test_hf_callback_stops_training_under_the_raise_policy(hf, tmp_path):
+    from torchhealth.integrations.hf import HealthCheckCallback
+    callback = HealthCheckCallback(policy={"nonfinite": "raise"})
+    trainer, model = _hf_trainer(hf, tmp_path, callback, nan_at=2, steps=6)
+    trainer.train()  # stops cleanly after the failing step
+    assert trainer.state.global_step == 3  # steps 0, 1, 2; nothing after the fault
+    assert isinstance(callback.error, torchhealth.HealthCheckError) and callback.error.report.step == 2
+    assert "nonfinite" in str(callback.error) and callback.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not taken
+
+
+def test_hf_callback_can_raise_out_of_train(hf, tmp_path):
+    from torchhealth.integrations.hf import HealthCheckCallback
+    callback = HealthCheckCallback(policy={"nonfinite": "raise"}, stop_on_raise=False)
+    trainer, _ = _hf_trainer(hf, tmp_path, callback, nan_at=1, steps=4)
+    with pytest.raises(torchhealth.HealthCheckError, match="step 1 failed"):
+        trainer.train()
+
+
+def test_integrations_say_how_to_install(monkeypatch):
+    for module, extra in (("lightning", "lightning"), ("transformers", "hf")):
+        monkeypatch.setitem(sys.modules, module, None)
+        monkeypatch.setitem(sys.modules, f"{module}.pytorch", None)
+        name = "torchhealth.integrations." + ("lightning" if extra == "lightning" else "hf")
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        with pytest.raises(ImportError, match=rf"pip install torchhealth\[{extra}\]"):
+            __import__(name)
+
+
+def test_core_imports_no_optional_package():
+    code = ("import sys, torchhealth, torchhealth.sinks, torchhealth.cli, torchhealth.html_report\n"
+            "bad = [m for m in ('lightning', 'transformers', 'wandb', 'tensorboard', 'matplotlib') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    import subprocess
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -1,0 +1,320 @@
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchhealth
+from torchhealth.report import Finding, Report
+from torchhealth.sinks import FlightRecorder, JsonlSink, Sink, TruncatedLogError, read_jsonl
+from torchhealth.sinks.histogram import magnitude_counts, value_histogram
+
+from logged_run import train
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def run() -> list[Report]:
+    return train(steps=40, nan_at=30)
+
+
+class ListSink(Sink):
+    def __init__(self):
+        self.reports = []
+
+    def write(self, report):
+        self.reports.append(report)
+
+
+@pytest.mark.parametrize("name", ["run.jsonl", "run.jsonl.gz"])
+def test_jsonl_round_trip(tmp_path, run, name):
+    path = tmp_path / name
+    with JsonlSink(path) as sink:
+        for r in run:
+            sink(r)
+    back = read_jsonl(path)
+    assert [b.to_dict() for b in back] == [r.to_dict() for r in run]
+    if name.endswith(".gz"):
+        assert path.read_bytes()[:2] == b"\x1f\x8b"
+    else:
+        assert len(path.read_text().splitlines()) == len(run) + 1  # the layout line first
+
+
+@pytest.mark.parametrize("histogram", [True, False])
+def test_jsonl_round_trip_of_special_values_in_every_dtype(tmp_path, histogram):
+    # Zeros of both signs, empty and 0-d tensors, all-NaN, infinities, subnormals and
+    # extremes: every field comes back exactly (absmax and numel are not stored).
+    tensors, names = [], []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        fi = torch.finfo(dtype)
+        for i, values in enumerate([[0.0, -0.0], [], [float("nan")] * 3, [-fi.max, fi.max, fi.tiny * fi.eps],
+                                    [float("inf"), -1e-3, 0.1, -float("inf")], [1 / 3, -2 / 3]]):
+            tensors.append(torch.tensor(values, dtype=dtype))
+            names.append(f"{dtype}.{i}")
+    tensors.append(torch.tensor(-0.0))
+    names.append("scalar")
+    stats = torchhealth.tensor_stats(tensors, histogram=histogram)
+    report = Report.from_stats(7, stats, names, ["grad"] * len(names), [tuple(t.shape) for t in tensors],
+                               [t.dtype for t in tensors], findings=[Finding("nonfinite", "error", "m", ["x"], 3.0, 0.0)],
+                               actions=["skip: nonfinite"], skipped=True)
+    for name in ("r.jsonl", "r.jsonl.gz"):
+        with JsonlSink(tmp_path / name) as sink:
+            sink(report)
+        (back,) = read_jsonl(tmp_path / name)
+        assert json.dumps(back.to_dict()) == json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize("name", ["run.jsonl", "run.jsonl.gz"])
+def test_jsonl_appends_across_openings(tmp_path, run, name):
+    path = tmp_path / name
+    for part in (run[:10], run[10:20]):
+        with JsonlSink(path) as sink:
+            for r in part:
+                sink(r)
+    assert [b.step for b in read_jsonl(path)] == list(range(20))
+
+
+@pytest.mark.parametrize("name", ["run.jsonl", "run.jsonl.gz"])
+def test_truncated_log_is_readable_up_to_the_last_complete_record(tmp_path, run, name):
+    path = tmp_path / name
+    sink = JsonlSink(path)
+    sizes = []
+    for r in run[:5]:
+        sink(r)
+        sizes.append(path.stat().st_size)  # every record is on disk once written
+    full = path.read_bytes()  # as left by a process killed before close()
+    assert [b.step for b in read_jsonl(path)] == [0, 1, 2, 3, 4]
+    # Cut anywhere inside the fifth record's write: the first four survive (five, when a
+    # gzip cut falls after the record's text, in its flush marker) and the error says where.
+    for cut in list(range(sizes[3] + 1, sizes[4], max(1, (sizes[4] - sizes[3]) // 7))) + [sizes[4] - 1] * name.endswith(".gz"):
+        path.write_bytes(full[:cut])
+        with pytest.raises(TruncatedLogError) as e:
+            read_jsonl(path)
+        n = len(e.value.reports)
+        assert n == 4 or (n == 5 and name.endswith(".gz") and cut > sizes[4] - 5), (cut, n)
+        assert re.search(rf"truncated at line {n + 2} .*the writer stopped mid-record; the last complete "
+                         rf"record is step {n - 1}, {n} records readable", str(e.value)), str(e.value)
+        assert [b.step for b in e.value.reports] == list(range(n)) and e.value.line == n + 2
+        assert [b.step for b in read_jsonl(path, truncated="keep")] == list(range(n))
+    # Cut inside the layout line: nothing complete.
+    path.write_bytes(full[:10])
+    with pytest.raises(TruncatedLogError, match="it holds no complete record, 0 records readable"):
+        read_jsonl(path)
+    sink.close()
+
+
+def test_corrupt_record_names_its_line(tmp_path, run):
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path) as sink:
+        sink(run[0])
+    with open(path, "a") as f:
+        f.write('{"not": "a report"}\n')
+    with JsonlSink(path) as sink:
+        sink(run[1])
+    with pytest.raises(ValueError, match="line 3 is not a torchhealth record"):
+        read_jsonl(path)
+
+
+def test_layout_is_written_once_and_again_when_the_tensors_change(tmp_path, run):
+    path = tmp_path / "run.jsonl"
+    fewer = Report.from_dict({**run[2].to_dict(), "rows": [r.to_dict() for r in run[2].rows[:3]]})
+    with JsonlSink(path) as sink:
+        for r in (run[0], run[1], fewer, run[3]):
+            sink(r)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert ["layout" in d for d in lines] == [True, False, False, True, False, True, False]
+    assert lines[0]["layout"]["names"][:2] == [run[0].rows[0].name, run[0].rows[1].name]
+    assert "names" not in lines[1] and "rows" not in lines[1]
+    back = read_jsonl(path)
+    assert [b.to_dict() for b in back] == [r.to_dict() for r in (run[0], run[1], fewer, run[3])]
+
+
+def test_plain_report_dicts_are_read_too(tmp_path, run):
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in run[:3]))
+    assert [b.to_dict() for b in read_jsonl(path)] == [r.to_dict() for r in run[:3]]
+
+
+def test_killed_writer_leaves_a_readable_log(tmp_path):
+    # A writer appending real Reports as fast as it can, killed with SIGKILL (no
+    # close(), no gzip trailer, most likely in the middle of a write).
+    path = tmp_path / "run.jsonl.gz"
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
+            "from logged_run import train\nfrom torchhealth.sinks import JsonlSink\n"
+            f"sink = JsonlSink({str(path)!r})\n"
+            "reports = train(steps=3, nan_at=None, on_report=sink)\n"
+            "while True:\n    sink(reports[-1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (not path.exists() or path.stat().st_size < 200_000):
+            assert proc.poll() is None, "the writer died on its own"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    try:
+        reports = read_jsonl(path)
+    except TruncatedLogError as e:  # killed in the middle of a write
+        assert re.search(r"truncated at line \d+ .*the writer stopped mid-record", str(e))
+        reports = e.reports
+    assert len(reports) >= 20
+    assert [r.step for r in reports[:4]] == [0, 1, 2, 2]
+    assert reports[-1].to_dict() == reports[3].to_dict()
+
+
+def real_sized_reports(records: int) -> list[Report]:
+    """Checks of a 300-tensor model (25 transformer layers, 5M parameters) by
+    the monitor, parameters and gradients with histograms, during AdamW training."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(128, 4, 512, batch_first=True)
+                                  for _ in range(25)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = torchhealth.HealthMonitor(opt, model=model, histogram=True, policy="ignore")
+    out = []
+    monitor.on_report(out.append)
+    for step in range(records):
+        loss = model(torch.randn(2, 8, 128)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        monitor.check(step)
+        opt.step()
+    monitor.flush()
+    return out
+
+
+def test_log_size_budget(tmp_path):
+    # 10,000 steps logged every 10 steps = 1,000 records of a 300-tensor model.
+    # Write a few real-sized records (after the layout line) and scale to 1,000.
+    reports = real_sized_reports(4)
+    assert len(reports[0].rows) == 600 and {r.role for r in reports[0].rows} == {"param", "grad"}
+    bins = sum(len(r.hist) for rep in reports for r in rep.rows) / (len(reports) * 600)
+    assert bins >= 15, bins  # realistic spread: each row has many populated bins
+    path = tmp_path / "run.jsonl.gz"
+    with JsonlSink(path) as sink:
+        sink(reports[0])
+        first = path.stat().st_size  # the layout line and one record
+        for r in reports[1:]:
+            sink(r)
+        per_record = (path.stat().st_size - first) / (len(reports) - 1)
+    projected = first + per_record * 999
+    print(f"\nJSONL .gz: {per_record / 1e3:.1f} kB per record of 600 rows; 1,000 records "
+          f"-> {projected / 1e6:.1f} MB")
+    assert projected < 50e6, f"{projected / 1e6:.1f} MB for 1,000 records"
+    assert [b.to_dict() for b in read_jsonl(path)] == [r.to_dict() for r in reports]
+
+
+def test_flight_recorder_writes_what_led_up_to_a_fault(run):
+    out = ListSink()
+    recorder = FlightRecorder(out, capacity=8, every=10)
+    for r in run:
+        recorder(r)
+    # Sparse logging (steps 0, 10, 20) until step 30 fired: then the 7 steps before it.
+    assert [r.step for r in out.reports[:3]] == [0, 10, 20]
+    assert [r.step for r in out.reports[3:]] == list(range(23, 31))
+    assert len(recorder.recent) == 8 and recorder.recent[-1].step == 39
+
+
+def test_flight_recorder_keeps_check_results_without_building_reports():
+    out, results = ListSink(), []
+    recorder = FlightRecorder(out, capacity=4, every=5)
+
+    def keep(result):
+        results.append(result)
+        recorder.record(result)
+    train(steps=16, nan_at=12, on_result=keep)
+    recorder.close()
+    # Sparse (0, 5, 10) until step 12 fired: then 11 and 12; then sparse again (15).
+    assert [r.step for r in out.reports] == [0, 5, 10, 11, 12, 15]
+    written = {r.step for r in out.reports}
+    # Checks that were not written stayed device-side statistics: no Report was built.
+    assert [res.step for res in results if res._report is not None] == sorted(written)
+    assert out.reports[4].findings[0].check == "nonfinite" and out.reports[4].skipped
+
+
+def test_flight_recorder_never_writes_a_report_twice():
+    out = ListSink()
+    recorder = FlightRecorder(out, capacity=4, every=2)
+    bad = Finding("nonfinite", "error", "x")
+    for step in range(8):
+        recorder(Report(step, [], findings=[bad] if step in (3, 4) else []))
+    assert [r.step for r in out.reports] == [0, 2, 3, 4, 6]
+
+
+def test_value_histogram_uses_the_stored_bins():
+    x = torch.tensor([-3.0, 0.0, 1.5, 0.75, 0.7, 1e-3])
+    rep = Report.from_stats(0, torchhealth.tensor_stats([x]), ["w"], ["grad"], [(6,)], [torch.float32])
+    edges, counts = value_histogram(rep.rows[0])
+    # [-4, -2): -3; gap holding the zero; [2^-10, 2^-9): 1e-3; ...; [0.5, 1): 0.75, 0.7; [1, 2): 1.5
+    assert edges[:3] == [-4.0, -2.0, 2.0 ** -10] and edges[-3:] == [0.5, 1.0, 2.0]
+    assert counts[0] == 1 and counts[1] == 1 and counts[-2:] == [2, 1] and sum(counts) == 6
+    assert all(a < b for a, b in zip(edges, edges[1:]))
+    assert magnitude_counts(rep.rows[0]) == {1: 1, -10: 1, -1: 2, 0: 1}
+
+
+def test_value_histogram_merges_to_max_bins():
+    x = torch.tensor([1e-300, -1e300, 1.0], dtype=torch.float64)  # spans the whole grid
+    row = Report.from_stats(0, torchhealth.tensor_stats([x]), ["w"], ["grad"], [(3,)],
+                            [torch.float64]).rows[0]
+    edges, counts = value_histogram(row, max_bins=64)
+    assert len(counts) <= 64 and len(edges) == len(counts) + 1 and sum(counts) == 3
+    assert edges[0] == -1e300 and edges[-1] > 1.0 and all(math.isfinite(e) for e in edges)
+
+
+def test_tensorboard_sink_read_back_with_tensorboards_reader(tmp_path, run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torchhealth.sinks import TensorBoardSink
+    with TensorBoardSink(tmp_path) as sink:
+        for r in run[:3] + run[30:31]:
+            sink(r)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.value for e in acc.Scalars("health/grad_norm")] == pytest.approx(
+        [r.grad_norm for r in run[:3] + run[30:31]])
+    assert [e.step for e in acc.Scalars("grad_norm/2.weight")] == [0, 1, 2, 30]
+    assert acc.Scalars("health/findings")[-1].value == 1
+    h = acc.Histograms("grad_hist/2.weight")[0].histogram_value
+    row = next(r for r in run[0].rows if r.role == "grad" and r.name == "2.weight")
+    edges, counts = value_histogram(row)
+    assert list(h.bucket) == counts and list(h.bucket_limit) == pytest.approx(edges[1:])
+    assert (h.num, h.min, h.max, h.sum_squares) == (sum(counts), row.min, row.max, pytest.approx(row.sumsq))
+    assert any("health/findings" in t for t in tags.get("tensors", []))
+
+
+def test_wandb_sink_offline(tmp_path, run, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from torchhealth.sinks import WandbSink
+    logged = []
+    with WandbSink(project="torchhealth-test", dir=str(tmp_path)) as sink:
+        real_log = sink.run.log
+        sink.run.log = lambda data, step: (logged.append((step, data)), real_log(data, step=step))
+        for r in run[:3]:
+            sink(r)
+    assert [s for s, _ in logged] == [0, 1, 2]
+    step, data = logged[0]
+    hist = data["grad_hist/2.weight"]
+    assert isinstance(hist, wandb.Histogram) and len(hist.histogram) <= 512
+    assert len(hist.bins) == len(hist.histogram) + 1
+    assert data["health/grad_norm"] == pytest.approx(run[0].grad_norm)
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_optional_sinks_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
+    from torchhealth.sinks import WandbSink
+    with pytest.raises(ImportError, match=r"pip install torchhealth\[wandb\]"):
+        WandbSink()

@@ -1,0 +1,274 @@
+"""The ``torchhealth`` command line.
+
+    torchhealth demo [--scenario NAME] [--steps N] [--log-dir DIR]
+    torchhealth bench [ARGS...]
+    torchhealth report RUN.jsonl [-o report.html] [--partial]
+    torchhealth doctor
+
+Results go to stdout, progress bars and errors to stderr. An error is one line
+on stderr and a nonzero exit status (2 for bad arguments, 1 otherwise), never
+a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+class CommandError(Exception):
+    """A failure to report as one line (and the exit status)."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR):
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise CommandError(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_USAGE)
+
+
+# -- progress ----------------------------------------------------------------------------
+class Progress:
+    """``progress(i, total)`` callback drawing a bar on `stream` (stderr): tqdm
+    when it is installed, else a plain one redrawn at most 10 times a second.
+    Call `close` at the end."""
+
+    def __init__(self, label: str, stream=None, *, use_tqdm: bool | None = None, width: int = 30):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self._tqdm = None
+        if use_tqdm is not False:
+            try:
+                from tqdm import tqdm
+                self._tqdm = tqdm(desc=label, unit="step", file=self.stream, leave=True)
+            except ImportError:
+                if use_tqdm:
+                    raise
+        self._t0 = time.perf_counter()
+        self._drawn = 0.0
+        self._last = (0, 0)
+
+    def __call__(self, i: int, total: int) -> None:
+        self._last = (i, total)
+        if self._tqdm is not None:
+            self._tqdm.total = total
+            self._tqdm.update(i - self._tqdm.n)
+            return
+        now = time.perf_counter()
+        if i < total and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        done = int(self.width * i / total) if total else self.width
+        self.stream.write(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] "
+                          f"{i}/{total} steps {now - self._t0:5.1f} s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+        elif self._last != (0, 0):
+            self._drawn = 0.0
+            self(self._last[0], self._last[0])  # the final state
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- demo ----------------------------------------------------------------------------------
+def _demo(args) -> int:
+    from . import demo
+    if args.scenario not in demo.SCENARIOS:
+        raise CommandError(f"torchhealth demo: unknown scenario {args.scenario!r}; choose one of "
+                           f"{', '.join(demo.SCENARIOS)}", EXIT_USAGE)
+    if args.steps is not None and args.steps < 1:
+        raise CommandError("torchhealth demo: --steps must be at least 1", EXIT_USAGE)
+    return demo.present(args.scenario, steps=args.steps, log_dir=args.log_dir,
+                        progress=Progress(f"training ({args.scenario})"))
+
+
+# -- bench -----------------------------------------------------------------------------------
+def _bench(argv: list[str]) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        raise CommandError(f"torchhealth bench: the benchmark is not available ({e})") from e
+    if "--progress" not in argv and not {"-h", "--help"} & set(argv):
+        argv = [*argv, "--progress"]  # the command line shows a bar; the script does not
+    status = bench.main(argv)
+    return int(status or 0)
+
+
+# -- report ------------------------------------------------------------------------------------
+def _report(args) -> int:
+    from .html_report import write_report
+    from .sinks.jsonl import TruncatedLogError, read_jsonl
+    log = Path(args.log)
+    if not log.is_file():
+        raise CommandError(f"torchhealth report: {log}: no such file" if not log.exists()
+                           else f"torchhealth report: {log} is not a file")
+    try:
+        reports = read_jsonl(log)
+    except TruncatedLogError as e:
+        if not args.partial:
+            raise CommandError(f"torchhealth report: {e} (add --partial to report the "
+                               f"{len(e.reports)} complete records)") from e
+        reports = e.reports
+    except (ValueError, OSError) as e:
+        raise CommandError(f"torchhealth report: {e}") from e
+    if not reports:
+        raise CommandError(f"torchhealth report: {log} holds no record")
+    out = Path(args.output) if args.output else log.with_name(
+        log.name.removesuffix(".gz").removesuffix(".jsonl") + ".html")
+    try:
+        write_report(reports, out, source=str(log))
+    except OSError as e:
+        raise CommandError(f"torchhealth report: cannot write {out}: {e}") from e
+    print(f"{out} ({len(reports)} records, steps {reports[0].step}-{reports[-1].step})")
+    return 0
+
+
+# -- doctor ------------------------------------------------------------------------------------
+def _compiler_of(path: str) -> str | None:
+    """The compiler recorded in a shared library's .comment section."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    found = re.findall(rb"(GCC: \([^)]*\) [\w.\-]+|clang version [\w.\-]+)", data)
+    return found[-1].decode(errors="replace") if found else None
+
+
+def _cuda_archs_of(path: str) -> list[str]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    return sorted({m.decode() for m in re.findall(rb"\bsm_\d{2,3}a?\b", data)})
+
+
+def _torch_config() -> dict[str, str]:
+    import torch
+    cfg = torch.__config__.show()
+    out = {}
+    for key, pattern in (("compiler", r"^\s*-\s*(GCC [\w.]+|clang [\w.]+|MSVC [\w.]+)"),
+                         ("C++", r"C\+\+ Version: (\w+)"), ("OpenMP", r"- OpenMP (\d+)"),
+                         ("CPU capability", r"CPU capability usage: (\w+)")):
+        m = re.search(pattern, cfg, re.MULTILINE)
+        if m:
+            out[key] = m.group(1)
+    return out
+
+
+def _doctor(args) -> int:
+    import torch
+
+    import torchhealth
+    from torchhealth import reference
+    from torchhealth.stats import SUM, SUMSQ
+    b = torchhealth.backend()
+    print(f"torchhealth {torchhealth.__version__} ({Path(torchhealth.__file__).parent})")
+    print(f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'not built'}, "
+          f"GPU available: {'yes' if torch.cuda.is_available() else 'no'})")
+    cfg = _torch_config()
+    print("torch built " + ", ".join(f"{k} {v}" for k, v in cfg.items()))
+    print(f"threads     torch.get_num_threads() = {torch.get_num_threads()} "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'not set')})")
+    print(f"backend     {b.name}: {b.reason}")
+    if b.name != "extension":
+        raise CommandError(
+            "torchhealth doctor: the compiled extension is not in use, so tensor_stats runs the slow "
+            "pure-PyTorch reference. Rebuild it from the source tree with "
+            "`pip install --no-build-isolation -e .` (a C++ compiler and the same torch are needed)")
+    so = torchhealth._C.__file__
+    print(f"extension   {so}")
+    print(f"  compiler  {_compiler_of(so) or 'unknown (no .comment section)'}")
+    if b.cuda:
+        archs = _cuda_archs_of(so)
+        print(f"  CUDA      kernels compiled in; architectures: {', '.join(archs) or 'unknown'}"
+              f" (torch's: {', '.join(torch.cuda.get_arch_list()) or 'none'})")
+    else:
+        print("  CUDA      no CUDA kernels (CPU build)")
+    # A small check that the kernels agree with the reference.
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, 3e-5, 1e-40, float("nan"), float("inf"), -float("inf"),
+                      65504.0, -1e30, 0.1], dtype=torch.float32)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        try:
+            got = torchhealth.tensor_stats([x.to(dtype)]).data
+        except Exception as e:  # any failure of the compiled op is what doctor reports
+            raise CommandError(f"torchhealth doctor: the extension fails on {dtype}: "
+                               f"{type(e).__name__}: {e}. Rebuild it with "
+                               "`pip install --no-build-isolation -e .`") from e
+        want = reference.tensor_stats([x.to(dtype)])
+        exact = [c for c in range(got.shape[1]) if c not in (SUM, SUMSQ)]
+        if got.shape != want.shape or not torch.equal(got[:, exact], want[:, exact]):
+            raise CommandError(f"torchhealth doctor: the extension disagrees with the reference on "
+                               f"{dtype}; it is broken or stale: rebuild it with "
+                               "`pip install --no-build-isolation -e .`")
+    print("self-test   tensor_stats agrees with the reference on float32, float64, bfloat16, float16")
+    print("OK")
+    return 0
+
+
+# -- main ---------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="torchhealth", description="Health statistics for PyTorch training: demo, "
+                "benchmark, HTML report of a logged run, installation check.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    d = sub.add_parser("demo", help="train a small model, inject a fault, show what torchhealth saw",
+                       prog="torchhealth demo")
+    d.add_argument("--scenario", default="nan", help="which fault (default: nan); "
+                   "`torchhealth demo --list` shows them")
+    d.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the scenario's)")
+    d.add_argument("--log-dir", default="runs/demo", help="where run.jsonl and report.html go "
+                   "(default: runs/demo)")
+    sub.add_parser("bench", help="benchmark tensor_stats against plain PyTorch checks "
+                   "(arguments go to the benchmark)", prog="torchhealth bench", add_help=False)
+    r = sub.add_parser("report", help="write the HTML report of a JSON Lines log",
+                       prog="torchhealth report")
+    r.add_argument("log", metavar="RUN.jsonl", help="a log written by JsonlSink (.jsonl or .jsonl.gz)")
+    r.add_argument("-o", "--output", metavar="OUT.html",
+                   help="where to write the report (default: next to the log, ending in .html)")
+    r.add_argument("--partial", action="store_true",
+                   help="report the complete records of a truncated log instead of failing")
+    sub.add_parser("doctor", help="which backend runs, how it was built, and whether it works",
+                   prog="torchhealth doctor")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark
+            return _bench(argv[1:])
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "demo":
+            if args.list:
+                from .demo import SCENARIOS
+                for name, text in SCENARIOS.items():
+                    print(f"{name:<10} {text}")
+                return 0
+            return _demo(args)
+        return {"report": _report, "doctor": _doctor}[args.command](args)
+    except CommandError as e:
+        print(str(e), file=sys.stderr)
+        return e.status
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print("torchhealth: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

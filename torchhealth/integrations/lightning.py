@@ -1,0 +1,110 @@
+"""PyTorch Lightning integration (optional extra: ``pip install torchhealth[lightning]``).
+
+    from torchhealth.integrations.lightning import HealthCheckCallback
+    trainer = lightning.Trainer(callbacks=[HealthCheckCallback(sinks=[JsonlSink("run.jsonl")])])
+
+The checks run in ``on_before_optimizer_step``, once per optimizer step (after
+gradient accumulation), through one `HealthMonitor` per optimizer, which names
+parameters after the LightningModule.
+
+Mixed precision with a GradScaler ("16-mixed"): Lightning unscales the
+gradients before this hook, except for optimizers that unscale inside their
+own ``step()`` (fused Adam/AdamW/SGD, ``_step_supports_amp_scaling``). For
+those the callback calls ``scaler.unscale_(optimizer)`` itself, which the
+scaler then honours (the fused step receives no scale, only ``found_inf``).
+Either way the statistics describe true gradients, and a step that the scaler
+skips for overflow (``found_inf``) is recorded as such, not as a non-finite
+finding.
+
+Policies: "warn" emits `HealthWarning`; "raise" raises `HealthCheckError` out of
+the hook, which ends ``trainer.fit`` with that exception; "skip" sets every
+gradient to None before Lightning calls ``optimizer.step()``, so parameters and
+optimizer state stay exactly as they were (the step counter still advances);
+"zero" and ``max_grad_norm`` act on the gradients in place.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .._optional import require
+from ..monitor import HealthMonitor
+from ..report import Report
+from ..sinks.base import Sink, scalars
+from ._common import skip_by_dropping_gradients, unscale_for_check, unwrap
+
+pl = require("lightning.pytorch", "lightning")
+
+
+class HealthCheckCallback(pl.Callback):
+    """Checks gradients, parameters and (opt-in) optimizer state before every
+    optimizer step and logs the totals through the trainer's loggers.
+
+    Args (keyword only): ``check_every``, ``policy``, ``thresholds``, ``sync``,
+    ``optimizer_state``, ``histogram``, ``max_grad_norm``: see `HealthMonitor`
+    (``check_every`` counts optimizer steps, i.e. ``trainer.global_step``).
+    ``sinks``: Sinks (or callables) that receive every Report, e.g. a
+    `JsonlSink`; closed at the end of fit. ``log``: send `scalars` of each
+    Report to ``trainer.loggers`` at the Report's step; ``per_tensor``: include
+    per-parameter norms, absmax and non-finite counts (three metrics per
+    tensor), not only the ``health/`` totals.
+
+    Attributes: ``monitors`` (optimizer -> `HealthMonitor`), ``last_report``,
+    ``skipped_steps``.
+    """
+
+    def __init__(self, *, check_every: int = 1, policy=None, thresholds=None, sync: str = "auto",
+                 optimizer_state=False, histogram: bool = False, max_grad_norm: float | None = None,
+                 sinks: Iterable = (), log: bool = True, per_tensor: bool = False):
+        super().__init__()
+        self._kwargs = dict(check_every=check_every, policy=policy, thresholds=thresholds, sync=sync,
+                            optimizer_state=optimizer_state, histogram=histogram,
+                            max_grad_norm=max_grad_norm)
+        HealthMonitor([torch.zeros(1)], **self._kwargs)  # validates the arguments now
+        self.sinks = list(sinks)
+        self.log, self.per_tensor = log, per_tensor
+        self.monitors: dict[torch.optim.Optimizer, HealthMonitor] = {}
+        self.last_report: Report | None = None
+        self.skipped_steps = 0
+        self._trainer = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._trainer = trainer
+        opt = unwrap(optimizer)
+        monitor = self.monitors.get(opt)
+        if monitor is None:
+            monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, **self._kwargs)
+            monitor.on_report(self._deliver)
+        found_inf = unscale_for_check(getattr(trainer.precision_plugin, "scaler", None), opt)
+        result = monitor.check(trainer.global_step, found_inf=found_inf)
+        if result is not None and skip_by_dropping_gradients(opt, result.skip):
+            self.skipped_steps += 1  # policy or scaler
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finish()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._finish(flush=False)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _deliver(self, report: Report) -> None:
+        self.last_report = report
+        for sink in self.sinks:
+            sink(report)
+        if self.log and self._trainer is not None:
+            metrics = scalars(report, per_tensor=self.per_tensor)
+            for logger in self._trainer.loggers:
+                logger.log_metrics(metrics, step=report.step)
+
+    def _finish(self, flush: bool = True) -> None:
+        if flush:
+            for monitor in self.monitors.values():
+                monitor.flush()
+        for sink in self.sinks:
+            if isinstance(sink, Sink):
+                sink.close()
