@@ -47,3 +47,15 @@ def specials(dtype: torch.dtype) -> list[float]:
             -fi.smallest_normal, fi.smallest_normal - tiny_sub, fi.max, -fi.max, fi.max / 2,
             -fi.max / 2, 1.0, -1.0, 2.0**-149, 2.0**128 if dtype == torch.float64 else 1.5]
     return vals
+
+
+def planted(dtype: torch.dtype, n: int, offset: int, scale: float, positions, values,
+            seed: int) -> torch.Tensor:
+    """n random values (N(0, scale^2), rounded to dtype) starting `offset` elements
+    into their storage (an unaligned start), with values[k] planted at positions[k]."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n + offset, generator=g, dtype=torch.float64) * scale).to(dtype)[offset:]
+    for p, v in zip(positions, values):
+        if p < n:
+            x[p] = v
+    return x

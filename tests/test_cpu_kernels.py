@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import torchhealth
 from torchhealth import stats as S
 
-from helpers import assert_matches_reference, specials
+from helpers import assert_matches_reference, planted, specials
 
 CHUNK = 1 << 16  # csrc/checks.h kChunk
 KERNELS = ["scalar", "avx2", "avx512"]
@@ -203,12 +203,7 @@ def _property(data):
                                 max_size=len(positions)))
     scale = data.draw(st.sampled_from([1e-30, 1e-6, 0.02, 1.0, 3e4, 1e20]))
     offset = data.draw(st.integers(0, 3))  # unaligned starts
-    g = torch.Generator().manual_seed(n + offset)
-    base = (torch.randn(n + offset, generator=g, dtype=torch.float64) * scale).to(dtype)
-    x = base[offset:]
-    for p, v in zip(positions, values):
-        if p < n:
-            x[p] = v
+    x = planted(dtype, n, offset, scale, positions, values, seed=n + offset)
     sat = data.draw(st.sampled_from([None, 1.0, 3e4]))
     hist = data.draw(st.booleans())
     assert_matches_reference([x], saturation=sat, histogram=hist)

@@ -10,7 +10,7 @@ import torchhealth
 from torchhealth import stats as S
 from torchhealth.stats import TensorStats
 
-from helpers import assert_matches_reference, specials
+from helpers import assert_matches_reference, planted, specials
 
 CHUNK = 1 << 16  # csrc/checks.h kChunk: where parallel partial results meet
 
@@ -149,12 +149,7 @@ def test_property_specials_anywhere(data):
                                 max_size=len(positions)))
     scale = data.draw(st.sampled_from([1e-6, 0.02, 1.0, 1e3]))
     offset = data.draw(st.integers(0, 3))  # unaligned starts
-    g = torch.Generator().manual_seed(n)
-    base = (torch.randn(n + offset, generator=g, dtype=torch.float64) * scale).to(dtype)
-    x = base[offset:]
-    for p, v in zip(positions, values):
-        if p < n:
-            x[p] = v
+    x = planted(dtype, n, offset, scale, positions, values, seed=n)
     sat = data.draw(st.sampled_from([None, 1.0, 3e4]))
     assert_matches_reference([x], saturation=sat)
 
