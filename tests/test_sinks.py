@@ -92,13 +92,16 @@ def test_truncated_log_is_readable_up_to_the_last_complete_record(tmp_path, run,
     full = path.read_bytes()  # as left by a process killed before close()
     assert [b.step for b in read_jsonl(path)] == [0, 1, 2, 3, 4]
     # Cut anywhere inside the fifth record's write: the first four survive (five, when a
-    # gzip cut falls after the record's text, in its flush marker) and the error says where.
+    # gzip cut leaves the record's text whole) and the error says where.
     for cut in list(range(sizes[3] + 1, sizes[4], max(1, (sizes[4] - sizes[3]) // 7))) + [sizes[4] - 1] * name.endswith(".gz"):
         path.write_bytes(full[:cut])
         with pytest.raises(TruncatedLogError) as e:
             read_jsonl(path)
         n = len(e.value.reports)
-        assert n == 4 or (n == 5 and name.endswith(".gz") and cut > sizes[4] - 5), (cut, n)
+        # gzip: a cut among the last bytes of the record's deflate block may still leave its
+        # whole text decodable (how many bytes that is depends on the data: the record's
+        # time field changes it from run to run).
+        assert n == 4 or (n == 5 and name.endswith(".gz")), (cut, n)
         assert re.search(rf"truncated at line {n + 2} .*the writer stopped mid-record; the last complete "
                          rf"record is step {n - 1}, {n} records readable", str(e.value)), str(e.value)
         assert [b.step for b in e.value.reports] == list(range(n)) and e.value.line == n + 2
