@@ -166,6 +166,8 @@ def test_doctor_reports_the_build(capsys):
     assert "backend     extension: torchhealth._C from" in out
     assert f"torch.get_num_threads() = {torch.get_num_threads()}" in out
     assert "compiler  GCC" in out or "compiler  clang" in out
+    active = torch.ops.torchhealth._cpu_kernel("")
+    assert active in ("scalar", "avx2", "avx512") and f"CPU       kernel {active} " in out
     assert "self-test   tensor_stats agrees with the reference" in out and out.rstrip().endswith("OK")
 
 

@@ -187,6 +187,8 @@ def _doctor(args) -> int:
     so = torchhealth._C.__file__
     print(f"extension   {so}")
     print(f"  compiler  {_compiler_of(so) or 'unknown (no .comment section)'}")
+    print(f"  CPU       kernel {torch.ops.torchhealth._cpu_kernel('')} (chosen at run time; "
+          "TORCHHEALTH_CPU_KERNEL=auto|scalar|avx2|avx512 forces one)")
     if b.cuda:
         archs = _cuda_archs_of(so)
         print(f"  CUDA      kernels compiled in; architectures: {', '.join(archs) or 'unknown'}"
