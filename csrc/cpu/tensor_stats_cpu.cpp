@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -41,9 +42,11 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
   std::vector<at::Tensor> spans;
   spans.reserve(num_tensors);
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   for (int64_t t = 0; t < num_tensors; ++t) {
     spans.push_back(dense_span(tensors[t]));
     const int64_t n = tensors[t].numel();
+    total += n;
     for (int64_t b = 0; b < n; b += kChunk) {
       chunks.push_back({t, b, std::min(n, b + kChunk)});
     }
@@ -51,7 +54,11 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
 
   const cpu::Kernels& kernels = cpu::cpu_kernels();
   std::vector<Acc> partial(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  // Less than one chunk's worth in all (e.g. many one-element tensors) runs on
+  // this thread: waking the pool would cost more than the work.
+  const int64_t grain = total < kChunk ? std::max<int64_t>(num_chunks, 1) : 1;
+  at::parallel_for(0, num_chunks, grain, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> local(histogram ? kBins : 0, 0);
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
