@@ -30,6 +30,9 @@ inline bool any_lane(vu m) { return !_mm256_testz_si256((__m256i)m, (__m256i)m);
 inline vd lo_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)x)); }
 inline vd hi_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x, 1)); }
 
+inline vd lo_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
+inline vd hi_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p + 4)); }
+
 inline uint32_t reduce_add(vu v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128((__m256i)v),
                             _mm256_extracti128_si256((__m256i)v, 1));
@@ -37,6 +40,9 @@ inline uint32_t reduce_add(vu v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
 }
+
+inline vu count_zero(vu acc, vu a) { return acc - (vu)(a == 0); }
+inline vu count_lt(vu acc, vi a, vi lim) { return acc - (vu)(a < lim); }
 
 inline vu maj3(vu a, vu b, vu c) { return (a & b) | ((a ^ b) & c); }
 inline vu xor3(vu a, vu b, vu c) { return a ^ b ^ c; }

@@ -43,8 +43,20 @@ inline vd hi_double(vf x) {
   return (vd)_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)x), 1)));
 }
 
+inline vd lo_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+inline vd hi_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)); }
+
 inline uint32_t reduce_add(vu v) {
   return static_cast<uint32_t>(_mm512_reduce_add_epi32((__m512i)v));
+}
+
+inline vu count_zero(vu acc, vu a) {
+  return (vu)_mm512_mask_sub_epi32((__m512i)acc, _mm512_testn_epi32_mask((__m512i)a, (__m512i)a),
+                                   (__m512i)acc, _mm512_set1_epi32(-1));
+}
+inline vu count_lt(vu acc, vi a, vi lim) {
+  return (vu)_mm512_mask_sub_epi32((__m512i)acc, _mm512_cmplt_epi32_mask((__m512i)a, (__m512i)lim),
+                                   (__m512i)acc, _mm512_set1_epi32(-1));
 }
 
 // Truth tables indexed by (a << 2) | (b << 1) | c.

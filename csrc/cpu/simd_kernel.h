@@ -9,14 +9,16 @@
 // Semantics are exactly those of update() in stats.h, which this file calls for
 // chunk tails and for values the vector paths leave out. How:
 //
-//  * A chunk is cut into blocks of kBlock = 128 * kLanes float32 values
+//  * A chunk is cut into blocks of kBlock = 240 * kLanes float32 values
 //    (16-bit dtypes are widened exactly into an L1-resident buffer first).
-//  * Pass 1 (fast) reads a block and computes, per lane, min, max, the zero
-//    count, the count of |x| below small_bits (float16: its subnormals), the
-//    smallest nonzero |x| (with the histogram only), and the sums in double.
-//    The block is then checked: NaN and Inf make the sums non-finite, and
-//    max(-min, max) must stay below the saturation threshold; for float32 and
-//    bfloat16 no nonzero |x| may be below 2^-63. A block that fails (rare: it
+//  * Pass 1 (fast) reads a block and computes, per lane, min, max, the
+//    smallest nonzero |x| (anz) and the sums in double; float16 also counts
+//    |x| below small_bits (its subnormals), and the zero count is kept except
+//    for float32/bfloat16 with the histogram, where pass 2 gives it (a clean
+//    block's zeros are its values pass 2 does not bin). The block is then
+//    checked: NaN and Inf make the sums non-finite, and max(-min, max) must
+//    stay below the saturation threshold; for float32 and bfloat16 no nonzero
+//    |x| may be below 2^-63 (anz). A block that fails (rare: it
 //    holds a NaN, Inf, saturated, float32/bfloat16-subnormal or tiny value) is
 //    read again by the careful variant, which counts every class with masks.
 //  * Pass 2 (histogram) re-reads the block from L1. Magnitudes in a block span
@@ -25,12 +27,16 @@
 //    slot k (0..15 positive, 16..31 negative) becomes a one-hot bit in a 32-bit
 //    lane, and the 32 bit positions are counted by a positional popcount
 //    (Harley-Seal carry-save adders into 8 bit-planes; Klarqvist, Mula and
-//    Lemire 2019). A lane counts at most kBlock/kLanes = 128 values, which 8
-//    planes hold exactly. Values below the window (and subnormals, which are
-//    binned by mantissa) are rare and go one by one through hist_bin().
+//    Lemire 2019). A lane counts at most kBlock/kLanes = 240 values, which 8
+//    planes (up to 255) hold exactly. Values below the window (and
+//    subnormals, which are binned by mantissa) are rare and go one by one
+//    through hist_bin().
 //
-// Cost (benchmarks/RESULTS-cpu.md): pass 1 is ~15 vector ops per register of
-// values, 7 of them for the exact double sums; pass 2 another ~8 (AVX-512) to
+// Cost (benchmarks/RESULTS.md): pass 1 is ~11 vector ops per register of
+// float32 values with the histogram (AVX-512: load, abs, anz 2, min, max, and
+// 6 for the exact double sums, converted from memory so that no cross-lane
+// extract is needed; the zero count costs 2 more without the histogram);
+// pass 2 another ~8 (AVX-512) to
 // ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
 // pair), plus a transpose and reduction per block. Both are compute-bound on
 // Zen 4, where the two ISAs run at about the same speed (512-bit ops are
@@ -40,7 +46,11 @@
 // 16 for AVX-512), so that every GCC vector is one machine register: wider
 // vectors than the ISA has are lowered lane by lane through the stack (that
 // made the first AVX2 build 10x slower than AVX-512).
-constexpr int kBlock = 128 * kLanes;  // a lane meets <= 128 values per block; 8 KB at AVX-512
+// Registers per block: <= 255, so that a lane's count fits the 8 bit-planes of
+// pass 2; a multiple of 16 (pass 2's unrolled loop). 240 rather than 128 nearly halves
+// the per-block work (reductions, transpose, merge); 15 KB at AVX-512.
+constexpr int kBlockRegs = 240;
+constexpr int kBlock = kBlockRegs * kLanes;
 
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
@@ -58,11 +68,20 @@ inline bool any_lane(vu m);
 // The low and high halves of a vector, converted exactly to double.
 inline vd lo_double(vf x);
 inline vd hi_double(vf x);
+// The same from memory: lanes [0, kLanes/2) and [kLanes/2, kLanes) of p
+// (memory-source conversions: no cross-lane extract of the high half).
+inline vd lo_double_at(const float* p);
+inline vd hi_double_at(const float* p);
 // The sum of the lanes (callers keep it below 2^32).
 inline uint32_t reduce_add(vu v);
 // Bitwise majority and parity of three vectors: one vpternlogd each on AVX-512.
 inline vu maj3(vu a, vu b, vu c);
 inline vu xor3(vu a, vu b, vu c);
+// acc + 1 in the lanes where a == 0 (AVX-512: one masked add on a vptestnmd
+// mask, instead of materialising the mask as a vector and subtracting it).
+inline vu count_zero(vu acc, vu a);
+// acc + 1 in the lanes where (int32) a < (int32) lim.
+inline vu count_lt(vu acc, vi a, vi lim);
 
 // ---- Helpers ----------------------------------------------------------------
 inline vu splat(uint32_t x) { return vu{} + x; }
@@ -134,12 +153,29 @@ inline void accumulate_sums(vf x, Block& b) {
   b.q1 += dh * dh;
 }
 
+// The same for the vector at p, converted from memory (the fast pass).
+inline void accumulate_sums_at(const float* p, Block& b) {
+  const vd dl = lo_double_at(p);
+  const vd dh = hi_double_at(p);
+  b.s0 += dl;
+  b.s1 += dh;
+  b.q0 += dl * dl;
+  b.q1 += dh * dh;
+}
+
 // Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
 // every value is finite, below the saturation threshold and not tiny (see
 // Consts), and the caller checks that afterwards from the sums (NaN and Inf
-// make them non-finite), amax and small; kCareful=true makes no assumption.
-// anz (the smallest nonzero |x| bits, minus 1) is needed by the histogram only.
-template <bool kCareful, bool kAnz>
+// make them non-finite), amax and anz or small; kCareful=true makes no
+// assumption. anz (the smallest nonzero |x| bits, minus 1) serves the
+// histogram and, when kSmall is false, the tiny-value check of float32 and
+// bfloat16 (anz >= small_bits - 1: no nonzero |x| below small_bits), which
+// costs one vector op less per register than counting small. kSmall (count
+// |x| bits < small_bits) is needed for float16, whose subnormal count it gives.
+// kZero=false leaves the zero count out: with the histogram, the caller
+// derives it from pass 2 (a clean block's values are all finite, so its zeros
+// are the values pass 2 does not bin).
+template <bool kCareful, bool kAnz, bool kSmall = true, bool kZero = true>
 inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
   const vu absmask = splat(0x7fffffffu);
   const vu inf = splat(0x7f800000u);
@@ -148,20 +184,20 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
     for (int v = 0; v < nv; ++v) {
       const vf x = load(p + v * kLanes);
       const vu a = (vu)x & absmask;
-      b.zero -= (vu)(a == 0);
-      b.small -= (vu)((vi)a < small);
+      if (kZero) b.zero = count_zero(b.zero, a);
+      if (kSmall) b.small = count_lt(b.small, (vi)a, small);
       if (kAnz) {
         const vu a1 = a - 1;  // zero wraps to the largest value: min ignores zeros
         b.anz = a1 < b.anz ? a1 : b.anz;
       }
       b.vmin = x < b.vmin ? x : b.vmin;
       b.vmax = x > b.vmax ? x : b.vmax;
-      accumulate_sums(x, b);
+      accumulate_sums_at(p + v * kLanes, b);
     }
     // Every lane saw a value and, if the block is clean, all were finite.
     const vf neg_min = -b.vmin;
     b.amax = (vu)(b.vmax > neg_min ? b.vmax : neg_min) & absmask;
-    if (c.small_is_subnormal) b.sub = b.small - b.zero;
+    if (kSmall && c.small_is_subnormal) b.sub = b.small - b.zero;
     return;
   }
   for (int v = 0; v < nv; ++v) {
@@ -190,12 +226,16 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
   }
 }
 
-// One value's window slot as a one-hot bit. In the unmasked variant the caller
-// guarantees that every nonzero value of the block lies in the window and that
-// 16 < base <= 224, so zeros of either sign shift out. The masked variant
-// clears out-of-window lanes and bins the finite nonzero ones one by one.
-template <bool kMasked>
-inline vu one_hot(const float* p, uint32_t base, HistOut* h) {
+// One value's window slot as a one-hot bit. In the unmasked variant
+// (kMasked = 0) the caller guarantees that every nonzero value of the block
+// lies in the window and that 16 < base <= 224, so zeros of either sign shift
+// out. The masked variants clear out-of-window lanes and bin the finite
+// nonzero ones one by one: kMasked = 1 for a clean block (every value finite,
+// 16 < base <= 224: only nonzero values below the window need masking, and
+// the block's largest value sets the window's top, so none is above it),
+// kMasked = 2 for any block.
+template <int kMasked>
+inline vu one_hot(const float* p, uint32_t base, HistOut* h, int& nout) {
   const vu bits = (vu)load(p);
   // sign|exponent minus base: j for a positive value in the window, 256 + j
   // for a negative one, whose slot 16 + j is then the smaller (unsigned) of k0
@@ -205,14 +245,31 @@ inline vu one_hot(const float* p, uint32_t base, HistOut* h) {
   const vu k1 = k0 - 240u;
   const vu k = k0 < k1 ? k0 : k1;
   vu oh = sllv(splat(1), k);
-  if (kMasked) {
+  if (kMasked == 1) {
+    // a - 1 < base_bits - 1 (unsigned): nonzero and below the window.
+    const vu a1 = (bits & 0x7fffffffu) - 1u;
+    const vu out = (vu)(a1 < splat((base << 23) - 1u));
+    oh &= ~out;
+    if (__builtin_expect(any_lane(out), 0)) {
+      for (int l = 0; l < kLanes; ++l) {
+        if (out[l]) {
+          h->add(hist_bin(float_from_bits(bits[l])), 1);
+          ++nout;
+        }
+      }
+    }
+  }
+  if (kMasked == 2) {
     const vi a = (vi)(bits & 0x7fffffffu);
     const vi base_bits = splat_i(static_cast<int32_t>(base << 23));
     oh &= (vu)((a >= base_bits) & (a < splat_i(0x7f800000)));
     const vu out = (vu)((a != 0) & (a < base_bits));
     if (__builtin_expect(any_lane(out), 0)) {
       for (int l = 0; l < kLanes; ++l) {
-        if (out[l]) h->add(hist_bin(float_from_bits(bits[l])), 1);
+        if (out[l]) {
+          h->add(hist_bin(float_from_bits(bits[l])), 1);
+          ++nout;
+        }
       }
     }
   }
@@ -227,17 +284,20 @@ inline void csa(vu& h, vu& l, vu a, vu b, vu c) {
   l = xor3(a, b, c);
 }
 
-// Pass 2 over nv <= 128 vectors: the histogram of the window [base, base+16)
-// of biased float32 exponents, both signs.
-template <bool kMasked>
-inline void pass2(const float* p, int nv, uint32_t base, HistOut* h) {
+// Pass 2 over nv <= kBlockRegs vectors: the histogram of the window [base, base+16)
+// of biased float32 exponents, both signs. Returns how many values it binned
+// (every finite nonzero value of the block).
+template <int kMasked>
+inline int64_t pass2(const float* p, int nv, uint32_t base, HistOut* h) {
+  int nout = 0;  // out-of-window values binned one by one (masked variant)
+  int64_t binned = 0;
   // plane[i] holds bit i of each (lane, position) count.
   vu ones{}, twos{}, fours{}, eights{}, p16{}, p32{}, p64{}, p128{};
   int v = 0;
   for (; v + 16 <= nv; v += 16) {
     const float* q = p + v * kLanes;
     vu twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
-#define TORCHHEALTH_D(i) one_hot<kMasked>(q + (i) * kLanes, base, h)
+#define TORCHHEALTH_D(i) one_hot<kMasked>(q + (i) * kLanes, base, h, nout)
     csa(twosA, ones, ones, TORCHHEALTH_D(0), TORCHHEALTH_D(1));
     csa(twosB, ones, ones, TORCHHEALTH_D(2), TORCHHEALTH_D(3));
     csa(foursA, twos, twos, twosA, twosB);
@@ -259,10 +319,10 @@ inline void pass2(const float* p, int nv, uint32_t base, HistOut* h) {
     t = p16 & c; p16 ^= c; c = t;
     t = p32 & c; p32 ^= c; c = t;
     t = p64 & c; p64 ^= c; c = t;
-    p128 ^= c;  // no carry out: a count never exceeds 128
+    p128 ^= c;  // no carry out: a count never exceeds kBlockRegs <= 255
   }
   for (; v < nv; ++v) {
-    vu c = one_hot<kMasked>(p + v * kLanes, base, h), t;
+    vu c = one_hot<kMasked>(p + v * kLanes, base, h, nout), t;
     t = ones & c; ones ^= c; c = t;
     t = twos & c; twos ^= c; c = t;
     t = fours & c; fours ^= c; c = t;
@@ -273,7 +333,7 @@ inline void pass2(const float* p, int nv, uint32_t base, HistOut* h) {
     p128 ^= c;
   }
   // Transpose: bytes[i] byte b of lane l = count of position 8b+i in lane l
-  // (at most 128, so a byte holds it). Per byte, planes[pl] bit i is the 8x8
+  // (at most kBlockRegs <= 255, so a byte holds it). Per byte, planes[pl] bit i is the 8x8
   // bit matrix M[pl][i]; three butterfly stages swap its off-diagonal halves,
   // quarters and bits, so that afterwards planes[i] bit pl = M[pl][i].
   vu bytes[8] = {ones, twos, fours, eights, p16, p32, p64, p128};
@@ -286,21 +346,38 @@ inline void pass2(const float* p, int nv, uint32_t base, HistOut* h) {
       bytes[r] ^= t << d;
     }
   }
+  // Normal float32 bins: slot = biased exponent + 23 (see hist_bin). Window
+  // slot j < 16 is the positive bin pos[j], slot 16 + j the negative neg[j].
+  // Added without a branch per slot (zero counts add nothing); the touched
+  // range is widened once per sign.
+  int64_t* const pos = h->counts + kBinsPerSign + static_cast<int>(base) + 23;
+  int64_t* const neg = h->counts + static_cast<int>(base) + 23;
   const vu even = splat(0x00ff00ffu);
+  int64_t npos = 0, nneg = 0;
   for (int i = 0; i < 8; ++i) {
-    // 16-bit fields: sums over kLanes <= 16 lanes stay <= 16 * 128.
+    // 16-bit fields: sums over kLanes <= 16 lanes stay <= 16 * kBlockRegs.
     const int64_t lo = reduce_add(bytes[i] & even);         // bytes 0 and 2
     const int64_t hi = reduce_add((bytes[i] >> 8) & even);  // bytes 1 and 3
-    const int64_t count[4] = {lo & 0xffff, hi & 0xffff, lo >> 16, hi >> 16};
-    for (int b = 0; b < 4; ++b) {
-      if (count[b] == 0) continue;
-      const int j = 8 * b + i;  // window slot
-      // Normal float32 bins: slot = biased exponent + 23 (see hist_bin).
-      const int bin = j < 16 ? kBinsPerSign + static_cast<int>(base) + 23 + j
-                             : static_cast<int>(base) + 23 + (j - 16);
-      h->add(bin, count[b]);
-    }
+    // Byte b of slot-row i counts window slot 8 * b + i.
+    pos[i] += lo & 0xffff;
+    pos[8 + i] += hi & 0xffff;
+    neg[i] += lo >> 16;
+    neg[8 + i] += hi >> 16;
+    npos += (lo & 0xffff) + (hi & 0xffff);
+    nneg += (lo >> 16) + (hi >> 16);
   }
+  if (npos != 0) {
+    const int b0 = static_cast<int>(pos - h->counts);
+    h->lo = b0 < h->lo ? b0 : h->lo;
+    h->hi = b0 + 16 > h->hi ? b0 + 16 : h->hi;
+  }
+  if (nneg != 0) {
+    const int b0 = static_cast<int>(neg - h->counts);
+    h->lo = b0 < h->lo ? b0 : h->lo;
+    h->hi = b0 + 16 > h->hi ? b0 + 16 : h->hi;
+  }
+  binned += npos + nneg;
+  return binned + nout;
 }
 
 // Whether the fast pass met no NaN or Inf (they make its sums non-finite; so
@@ -419,31 +496,46 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
       const float* f = From::widen(p + off, nv * kLanes, buf);
       Block b;
       b.init();
-      if (hist) {
-        pass1<false, true>(f, nv, c, b);
+      // float32, bfloat16: anz also checks for tiny values; with the
+      // histogram the zeros of a clean block are counted from pass 2.
+      const bool zero_from_hist = hist && !c.small_is_subnormal;
+      if (zero_from_hist) {
+        pass1<false, true, false, false>(f, nv, c, b);
+      } else if (!c.small_is_subnormal) {
+        pass1<false, true, false, true>(f, nv, c, b);
+      } else if (hist) {
+        pass1<false, true, true>(f, nv, c, b);
       } else {
-        pass1<false, false>(f, nv, c, b);
+        pass1<false, false, true>(f, nv, c, b);
       }
       uint32_t amax = hmax_u31(b.amax);
       uint32_t anz = hmin_u(b.anz);
+      // float32, bfloat16: no nonzero |x| below small_bits (all zero: anz = ~0).
       const bool clean = sums_are_finite(b) && amax < c.clean_max &&
-                         (c.small_is_subnormal || hsum_u(b.small) == hsum_u(b.zero));
+                         (c.small_is_subnormal || anz >= c.small_bits - 1);
       if (!clean) {
         b.init();
         pass1<true, true>(f, nv, c, b);
         amax = hmax_u31(b.amax);
         anz = hmin_u(b.anz);
       }
-      ck.merge(b, !clean);
+      ck.merge(b, !clean);  // b.zero is 0 when clean && zero_from_hist
+      int64_t binned = 0;
       if (hist && amax != 0) {
         const uint32_t top = amax >> 23;  // largest biased exponent of a finite value
         const uint32_t base = top > 16 ? top - 15 : 1;  // never exponent 0 (subnormals)
-        if (clean && anz + 1 >= (base << 23) && base > 16 && base <= 224) {
-          pass2<false>(f, nv, base, h);
+        if (clean && base > 16 && base <= 224) {
+          if (anz + 1 >= (base << 23)) {
+            binned = pass2<0>(f, nv, base, h);
+          } else {
+            binned = pass2<1>(f, nv, base, h);  // a few values below the window
+          }
         } else {
-          pass2<true>(f, nv, base, h);
+          binned = pass2<2>(f, nv, base, h);
         }
       }
+      // A clean block holds only finite values: the ones not binned are zeros.
+      if (clean && zero_from_hist) ck.zero += int64_t{nv} * kLanes - binned;
     }
     for (int i = nv * kLanes; i < len; ++i) {
       const int bin = update<float>(tail, From::scalar(p[off + i]), lim);
