@@ -144,23 +144,16 @@ struct Consts {
 // the square. (Float partial sums would halve pass 1's work and stay inside
 // SUM_RTOL, but sums would then differ between partitions of the same data by
 // ~1e-8 relative, more than tests/test_stats.py allows.)
-inline void accumulate_sums(vf x, Block& b) {
-  const vd dl = lo_double(x);
-  const vd dh = hi_double(x);
+inline void add_sums(vd dl, vd dh, Block& b) {
   b.s0 += dl;
   b.s1 += dh;
   b.q0 += dl * dl;
   b.q1 += dh * dh;
 }
-
+inline void accumulate_sums(vf x, Block& b) { add_sums(lo_double(x), hi_double(x), b); }
 // The same for the vector at p, converted from memory (the fast pass).
 inline void accumulate_sums_at(const float* p, Block& b) {
-  const vd dl = lo_double_at(p);
-  const vd dh = hi_double_at(p);
-  b.s0 += dl;
-  b.s1 += dh;
-  b.q0 += dl * dl;
-  b.q1 += dh * dh;
+  add_sums(lo_double_at(p), hi_double_at(p), b);
 }
 
 // Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
