@@ -1,4 +1,5 @@
-// Input validation and per-tensor limits shared by the CPU and CUDA kernels.
+// Input validation, per-tensor limits and input layout shared by the CPU and
+// CUDA kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -72,6 +73,14 @@ inline Limits<acc_t> limits_for(at::ScalarType dt, std::optional<double> saturat
 
 inline int64_t output_columns(bool histogram) {
   return kCols + (histogram ? kBins : 0);
+}
+
+// A non-overlapping and dense tensor (contiguous, transposed, permuted) holds
+// its numel elements in one span starting at data_ptr(): statistics do not
+// depend on order, so it is read in memory order without a copy. Anything else
+// (e.g. a strided slice) is made contiguous first.
+inline at::Tensor dense_span(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
 }
 
 }  // namespace torchhealth

@@ -68,14 +68,23 @@ def _validate(tensors, histogram, saturation) -> list[torch.Tensor]:
     tracing = torch.compiler.is_compiling()
     # The common case in one sweep (a model's worth of tensors costs ~1 us each
     # in the loop below, as much as the op itself for many small tensors); the
-    # loop runs only to name the tensor that fails.
-    if all(isinstance(t, torch.Tensor) for t in tensors):
-        kinds = {(t.dtype, t.layout, t.device, t.is_quantized) for t in tensors}
-        if (len({k[2] for k in kinds}) <= 1
-                and all(d in _SUPPORTED and lay == torch.strided and not q
-                        and (dev.type != "meta" or tracing) for d, lay, dev, q in kinds)):
-            return list(tensors)  # the op records no autograd: nothing to detach
-    out = []
+    # loop runs only to name the tensor that fails. The op records no
+    # autograd, so nothing needs detaching.
+    if not _all_usable(tensors, tracing):
+        _name_the_bad_tensor(tensors, tracing)
+    return list(tensors)
+
+
+def _all_usable(tensors, tracing: bool) -> bool:
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    kinds = {(t.dtype, t.layout, t.device, t.is_quantized) for t in tensors}
+    return len({k[2] for k in kinds}) <= 1 and all(
+        d in _SUPPORTED and lay == torch.strided and not q and (dev.type != "meta" or tracing)
+        for d, lay, dev, q in kinds)
+
+
+def _name_the_bad_tensor(tensors, tracing: bool) -> None:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor_stats: tensors[{i}] is a {type(t).__name__}, not a tensor")
@@ -92,8 +101,6 @@ def _validate(tensors, histogram, saturation) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"tensor_stats: tensors[{i}] is on {t.device} but tensors[0] is on "
                              f"{tensors[0].device}; call tensor_stats once per device")
-        out.append(t)
-    return out
 
 
 def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,

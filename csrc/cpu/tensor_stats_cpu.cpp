@@ -21,14 +21,6 @@ struct Chunk {
   int64_t end;
 };
 
-// A non-overlapping and dense tensor (contiguous, transposed, permuted) holds
-// its numel elements in one span starting at data_ptr(): statistics do not
-// depend on order, so it is read in memory order without a copy. Anything else
-// (e.g. a strided slice) is made contiguous first.
-at::Tensor dense_span(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
-}
-
 at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
                             std::optional<double> saturation) {
   check_inputs(tensors, c10::DeviceType::CPU);

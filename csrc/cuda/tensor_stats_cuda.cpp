@@ -76,12 +76,6 @@ void keep_for_graph_replays(at::Tensor host) {
   kept->push_back(std::move(host));
 }
 
-// Same rule as the CPU kernel: a non-overlapping and dense tensor holds its
-// numel elements in one span starting at data_ptr(); anything else is copied.
-at::Tensor dense_span(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
-}
-
 at::Tensor tensor_stats_cuda(at::TensorList tensors, bool histogram,
                              std::optional<double> saturation) {
   check_inputs(tensors, c10::DeviceType::CUDA);
