@@ -19,7 +19,8 @@ Format (version 1). Each line is one JSON object, of one of two kinds:
 `read_jsonl` turns this back into the exact Reports (``Report.to_dict()`` lines,
 with "rows", are read too). A record is appended with one write and flushed,
 so a killed process leaves a file that is readable up to its last complete
-record; a line cut short is reported with `TruncatedLogError`.
+record; a line cut short (a last line without its newline, even one that
+parses) is reported with `TruncatedLogError`.
 
 A path ending in ``.gz`` is gzip-compressed, each record sync-flushed so the
 same holds (``zcat`` reads it). That is the form that fits the budget of a
@@ -216,6 +217,9 @@ def read_jsonl(path: str | os.PathLike, *, truncated: str = "raise") -> list[Rep
         text += b"\x00"  # the cut fell between lines: an incomplete (empty) record follows
     lines = text.split(b"\n")
     last = len(lines) - 1  # text ending in "\n" leaves an empty last piece
+    # A record is written with its newline in one write, so a last line without
+    # one was cut, even where the cut left text that happens to parse.
+    unterminated = bool(lines[last].strip())
     reports: list[Report] = []
     layout = None
     offset = 0
@@ -224,6 +228,8 @@ def read_jsonl(path: str | os.PathLike, *, truncated: str = "raise") -> list[Rep
         if not line.strip():
             continue
         try:
+            if i == last and unterminated:
+                raise ValueError("the line has no newline")
             d = json.loads(line)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
