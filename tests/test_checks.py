@@ -49,9 +49,9 @@ def stats(*rows) -> TensorStats:
                              torch.tensor(values, dtype=torch.float64), None)
 
 
-def rows(*spec, dtype=torch.float32, **kw) -> C.Rows:
-    """Rows from (name, role) pairs."""
-    return C.Rows(names=[n for n, _ in spec], roles=[r for _, r in spec],
+def rows(*spec, dtype=torch.float32, **kw) -> C.Layout:
+    """Layout from (name, role) pairs."""
+    return C.Layout(names=[n for n, _ in spec], roles=[r for _, r in spec],
                   dtypes=[dtype] * len(spec), **kw)
 
 
@@ -169,17 +169,17 @@ def test_vanishing_zero_fraction_skips_embedding_tables():
 # -- headroom ----------------------------------------------------------------------------
 def test_headroom_only_in_low_precision():
     s = stats({"absmax": 40000.0, "saturated": 3}, {"absmax": 100.0})
-    r = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16, torch.float16])
+    r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16, torch.float16])
     ok, mask, use = fired(C.headroom(s, r, TH), "headroom", "overflow")
     assert ok and mask == [True, False] and use == pytest.approx(40000 / 65504)
-    r32 = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float32] * 2)
+    r32 = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float32] * 2)
     assert not any(x.fired for x in C.headroom(s, r32, TH))
     assert fired(C.headroom(s, r, C.Thresholds(headroom=0.75)), "headroom", "overflow")[0] is False
 
 
 def test_headroom_underflow_bfloat16():
     s = stats({"numel": 100, "zero": 50, "subnormal": 1}, {"numel": 100, "subnormal": 2})
-    r = C.Rows(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
+    r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
     ok, mask, frac = fired(C.headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
                            "headroom", "underflow")
     assert ok and mask == [True, True] and frac == pytest.approx(0.02)
@@ -189,7 +189,7 @@ def test_headroom_underflow_bfloat16():
 def test_dead_after_k_consecutive_checks_of_none_or_zero_grads():
     th = C.Thresholds(dead_after=3)
     # "b" has no gradient row at all (grad None); "c" is frozen; "a" is alive.
-    r = C.Rows(names=["a", "a", "b", "c"], roles=["param", "grad", "param", "param"],
+    r = C.Layout(names=["a", "a", "b", "c"], roles=["param", "grad", "param", "param"],
                dtypes=[torch.float32] * 4, param_index=[0, 0, 1, 2], param_names=["a", "b", "c"],
                trainable=[True, True, False])
     state = C.RunningState.zeros(3)

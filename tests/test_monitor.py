@@ -6,6 +6,7 @@ import torch
 
 import torchhealth as th
 from torchhealth import policy as P
+from torchhealth.hostcopy import HostCopy
 from torchhealth.monitor import CheckResult
 from test_checks import NoHostReads
 
@@ -58,13 +59,14 @@ def test_sync_never_with_fused_skip_makes_no_host_read(monkeypatch, name):
 @pytest.mark.parametrize("inner", [lambda p: O.Adam(p, lr=0.01), lambda p: O.SGD(p, lr=0.1)])
 @pytest.mark.parametrize("sync", ["step", "never"])
 def test_at_most_one_transfer_per_step(monkeypatch, inner, sync):
-    """By construction: outside `CheckResult._read` (one copy of one packed
-    buffer to the host, then Python conversions of that copy) and
-    `CheckResult.report` (which only uses what `_read` returned), torchhealth
-    reads nothing from the device; `_read` runs at most once per step: for this
-    step with sync="step", for an earlier step's landed copy with sync="never"."""
+    """By construction: outside `HostCopy.read` (one copy of one packed buffer
+    to the host), `HostCopy.value` (Python conversions of that copy) and
+    `CheckResult.report` (which only uses what the copy holds), torchhealth
+    reads nothing from the device; the copy is read at most once per step: for
+    this step with sync="step", for an earlier step's landed copy with sync="never"."""
     transfers = []
-    read, report, flag = CheckResult._read, CheckResult.report, P.read_flag
+    read, value, report, flag = HostCopy.read, HostCopy.value, CheckResult.report, P.read_flag
+    init = CheckResult.__init__
 
     def counted_read(self):
         if self._host is None:
@@ -72,17 +74,27 @@ def test_at_most_one_transfer_per_step(monkeypatch, inner, sync):
         with torch._C.DisableTorchFunction():
             return read(self)
 
+    def host_value(self, name):
+        with torch._C.DisableTorchFunction():
+            return value(self, name)
+
     def counted_flag(t):
         transfers.append(("skip flag", opt.steps - 1))
         with torch._C.DisableTorchFunction():
             return flag(t)
 
+    def tagged_init(self, step, *args, **kwargs):
+        init(self, step, *args, **kwargs)
+        self.copy.step = step  # names the step in `transfers`
+
     def host_report(self):
         with torch._C.DisableTorchFunction():
             return report(self)
 
-    monkeypatch.setattr(CheckResult, "_read", counted_read)
+    monkeypatch.setattr(HostCopy, "read", counted_read)
+    monkeypatch.setattr(HostCopy, "value", host_value)
     monkeypatch.setattr(CheckResult, "report", host_report)
+    monkeypatch.setattr(CheckResult, "__init__", tagged_init)
     monkeypatch.setattr(P, "read_flag", counted_flag)
     model = _model()
     opt = th.HealthCheckedOptimizer(inner(model.parameters()), model=model, sync=sync,

@@ -11,7 +11,7 @@ import torch
 from . import reference
 from .stats import BINS, COLS, TensorStats
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _all_usable(tensors, tracing: bool) -> bool:
         return False
     kinds = {(t.dtype, t.layout, t.device, t.is_quantized) for t in tensors}
     return len({k[2] for k in kinds}) <= 1 and all(
-        d in _SUPPORTED and lay == torch.strided and not q and (dev.type != "meta" or tracing)
+        d in SUPPORTED_DTYPES and lay == torch.strided and not q and (dev.type != "meta" or tracing)
         for d, lay, dev, q in kinds)
 
 
@@ -93,7 +93,7 @@ def _name_the_bad_tensor(tensors, tracing: bool) -> None:
                              "strided (dense) tensors; call .to_dense() first")
         if t.is_quantized:
             raise TypeError(f"tensor_stats: tensors[{i}] is quantized ({t.dtype}); dequantize it first")
-        if t.dtype not in _SUPPORTED:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
                             "float16, bfloat16, float32 and float64")
         if t.device.type == "meta" and not tracing:

@@ -36,11 +36,13 @@ are the nonfinite check's business.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from ._args import number, positive_int
 from .report import Finding, Row
 from .stats import TensorStats
 
@@ -69,18 +71,24 @@ class Thresholds:
     dead_after: int = 3
 
     def __post_init__(self):
-        for name in ("max_norm", "max_param_norm", "spike_factor", "headroom"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Thresholds.{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.spike_decay < 1:
-            raise ValueError(f"Thresholds.spike_decay must be in (0, 1), got {self.spike_decay}")
-        if self.warmup < 1 or self.dead_after < 1:
-            raise ValueError("Thresholds.warmup and Thresholds.dead_after must be at least 1")
+        # Upper limits must be positive (math.inf disables them); lower limits and
+        # fractions may be 0 (which disables them).
+        ranges = {"max_norm": {}, "max_param_norm": {}, "spike_factor": {"low": 1.0},
+                  "spike_zscore": {}, "spike_decay": {"high": 1.0, "high_open": True},
+                  "min_norm": {"low_open": False}, "min_relative_rms": {"low_open": False},
+                  "max_zero_fraction": {"low_open": False, "high": 1.0},
+                  "headroom": {"high": 1.0},
+                  "max_subnormal_fraction": {"low_open": False, "high": 1.0}}
+        for name, bounds in ranges.items():
+            object.__setattr__(self, name, number(f"Thresholds.{name}", getattr(self, name), **bounds))
+        for name in ("warmup", "dead_after"):
+            object.__setattr__(self, name, positive_int(f"Thresholds.{name}", getattr(self, name)))
 
 
 @dataclass
-class Rows:
-    """What each statistics row describes, on the host, plus the parameters.
+class Layout:
+    """What each statistics row describes (its tensor's name, role, dtype and
+    shape), on the host, plus the parameters the rows belong to.
 
     ``roles[i]`` is "param", "grad" or "state.<key>"; ``param_index[i]`` is the
     parameter row ``i`` belongs to. ``trainable[j]``/``param_names[j]`` describe
@@ -109,7 +117,7 @@ class Rows:
             self.param_index = [order.index(x) for x in self.names]
             self.param_names = self.param_names or order
         if self.param_names is None:
-            raise ValueError("Rows: param_names is required with param_index")
+            raise ValueError("Layout: param_names is required with param_index")
         if self.trainable is None:
             self.trainable = [True] * len(self.param_names)
         if self.sparse is None:
@@ -167,13 +175,19 @@ class Signal:
 @dataclass
 class RunningState:
     """State kept on the device between checks: the gradient-norm baseline
-    (count, mean and variance of log(total norm), an EMA after warm-up) and
-    per-parameter counts of consecutive checks with a dead gradient."""
+    (count, mean and variance of log(total norm), an EMA after warm-up),
+    per-parameter counts of consecutive checks with a dead gradient, and the
+    number of consecutive checks whose step the policy skipped."""
 
     count: torch.Tensor  # int64 []
     mean: torch.Tensor  # float64 []
     var: torch.Tensor  # float64 []
     dead: torch.Tensor  # int64 [params]
+    skips: torch.Tensor = None  # int64 []
+
+    def __post_init__(self):
+        if self.skips is None:
+            self.skips = torch.zeros((), dtype=torch.int64, device=self.count.device)
 
     @staticmethod
     def zeros(num_params: int, device="cpu") -> RunningState:
@@ -182,14 +196,15 @@ class RunningState:
                             torch.zeros(num_params, dtype=torch.int64, device=device))
 
     def to(self, device) -> RunningState:
-        return RunningState(*(t.to(device) for t in (self.count, self.mean, self.var, self.dead)))
+        return RunningState(**{k: v.to(device) for k, v in self.state_dict().items()})
 
     def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead}
+        return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead,
+                "skips": self.skips}
 
     @staticmethod
     def from_state_dict(d: dict) -> RunningState:
-        return RunningState(d["count"], d["mean"], d["var"], d["dead"])
+        return RunningState(d["count"], d["mean"], d["var"], d["dead"], d.get("skips"))
 
 
 # -- the checks ---------------------------------------------------------------------
@@ -199,26 +214,26 @@ def _signal(check, kind, mask, value, threshold, axis="rows") -> Signal:
 
 # _no_row_sqrt: per-row norms are compared as squares (sumsq against limit**2)
 # and only 0-d results take a sqrt/log/exp. On the CPU a transcendental op over
-# a multi-element float64 tensor may enter the thread pool, and on a loaded
-# machine each such entry was measured at ~8 ms (2 threads); elementwise
-# comparisons and reductions stay inline.
+# a multi-element float64 tensor may enter the thread pool, whose wake-up costs
+# far more than these few values on a loaded machine (benchmarks/RESULTS.md);
+# elementwise comparisons and reductions stay inline.
 
 
 def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
 
 
-def total_grad_norm(stats: TensorStats, rows: Rows) -> torch.Tensor:
+def total_grad_norm(stats: TensorStats, layout: Layout) -> torch.Tensor:
     """L2 norm over every finite gradient value (float64, 0-d)."""
-    m = rows.masks(stats.device)
+    m = layout.masks(stats.device)
     return torch.where(m["grad"], stats.sumsq, 0.0).sum().sqrt()
 
 
-def nonfinite(stats: TensorStats, rows: Rows, found_inf: torch.Tensor | None = None) -> list[Signal]:
+def nonfinite(stats: TensorStats, layout: Layout, found_inf: torch.Tensor | None = None) -> list[Signal]:
     """NaN or +-Inf in gradients, parameters and optimizer state. Non-finite
     gradients are not a model fault when a GradScaler already found them
     (``found_inf`` > 0): loss scaling overflowed and the scaler skips the step."""
-    m = rows.masks(stats.device)
+    m = layout.masks(stats.device)
     bad = stats.nonfinite > 0
     grad_bad = bad & m["grad"]
     if found_inf is not None:
@@ -229,14 +244,14 @@ def nonfinite(stats: TensorStats, rows: Rows, found_inf: torch.Tensor | None = N
                                ("state", bad & m["state"]))]
 
 
-def exploding(stats: TensorStats, rows: Rows, th: Thresholds, state: RunningState,
+def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
               found_inf: torch.Tensor | None = None,
               total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
     """Absolute limits on the total and per-parameter gradient norms, and
     spikes of the total norm against the running baseline. The baseline learns
     only from finite, non-spiking norms of steps the scaler did not skip."""
-    m = rows.masks(stats.device)
-    total = total_grad_norm(stats, rows) if total is None else total
+    m = layout.masks(stats.device)
+    total = total_grad_norm(stats, layout) if total is None else total
     big = m["grad"] & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
     x = total.log()
     std = state.var.clamp(min=0).sqrt()
@@ -260,16 +275,16 @@ def exploding(stats: TensorStats, rows: Rows, th: Thresholds, state: RunningStat
                 th.max_param_norm),
         Signal("exploding", "spike", spike, spike[None], ratio, th.spike_factor),
     ]
-    return signals, RunningState(count, mean, var, state.dead)
+    return signals, dataclasses.replace(state, count=count, mean=mean, var=var)
 
 
-def vanishing(stats: TensorStats, rows: Rows, th: Thresholds,
+def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
               total: torch.Tensor | None = None) -> list[Signal]:
     """A tiny total gradient norm, a parameter whose gradient RMS is tiny next
     to the largest one, or a gradient that is nearly all zeros/subnormals."""
-    m = rows.masks(stats.device)
+    m = layout.masks(stats.device)
     g = m["grad"] & (stats.nonfinite == 0)  # non-finite gradients are another check's
-    total = total_grad_norm(stats, rows) if total is None else total
+    total = total_grad_norm(stats, layout) if total is None else total
     any_grad = g.any() & ~(m["grad"] & (stats.nonfinite > 0)).any()
     # Mean squares against the squared limit: the same test as on RMS values,
     # without a sqrt over every row (see `_no_row_sqrt`).
@@ -283,17 +298,17 @@ def vanishing(stats: TensorStats, rows: Rows, th: Thresholds,
     return [
         _signal("vanishing", "total", low[None], total, th.min_norm),
         _signal("vanishing", "relative", small,
-                torch.where(small, rel2, math.inf).amin().sqrt() if len(rows)
+                torch.where(small, rel2, math.inf).amin().sqrt() if len(layout)
                 else total.new_tensor(math.inf),
                 th.min_relative_rms),
         _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
     ]
 
 
-def headroom(stats: TensorStats, rows: Rows, th: Thresholds) -> list[Signal]:
+def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]:
     """float16/bfloat16 tensors close to overflow (|x| within a factor
     1/headroom of the dtype's maximum) or losing values to subnormals."""
-    m = rows.masks(stats.device)
+    m = layout.masks(stats.device)
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
     near = lowp & (use >= th.headroom)
@@ -304,11 +319,11 @@ def headroom(stats: TensorStats, rows: Rows, th: Thresholds) -> list[Signal]:
             _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)]
 
 
-def dead(stats: TensorStats, rows: Rows, th: Thresholds,
+def dead(stats: TensorStats, layout: Layout, th: Thresholds,
          state: RunningState) -> tuple[list[Signal], RunningState]:
     """Trainable parameters whose gradient was None or exactly zero (every
     element +-0) for ``dead_after`` consecutive checks."""
-    m = rows.masks(stats.device)
+    m = layout.masks(stats.device)
     zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
     now = ~m["has_grad"]
     now = now.index_put((m["grad_param"],), zero_rows)
@@ -317,19 +332,25 @@ def dead(stats: TensorStats, rows: Rows, th: Thresholds,
     mask = counts >= th.dead_after
     value = counts.amax().double() if counts.numel() else counts.new_zeros((), dtype=torch.float64)
     signal = _signal("dead", "dead", mask, value, th.dead_after, axis="params")
-    return [signal], RunningState(state.count, state.mean, state.var, counts)
+    return [signal], dataclasses.replace(state, dead=counts)
 
 
-def run_checks(stats: TensorStats, rows: Rows, th: Thresholds, state: RunningState,
+def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
                found_inf: torch.Tensor | None = None,
                total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
     """Every check, in `CHECKS` order; the new running state. ``total``: the
     total gradient norm if the caller already has it (`total_grad_norm`)."""
-    total = total_grad_norm(stats, rows) if total is None else total
-    signals = nonfinite(stats, rows, found_inf)
-    ex, state = exploding(stats, rows, th, state, found_inf, total)
-    dd, state = dead(stats, rows, th, state)
-    return signals + ex + vanishing(stats, rows, th, total) + headroom(stats, rows, th) + dd, state
+    total = total_grad_norm(stats, layout) if total is None else total
+    signals = nonfinite(stats, layout, found_inf)
+    ex, state = exploding(stats, layout, th, state, found_inf, total)
+    dd, state = dead(stats, layout, th, state)
+    return signals + ex + vanishing(stats, layout, th, total) + headroom(stats, layout, th) + dd, state
+
+
+def fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:
+    """Whether a signal of `check` (and `kind`) fired, given the host copies of
+    every signal's ``fired`` flag (same order as `signals`)."""
+    return any(f for s, f in zip(signals, flags) if s.check == check and kind in (None, s.kind))
 
 
 # -- host side: a fired Signal as a Finding ---------------------------------------------

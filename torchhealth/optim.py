@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from . import policy as P
 from .monitor import HealthMonitor
+from .options import MonitorOptions
 from .report import Report
 
 _KEY = "torchhealth"
@@ -49,10 +50,12 @@ class HealthCheckedOptimizer(Optimizer):
     (opt-in) optimizer state through `HealthMonitor`, acts on the policy, then
     steps the inner optimizer or skips the step.
 
-    Args (after the optimizer, keyword only): ``model``, ``check_every``,
-    ``policy``, ``sync``, ``thresholds``, ``optimizer_state``, ``histogram``,
-    ``max_grad_norm``: see `HealthMonitor`. ``on_report``: a callback for every
-    Report. ``monitor``: use this monitor instead of making one.
+    Args (after the optimizer, keyword only): ``model`` (names the parameters),
+    ``on_report`` (a callback for every Report), ``monitor`` (use this
+    `HealthMonitor` instead of making one), ``options`` (a `MonitorOptions`)
+    and any of its settings by name (``check_every``, ``policy``, ``sync``,
+    ``thresholds``, ``optimizer_state``, ``histogram``, ``max_grad_norm``,
+    ``escalate_after``), validated here.
 
     GradScaler: call ``scaler.unscale_(opt)`` / ``scaler.step(opt)`` on the
     wrapper. It declares ``_step_supports_amp_scaling`` so it sees every step,
@@ -69,6 +72,8 @@ class HealthCheckedOptimizer(Optimizer):
     Attributes: ``step_was_skipped``, ``last_report``, ``monitor``,
     ``optimizer`` (the inner one), ``steps`` and ``skipped_steps`` (saved in
     ``state_dict()`` under the "torchhealth" key, which a plain optimizer ignores).
+    It can be deep-copied and pickled like a plain optimizer (report callbacks
+    must then be picklable too).
     """
 
     _step_supports_amp_scaling = True
@@ -78,15 +83,15 @@ class HealthCheckedOptimizer(Optimizer):
     defaults = _delegated("defaults")
 
     def __init__(self, optimizer: Optimizer, *, model: torch.nn.Module | None = None,
-                 check_every: int = 1, policy=None, sync: str = "auto", thresholds=None,
-                 optimizer_state=False, histogram: bool = False,
-                 max_grad_norm: float | None = None, on_report=None,
-                 monitor: HealthMonitor | None = None):
+                 on_report=None, monitor: HealthMonitor | None = None,
+                 options: MonitorOptions | None = None, **settings):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"HealthCheckedOptimizer wraps a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
         if isinstance(optimizer, HealthCheckedOptimizer):
             raise TypeError("HealthCheckedOptimizer: the optimizer is already wrapped")
+        if monitor is not None and (options is not None or settings):
+            raise TypeError("HealthCheckedOptimizer: give either monitor= or settings, not both")
         self.__dict__["_inner"] = None
         # Optimizer.__init__ sets up hooks and profiling; an empty placeholder
         # group stands in until the inner optimizer's groups take over.
@@ -94,15 +99,21 @@ class HealthCheckedOptimizer(Optimizer):
         self.__dict__["_inner"] = optimizer
         for name in ("param_groups", "state", "defaults"):
             self.__dict__.pop(f"_own_{name}", None)
-        self.monitor = monitor or HealthMonitor(
-            optimizer, model=model, check_every=check_every, thresholds=thresholds,
-            policy=policy, sync=sync, optimizer_state=optimizer_state, histogram=histogram,
-            max_grad_norm=max_grad_norm)
+        self.monitor = monitor or HealthMonitor(optimizer, model=model, options=options, **settings)
         if on_report is not None:
             self.monitor.on_report(on_report)
         self.steps = 0
         self._skipped = 0  # int, or a 0-d device tensor until read
         self._last_skip: bool | torch.Tensor = False
+
+    # Optimizer.__getstate__/__setstate__ keep only defaults, state and
+    # param_groups (and would recreate hooks); the wrapper's attributes live
+    # in its __dict__ and the three shared ones in the inner optimizer.
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @property
     def optimizer(self) -> Optimizer:

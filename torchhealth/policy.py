@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .checks import CHECKS
+from .checks import CHECKS, Signal
 from .report import Finding, Report
 
 ACTIONS = ("ignore", "warn", "raise", "skip", "zero")
@@ -76,9 +77,10 @@ def describe(action: Action) -> str:
 
 # -- host side ---------------------------------------------------------------------
 def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False,
-             stacklevel: int = 2) -> None:
+             escalated: int | None = None, stacklevel: int = 2) -> None:
     """Carries out the host-side actions of `report`'s findings: warnings and
-    callables first, then one `HealthCheckError` for every "raise" finding.
+    callables first, then one `HealthCheckError` for every "raise" finding (and
+    for an escalation: ``escalated`` consecutive skipped steps).
     ``late``: the verdict arrives after that step's optimizer step (sync="never")."""
     to_raise = []
     for f in report.findings:
@@ -90,17 +92,68 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
                           HealthWarning, stacklevel=stacklevel + 1)
         elif action == "raise":
             to_raise.append(f)
-    if to_raise:
+    if to_raise or escalated:
         when = ("reported late (sync='never'): that step's optimizer step was already taken"
                 if late else "its optimizer step was not taken")
-        lines = [f"torchhealth: step {report.step} failed {len(to_raise)} check(s) "
-                 f"(policy 'raise'; {when}):"]
-        lines += [f"  {f.check}: {f.message}" for f in to_raise]
+        if to_raise:
+            lines = [f"torchhealth: step {report.step} failed {len(to_raise)} check(s) "
+                     f"(policy 'raise'; {when}):"]
+            lines += [f"  {f.check}: {f.message}" for f in to_raise]
+        else:
+            lines = [f"torchhealth: the policy skipped {escalated} steps in a row, up to step "
+                     f"{report.step} (escalate_after={escalated}): the run is not recovering "
+                     f"({when}):"]
+            lines += [f"  {f.check}: {f.message}" for f in report.findings]
         lines.append(f"  grad norm {report.grad_norm:.4g}, param norm {report.param_norm:.4g}")
         raise HealthCheckError("\n".join(lines), report)
 
 
 # -- device side -------------------------------------------------------------------
+@dataclass
+class Decision:
+    """What the policy decided about one check, on the device (0-d tensors).
+
+    ``skip``: skip this optimizer step (a "skip" check fired, or the GradScaler
+    found inf); None when nothing can skip. ``scaler_skip``: the GradScaler's
+    part of it (None without a scaler). ``consecutive_skips``: checks in a row
+    whose step the policy skipped, this one included. ``escalated``: that count
+    reached ``escalate_after``, so the host raises."""
+
+    skip: torch.Tensor | None
+    scaler_skip: torch.Tensor | None
+    consecutive_skips: torch.Tensor
+    escalated: torch.Tensor
+
+
+def decide(signals: list[Signal], policy: Mapping[str, Action], found_inf: torch.Tensor | None,
+           consecutive_skips: torch.Tensor, escalate_after: int | None) -> Decision:
+    """The device-side verdict of one check: one function of the signals."""
+    skipping = [s.fired for s in signals if policy[s.check] == "skip"]
+    policy_skip = torch.stack(skipping).any() if skipping else None
+    scaler_skip = None if found_inf is None else found_inf.reshape(()) > 0
+    parts = [x for x in (policy_skip, scaler_skip) if x is not None]
+    skip = torch.stack(parts).any() if parts else None
+    if policy_skip is None:
+        consecutive = torch.zeros_like(consecutive_skips)
+    else:
+        consecutive = torch.where(policy_skip, consecutive_skips + 1, 0)
+    escalated = (consecutive >= escalate_after) if escalate_after is not None else \
+        torch.zeros((), dtype=torch.bool, device=consecutive.device)
+    return Decision(skip, scaler_skip, consecutive, escalated)
+
+
+def act_(grads: list[torch.Tensor], policy: Mapping[str, Action], total_norm: torch.Tensor,
+         max_grad_norm: float | None, nonfinite_grads: bool | None) -> None:
+    """The in-place actions on gradients: zeroing non-finite values (policy
+    "zero"; when `nonfinite_grads` is None, i.e. not known on the host, it runs
+    unconditionally, a no-op on finite values) and clipping to `max_grad_norm`
+    with the total norm the statistics already hold. Never synchronises."""
+    if policy["nonfinite"] == "zero" and nonfinite_grads is not False:
+        zero_nonfinite_(grads)
+    if max_grad_norm is not None:
+        clip_(grads, total_norm, max_grad_norm)
+
+
 def _by_device_dtype(grads: Iterable[torch.Tensor]) -> dict:
     # Elementwise in-place actions act on a sparse gradient's values (duplicate
     # indices included: scaling each is scaling their sum).

@@ -113,6 +113,24 @@ class Finding:
                    threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]))
 
 
+def rows_from_stats(stats: S.TensorStats, names: list[str], roles: list[str],
+                    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> list[Row]:
+    """One `Row` per statistics row, named as given (reads `stats` to the host)."""
+    data = stats.data.cpu()
+    counts = data[:, :S.NUM_COUNTS].tolist()
+    values = data[:, S.MIN:S.COLS].view(torch.float64).tolist()
+    hists: list[dict[int, int] | None] = [None] * len(names)
+    if stats.has_histogram:
+        hist = data[:, S.COLS:]
+        hists = [{} for _ in names]
+        where = hist.nonzero()
+        for (r, c), v in zip(where.tolist(), hist[where[:, 0], where[:, 1]].tolist()):
+            hists[r][c] = v
+    return [Row(name=n, role=ro, shape=tuple(sh), dtype=str(dt).replace("torch.", ""),
+                **dict(zip(COUNT_FIELDS, cnt)), **dict(zip(VALUE_FIELDS, val)), hist=h)
+            for n, ro, sh, dt, cnt, val, h in zip(names, roles, shapes, dtypes, counts, values, hists)]
+
+
 @dataclass
 class Report:
     """The host-side record of one check: statistics per tensor, findings,
@@ -129,20 +147,7 @@ class Report:
     def from_stats(cls, step: int, stats: S.TensorStats, names: list[str], roles: list[str],
                    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], **kwargs) -> Report:
         """Reads `stats` (one row per name) to the host: this is the sync point."""
-        data = stats.data.cpu()
-        counts = data[:, :S.NUM_COUNTS].tolist()
-        values = data[:, S.MIN:S.COLS].view(torch.float64).tolist()
-        hists: list[dict[int, int] | None] = [None] * len(names)
-        if stats.has_histogram:
-            hist = data[:, S.COLS:]
-            hists = [{} for _ in names]
-            where = hist.nonzero()
-            for (r, c), v in zip(where.tolist(), hist[where[:, 0], where[:, 1]].tolist()):
-                hists[r][c] = v
-        rows = [Row(name=n, role=ro, shape=tuple(sh), dtype=str(dt).replace("torch.", ""),
-                    **dict(zip(COUNT_FIELDS, cnt)), **dict(zip(VALUE_FIELDS, val)), hist=h)
-                for n, ro, sh, dt, cnt, val, h in zip(names, roles, shapes, dtypes, counts, values, hists)]
-        return cls(step=step, rows=rows, **kwargs)
+        return cls(step=step, rows=rows_from_stats(stats, names, roles, shapes, dtypes), **kwargs)
 
     # -- totals -------------------------------------------------------------------
     def norm(self, role: str) -> float:

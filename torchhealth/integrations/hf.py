@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import torch
 
 from .._optional import require
 from ..monitor import HealthMonitor
+from ..options import MonitorOptions
 from ..policy import HealthCheckError
 from ..report import Report
 from ..sinks.base import Sink
@@ -51,22 +51,17 @@ class HealthCheckCallback(transformers.TrainerCallback):
     """Checks gradients, parameters and (opt-in) optimizer state before every
     optimizer step of a `transformers.Trainer`.
 
-    Args (keyword only): ``check_every`` (counts optimizer steps,
-    ``state.global_step``), ``policy``, ``thresholds``, ``sync``,
-    ``optimizer_state``, ``histogram``, ``max_grad_norm``: see `HealthMonitor`.
-    ``sinks``: receive every Report; closed at the end of training.
-    ``stop_on_raise``: see the module docstring.
+    Args (keyword only): ``sinks`` receive every Report (closed at the end of
+    training); ``stop_on_raise``: see the module docstring; ``options`` (a
+    `MonitorOptions`) and its settings by name, validated here (``check_every``
+    counts optimizer steps, ``state.global_step``).
 
     Attributes: ``monitor``, ``last_report``, ``skipped_steps``, ``error``.
     """
 
-    def __init__(self, *, check_every: int = 1, policy=None, thresholds=None, sync: str = "auto",
-                 optimizer_state=False, histogram: bool = False, max_grad_norm: float | None = None,
-                 sinks: Iterable = (), stop_on_raise: bool = True):
-        self._kwargs = dict(check_every=check_every, policy=policy, thresholds=thresholds, sync=sync,
-                            optimizer_state=optimizer_state, histogram=histogram,
-                            max_grad_norm=max_grad_norm)
-        HealthMonitor([torch.zeros(1)], **self._kwargs)  # validates the arguments now
+    def __init__(self, *, sinks: Iterable = (), stop_on_raise: bool = True,
+                 options: MonitorOptions | None = None, **settings):
+        self.options = MonitorOptions.build(options, **settings)
         self.sinks = list(sinks)
         self.stop_on_raise = stop_on_raise
         self.monitor: HealthMonitor | None = None
@@ -78,7 +73,7 @@ class HealthCheckCallback(transformers.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         opt = unwrap(optimizer)
         if self.monitor is None or self._optimizer is not opt:
-            self.monitor = HealthMonitor(opt, model=model, **self._kwargs)
+            self.monitor = HealthMonitor(opt, model=model, options=self.options)
             self.monitor.on_report(self._deliver)
             self._optimizer = opt
         found_inf = unscale_for_check(getattr(optimizer, "scaler", None), opt)

@@ -30,6 +30,7 @@ import torch
 
 from .._optional import require
 from ..monitor import HealthMonitor
+from ..options import MonitorOptions
 from ..report import Report
 from ..sinks.base import Sink, scalars
 from ._common import skip_by_dropping_gradients, unscale_for_check, unwrap
@@ -41,10 +42,9 @@ class HealthCheckCallback(pl.Callback):
     """Checks gradients, parameters and (opt-in) optimizer state before every
     optimizer step and logs the totals through the trainer's loggers.
 
-    Args (keyword only): ``check_every``, ``policy``, ``thresholds``, ``sync``,
-    ``optimizer_state``, ``histogram``, ``max_grad_norm``: see `HealthMonitor`
-    (``check_every`` counts optimizer steps, i.e. ``trainer.global_step``).
-    ``sinks``: Sinks (or callables) that receive every Report, e.g. a
+    Args (keyword only): ``options`` (a `MonitorOptions`) and its settings by
+    name, validated here (``check_every`` counts optimizer steps, i.e.
+    ``trainer.global_step``). ``sinks``: Sinks (or callables) that receive every Report, e.g. a
     `JsonlSink`; closed at the end of fit. ``log``: send `scalars` of each
     Report to ``trainer.loggers`` at the Report's step; ``per_tensor``: include
     per-parameter norms, absmax and non-finite counts (three metrics per
@@ -54,14 +54,10 @@ class HealthCheckCallback(pl.Callback):
     ``skipped_steps``.
     """
 
-    def __init__(self, *, check_every: int = 1, policy=None, thresholds=None, sync: str = "auto",
-                 optimizer_state=False, histogram: bool = False, max_grad_norm: float | None = None,
-                 sinks: Iterable = (), log: bool = True, per_tensor: bool = False):
+    def __init__(self, *, sinks: Iterable = (), log: bool = True, per_tensor: bool = False,
+                 options: MonitorOptions | None = None, **settings):
         super().__init__()
-        self._kwargs = dict(check_every=check_every, policy=policy, thresholds=thresholds, sync=sync,
-                            optimizer_state=optimizer_state, histogram=histogram,
-                            max_grad_norm=max_grad_norm)
-        HealthMonitor([torch.zeros(1)], **self._kwargs)  # validates the arguments now
+        self.options = MonitorOptions.build(options, **settings)
         self.sinks = list(sinks)
         self.log, self.per_tensor = log, per_tensor
         self.monitors: dict[torch.optim.Optimizer, HealthMonitor] = {}
@@ -78,7 +74,7 @@ class HealthCheckCallback(pl.Callback):
         opt = unwrap(optimizer)
         monitor = self.monitors.get(opt)
         if monitor is None:
-            monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, **self._kwargs)
+            monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, options=self.options)
             monitor.on_report(self._deliver)
         found_inf = unscale_for_check(getattr(trainer.precision_plugin, "scaler", None), opt)
         result = monitor.check(trainer.global_step, found_inf=found_inf)

@@ -1,0 +1,132 @@
+"""The first stage of a check: which tensors to read, and what each one is.
+
+`Collector` knows the parameters (through an optimizer's live ``param_groups``,
+a module, or a list), their names and which are embedding tables;
+`Collector.collect` returns a `Collected`: the tensors in one block per device,
+their `Layout` (names, roles, dtypes, shapes; cached while nothing changes) and
+the gradients themselves, for the policy's in-place actions.
+
+Complex parameters, gradients and state are read as their real views
+(``torch.view_as_real``: real and imaginary parts side by side, shape ``[..., 2]``
+and the matching real dtype), so a NaN in a complex gradient is found like any
+other. Sparse gradients are read through their coalesced values.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ._ops import SUPPORTED_DTYPES
+from .checks import Layout
+
+log = logging.getLogger("torchhealth")
+_EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _readable(t: torch.Tensor) -> bool:
+    return (t.is_complex() or t.dtype in SUPPORTED_DTYPES) and t.layout in (torch.strided, torch.sparse_coo)
+
+
+@dataclass
+class Collected:
+    """What one check reads: ``tensors[i]`` is described by row ``i`` of
+    ``layout``; ``grads`` are the gradients to act on in place (real views of
+    complex ones, sparse ones as they are)."""
+
+    tensors: list[torch.Tensor]
+    layout: Layout
+    grads: list[torch.Tensor]
+    changed_params: bool  # the set of parameters differs from the previous collect
+
+
+class Collector:
+    """Finds the tensors of `source` (an optimizer, a module, or an iterable of
+    parameters, ``(name, parameter)`` pairs or param groups) and names them
+    after `model`, after named param groups (``"param_names"``), or
+    ``group{i}.param{j}``. ``optimizer_state``: False, True, or a set of state
+    keys to read too (tensors shaped like their parameter)."""
+
+    def __init__(self, source, model: torch.nn.Module | None = None,
+                 optimizer_state: bool | frozenset = False):
+        self.optimizer = source if isinstance(source, torch.optim.Optimizer) else None
+        if model is None and isinstance(source, torch.nn.Module):
+            model = source
+        self._groups: list[dict] = []
+        if self.optimizer is None:
+            items = (list(source.named_parameters()) if isinstance(source, torch.nn.Module)
+                     else list(source))
+            if items and isinstance(items[0], dict):
+                self._groups = items
+            elif items and isinstance(items[0], tuple):
+                self._groups = [{"params": [p for _, p in items], "param_names": [n for n, _ in items]}]
+            else:
+                self._groups = [{"params": items}]
+        self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        # Embedding tables get mostly-zero gradients by design.
+        self._sparse_ids = ({id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)}
+                            if model is not None else set())
+        self.optimizer_state = optimizer_state
+        self._key = None
+        self._layout: Layout | None = None
+        self._params_key = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups if self.optimizer is not None else self._groups
+
+    def _state_tensors(self, p) -> list[tuple[str, torch.Tensor]]:
+        if not self.optimizer_state or self.optimizer is None:
+            return []
+        st = self.optimizer.state.get(p)
+        if not st:
+            return []
+        keys = None if self.optimizer_state is True else self.optimizer_state
+        return [(k, _real(v)) for k, v in st.items()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.layout == torch.strided
+                and _readable(v) and (keys is None or k in keys)]
+
+    def collect(self) -> Collected:
+        entries = []  # (tensor, parameter index, role)
+        params = []  # (parameter, name)
+        grads = []
+        for gi, group in enumerate(self.param_groups):
+            gnames = group.get("param_names")
+            for pj, p in enumerate(group["params"]):
+                if not _readable(p):
+                    continue
+                name = self._names.get(id(p)) or (gnames[pj] if gnames else f"group{gi}.param{pj}")
+                j = len(params)
+                params.append((p, name))
+                entries.append((_real(p.detach()), j, "param"))
+                g = p.grad
+                if g is not None:
+                    g = _real(g)
+                    grads.append(g)
+                    if g.is_sparse:  # duplicate indices add up: read the true gradient
+                        g = (g if g.is_coalesced() else g.coalesce())._values()
+                    entries.append((g, j, "grad"))
+                entries += [(v, j, f"state.{k}") for k, v in self._state_tensors(p)]
+        entries.sort(key=lambda e: str(e[0].device))  # stable: one block of rows per device
+        key = tuple((j, role, t.dtype, t.device, tuple(t.shape)) for t, j, role in entries) + \
+            tuple((id(p), p.requires_grad) for p, _ in params)
+        if key != self._key:
+            self._layout = Layout(
+                names=[params[j][1] for _, j, _ in entries], roles=[r for _, _, r in entries],
+                dtypes=[t.dtype for t, _, _ in entries], shapes=[tuple(t.shape) for t, _, _ in entries],
+                param_index=[j for _, j, _ in entries], param_names=[n for _, n in params],
+                trainable=[p.requires_grad for p, _ in params],
+                sparse=[id(p) in self._sparse_ids or (p.grad is not None and p.grad.is_sparse)
+                        for p, _ in params])
+            self._key = key
+        params_key = tuple(id(p) for p, _ in params)
+        changed = self._params_key is not None and params_key != self._params_key
+        if changed:
+            log.info("torchhealth: the parameter set changed; dead-parameter counters restart")
+        self._params_key = params_key
+        return Collected([t for t, _, _ in entries], self._layout, grads, changed)

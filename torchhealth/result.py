@@ -1,0 +1,119 @@
+"""`CheckResult`: one check on its way to the host, and `build_report`, the one
+function that turns its host copy into a `Report`."""
+from __future__ import annotations
+
+import torch
+
+from . import checks as C
+from . import policy as P
+from .hostcopy import HostCopy
+from .options import MonitorOptions
+from .report import Report, rows_from_stats
+from .stats import TensorStats
+
+SCALER_SKIP = "GradScaler skipped the step (inf/NaN from loss scaling; not a model fault)"
+ZEROED = "zeroed non-finite gradient values"
+
+
+class CheckResult:
+    """One check, still on the device, with its host copy under way.
+
+    ``skip`` says whether this step must be skipped (a "skip" finding, or the
+    GradScaler's ``found_inf``): a bool when the verdict was read right away
+    (``late`` is False), else a 0-d bool device tensor; None when nothing can
+    skip. `fired`, `skipped`, `escalated` and `report()` read the host copy
+    (waiting for it if it has not landed: see ``ready``).
+    """
+
+    def __init__(self, step: int, stats: TensorStats, layout: C.Layout, signals: list[C.Signal],
+                 decision: P.Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
+                 late: bool):
+        self.step, self.layout, self.signals, self.options = step, layout, signals, options
+        self.late = late  # whether the verdict reaches the host after the optimizer step
+        none = grad_norm.new_zeros((), dtype=torch.bool)
+        self.copy = HostCopy({
+            "stats": stats.data,
+            "fired": torch.stack([s.fired for s in signals]),
+            "value": torch.stack([s.value for s in signals]),
+            "mask": torch.cat([s.mask for s in signals]),
+            "grad_norm": grad_norm,
+            "skip": decision.skip if decision.skip is not None else none,
+            "scaler_skip": decision.scaler_skip if decision.scaler_skip is not None else none,
+            "escalated": decision.escalated,
+            "consecutive_skips": decision.consecutive_skips,
+        })
+        self._device_skip = decision.skip
+        self._report: Report | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.copy.ready
+
+    @property
+    def skip(self) -> bool | torch.Tensor | None:
+        if self._device_skip is None:
+            return None
+        return self._device_skip if self.late else self.copy.value("skip")
+
+    @property
+    def fired(self) -> bool:
+        """Whether any check whose policy is not "ignore" fired, or the run escalated."""
+        flags = self.copy.value("fired")
+        return self.escalated or any(f and self.options.policy[s.check] != "ignore"
+                                     for s, f in zip(self.signals, flags))
+
+    @property
+    def skipped(self) -> bool:
+        """Whether this step is skipped, by the policy or by a GradScaler."""
+        return bool(self.copy.value("skip"))
+
+    @property
+    def escalated(self) -> bool:
+        """Whether this check made `MonitorOptions.escalate_after` consecutive skips."""
+        return bool(self.copy.value("escalated"))
+
+    @property
+    def nonfinite_grads(self) -> bool:
+        """Whether the nonfinite check fired on a gradient."""
+        return C.fired(self.signals, self.copy.value("fired"), "nonfinite", "grad")
+
+    def report(self) -> Report:
+        """The host-side Report of this check (built once)."""
+        if self._report is None:
+            self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options)
+        return self._report
+
+
+def build_report(step: int, layout: C.Layout, signals: list[C.Signal], copy: HostCopy,
+                 options: MonitorOptions) -> Report:
+    """The Report of one check from its host copy: rows, findings, and the
+    labels of the actions the policy took."""
+    rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
+                           layout.shapes, layout.dtypes)
+    fired, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
+    findings, actions = [], []
+    at = 0
+    for s, hit, value in zip(signals, fired, values):
+        mask, at = masks[at:at + s.mask.numel()], at + s.mask.numel()
+        f = C.finding(s, hit, mask, value, rows, layout.param_names)
+        if f is None:
+            continue
+        findings.append(f)
+        action = options.policy[s.check]
+        label = f"{P.describe(action)}: {s.check}"
+        if action != "ignore" and label not in actions:
+            actions.append(label)
+    if copy.value("scaler_skip"):
+        actions.append(SCALER_SKIP)
+    # With sync="never" zeroing runs on every check (a no-op on finite values);
+    # it is an action only where there was something to zero.
+    if options.policy["nonfinite"] == "zero" and C.fired(signals, fired, "nonfinite", "grad"):
+        actions.append(ZEROED)
+    grad_norm = copy.value("grad_norm")
+    if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
+        actions.append(f"clipped gradients: norm {grad_norm:.4g} -> {options.max_grad_norm:.4g}")
+    if copy.value("escalated"):
+        actions.append(f"raise: {copy.value('consecutive_skips')} consecutive skipped steps "
+                       f"(escalate_after={options.escalate_after})")
+    return Report(step=step, rows=rows, findings=findings, actions=actions,
+                  skipped=bool(copy.value("skip")))
