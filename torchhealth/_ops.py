@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from ._args import number
 from .stats import BINS, COLS, TensorStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,18 +54,14 @@ def backend() -> Backend:
     return _BACKEND
 
 
-def _validate(tensors, histogram, saturation) -> list[torch.Tensor]:
+def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float | None]:
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensor_stats: tensors must be a list or tuple of tensors, got "
                         f"{type(tensors).__name__} (wrap an iterator in list(...))")
     if not isinstance(histogram, bool):
         raise TypeError(f"tensor_stats: histogram must be a bool, got {type(histogram).__name__}")
     if saturation is not None:
-        if isinstance(saturation, bool) or not isinstance(saturation, (int, float)):
-            raise TypeError(f"tensor_stats: saturation must be a float or None, got "
-                            f"{type(saturation).__name__}")
-        if not saturation > 0:
-            raise ValueError(f"tensor_stats: saturation must be a positive magnitude, got {saturation}")
+        saturation = number("tensor_stats: saturation", saturation)
     tracing = torch.compiler.is_compiling()
     # The common case in one sweep (a model's worth of tensors costs ~1 us each
     # in the loop below, as much as the op itself for many small tensors); the
@@ -72,7 +69,7 @@ def _validate(tensors, histogram, saturation) -> list[torch.Tensor]:
     # autograd, so nothing needs detaching.
     if not _all_usable(tensors, tracing):
         _name_the_bad_tensor(tensors, tracing)
-    return list(tensors)
+    return list(tensors), saturation
 
 
 def _all_usable(tensors, tracing: bool) -> bool:
@@ -119,9 +116,7 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
     Results stay on the tensors' device; the call does not synchronise.
     Raises TypeError/ValueError naming the index of an unusable tensor.
     """
-    tensors = _validate(tensors, histogram, saturation)
-    if saturation is not None:
-        saturation = float(saturation)
+    tensors, saturation = _validate(tensors, histogram, saturation)
     if not tensors:
         return TensorStats(reference.tensor_stats([], histogram))
     if _BACKEND.name == "extension":
