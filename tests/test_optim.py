@@ -372,3 +372,17 @@ def test_found_inf_reaches_a_fused_inner_optimizer_on_the_device():
         scaler.update()
     assert [(f.item(), has_scale) for f, has_scale in seen] == [(0.0, False), (1.0, False)]
     assert opt.skipped_steps == 1 and not hasattr(inner, "found_inf")
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run_in_order():
+    model = _model()
+    opt = th.HealthCheckedOptimizer(O.Adam(model.parameters(), lr=0.01), model=model)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append(("pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(("load", sd.get("extra"))))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(("loaded", o is opt)))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and "torchhealth" in sd
+    opt.load_state_dict(sd)
+    assert seen == [("pre", True), ("load", 1), ("loaded", True)]

@@ -4,6 +4,7 @@ from .stats import BINS, BINS_PER_SIGN, EXP_MAX, EXP_MIN, HistogramBins, TensorS
 from .report import Finding, Report, Row
 from .checks import Thresholds
 from .policy import HealthCheckError, HealthWarning
+from .options import MonitorOptions
 from .monitor import CheckResult, HealthMonitor
 from .optim import HealthCheckedOptimizer, SkipAwareScheduler
 
@@ -11,6 +12,6 @@ __all__ = [
     "BINS", "BINS_PER_SIGN", "EXP_MAX", "EXP_MIN", "Backend", "HistogramBins", "TensorStats",
     "backend", "histogram_bins", "tensor_stats",
     "CheckResult", "Finding", "HealthCheckError", "HealthCheckedOptimizer", "HealthMonitor",
-    "HealthWarning", "Report", "Row", "SkipAwareScheduler", "Thresholds",
+    "HealthWarning", "MonitorOptions", "Report", "Row", "SkipAwareScheduler", "Thresholds",
 ]
 __version__ = "0.1.0"

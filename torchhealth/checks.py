@@ -347,7 +347,7 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
     return signals + ex + vanishing(stats, layout, th, total) + headroom(stats, layout, th) + dd, state
 
 
-def fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:
+def any_fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:
     """Whether a signal of `check` (and `kind`) fired, given the host copies of
     every signal's ``fired`` flag (same order as `signals`)."""
     return any(f for s, f in zip(signals, flags) if s.check == check and kind in (None, s.kind))

@@ -58,8 +58,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from . import checks as C
-from . import policy as P
+from .checks import RunningState, run_checks, total_grad_norm
+from .policy import act_, decide, dispatch
 from ._ops import tensor_stats
 from .collect import Collector
 from .options import MonitorOptions
@@ -106,7 +106,7 @@ class HealthMonitor:
         self._callbacks: list[Callable[[Report], None]] = []
         self._pending: list[CheckResult] = []
         self._last: CheckResult | None = None
-        self._state: C.RunningState | None = None
+        self._state: RunningState | None = None
         self._saved_state: dict | None = None
 
     # The settings, readable as attributes (they are `options`' fields).
@@ -155,16 +155,16 @@ class HealthMonitor:
         state = self._running_state(batch, stats.device)
         if found_inf is not None:
             found_inf = found_inf.to(stats.device, non_blocking=True)
-        grad_norm = C.total_grad_norm(stats, batch.layout)
-        signals, state = C.run_checks(stats, batch.layout, self.options.thresholds, state,
+        grad_norm = total_grad_norm(stats, batch.layout)
+        signals, state = run_checks(stats, batch.layout, self.options.thresholds, state,
                                       found_inf, grad_norm)
-        decision = P.decide(signals, self.options.policy, found_inf, state.skips,
+        decision = decide(signals, self.options.policy, found_inf, state.skips,
                             self.options.escalate_after)
         self._state = dataclasses.replace(state, skips=decision.consecutive_skips)
         late = self._mode(batch.tensors) != "step"
         result = CheckResult(step, stats, batch.layout, signals, decision, grad_norm, self.options,
                              late=late)
-        P.act_(batch.grads, self.options.policy, grad_norm, self.options.max_grad_norm,
+        act_(batch.grads, self.options.policy, grad_norm, self.options.max_grad_norm,
                None if late else result.nonfinite_grads)
         self.checks += 1
         self._pending.append(result)
@@ -200,7 +200,7 @@ class HealthMonitor:
             return self.options.sync
         return "step" if all(t.device.type == "cpu" for t in tensors) else "never"
 
-    def _running_state(self, batch, device) -> C.RunningState:
+    def _running_state(self, batch, device) -> RunningState:
         num_params = len(batch.layout.param_names)
         if batch.changed_params:
             self._state = None
@@ -208,8 +208,8 @@ class HealthMonitor:
             return self._state
         saved, self._saved_state = self._saved_state, None
         if saved is not None and saved["dead"].numel() == num_params:
-            return C.RunningState.from_state_dict(saved).to(device)
-        return C.RunningState.zeros(num_params, device)
+            return RunningState.from_state_dict(saved).to(device)
+        return RunningState.zeros(num_params, device)
 
     def _stats(self, tensors: list[torch.Tensor]) -> TensorStats:
         """One fused tensor_stats call per device; rows end up on the first
@@ -233,6 +233,6 @@ class HealthMonitor:
             report = result.report()
             for cb in list(self._callbacks):
                 cb(report)
-            P.dispatch(report, self.options.policy, late=result.late,
+            dispatch(report, self.options.policy, late=result.late,
                        escalated=self.options.escalate_after if result.escalated else None,
                        stacklevel=4)

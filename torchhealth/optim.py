@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from . import policy as P
+from .policy import predicated_step, unscale_
 from .monitor import HealthMonitor
 from .options import MonitorOptions
 from .report import Report
@@ -29,8 +29,10 @@ _KEY = "torchhealth"
 
 
 def _delegated(name: str):
-    # Before the inner optimizer is attached (inside Optimizer.__init__) the
-    # attribute lives on the wrapper; afterwards it is the inner optimizer's.
+    # Optimizer.__init__ (torch 2.4 to 2.14.1) assigns param_groups, state and
+    # defaults on self before the inner optimizer can be attached, so until
+    # then the attribute lives in the wrapper's __dict__; afterwards it is the
+    # inner optimizer's. Tested by every test that wraps an optimizer.
     def get(self):
         inner = self.__dict__.get("_inner")
         return getattr(inner, name) if inner is not None else self.__dict__[f"_own_{name}"]
@@ -134,7 +136,7 @@ class HealthCheckedOptimizer(Optimizer):
                 loss = closure()
             inner_closure = _replay_first(closure, loss)
         if grad_scale is not None:
-            P.unscale_(self._grads(), grad_scale)
+            unscale_(self._grads(), grad_scale)
         step = self.steps
         self.steps += 1  # counted even if the check raises: step() was called
         result = self.monitor.check(step, found_inf=found_inf)
@@ -142,7 +144,7 @@ class HealthCheckedOptimizer(Optimizer):
             skip = result.skip
         else:
             skip = None if found_inf is None else found_inf.reshape(()) > 0
-        out, skipped = P.predicated_step(self._inner, skip, inner_closure)
+        out, skipped = predicated_step(self._inner, skip, inner_closure)
         self._last_skip = skipped
         if skipped is not False:
             self._skipped = self._skipped + skipped  # a device tensor stays one
@@ -184,35 +186,39 @@ class HealthCheckedOptimizer(Optimizer):
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus the wrapper's counters and the
         monitor's running state under "torchhealth" (ignored by a plain optimizer)."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+        _run_state_dict_hooks(self, "state_dict_pre")
         sd = self._inner.state_dict()
         sd[_KEY] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
                     "monitor": self.monitor.state_dict()}
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            out = hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
+        return _run_state_dict_hooks(self, "state_dict_post", sd)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads the wrapper's own state dict or a plain optimizer's."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        state_dict = dict(state_dict)
+        state_dict = dict(_run_state_dict_hooks(self, "load_state_dict_pre", state_dict))
         ours = state_dict.pop(_KEY, None)
         self._inner.load_state_dict(state_dict)
         if ours is not None:
             self.steps = int(ours["steps"])
             self._skipped = int(ours["skipped_steps"])
             self.monitor.load_state_dict(ours["monitor"])
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        _run_state_dict_hooks(self, "load_state_dict_post")
 
     def __repr__(self) -> str:
         return f"HealthCheckedOptimizer({self._inner!r})"
+
+
+def _run_state_dict_hooks(opt: Optimizer, kind: str, state_dict: dict | None = None):
+    """Runs the hooks that users register with ``opt.register_<kind>_hook``:
+    the wrapper builds its own state dict, so it runs them itself, as
+    ``Optimizer.state_dict``/``load_state_dict`` do. They live in private
+    dictionaries (``_optimizer_<kind>_hooks``, same names and call signatures
+    in torch 2.4 to 2.14.1): ``hook(opt)`` without a state dict, else
+    ``hook(opt, state_dict)``, whose non-None result replaces the state dict."""
+    for hook in getattr(opt, f"_optimizer_{kind}_hooks").values():
+        out = hook(opt) if state_dict is None else hook(opt, state_dict)
+        if out is not None and state_dict is not None:
+            state_dict = out
+    return state_dict
 
 
 def _replay_first(closure, loss):

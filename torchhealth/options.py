@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from . import policy as P
+from .policy import resolve as resolve_policy
 from ._args import number, positive_int
 from .checks import Thresholds
 
@@ -39,7 +39,7 @@ class MonitorOptions:
 
     check_every: int = 1
     thresholds: Thresholds = field(default_factory=Thresholds)
-    policy: Mapping = field(default_factory=lambda: P.resolve(None))
+    policy: Mapping = field(default_factory=lambda: resolve_policy(None))
     sync: str = "auto"
     optimizer_state: bool | frozenset = False
     histogram: bool = False
@@ -55,7 +55,7 @@ class MonitorOptions:
         elif not isinstance(self.thresholds, Thresholds):
             raise TypeError(f"{own}.thresholds must be a torchhealth.Thresholds, got "
                             f"{type(self.thresholds).__name__} (use Thresholds(**your_dict))")
-        set_(self, "policy", P.resolve(self.policy))
+        set_(self, "policy", resolve_policy(self.policy))
         if self.sync not in SYNC_MODES:
             raise ValueError(f"{own}.sync must be one of {SYNC_MODES}, got {self.sync!r}")
         st = self.optimizer_state

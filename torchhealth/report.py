@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import stats as S
+from .stats import COLS, MIN, NUM_COUNTS, TensorStats
 
 COUNT_FIELDS = ("numel", "nan", "posinf", "neginf", "zero", "subnormal", "saturated")
 VALUE_FIELDS = ("min", "max", "absmax", "sum", "sumsq")
@@ -113,15 +113,15 @@ class Finding:
                    threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]))
 
 
-def rows_from_stats(stats: S.TensorStats, names: list[str], roles: list[str],
+def rows_from_stats(stats: TensorStats, names: list[str], roles: list[str],
                     shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> list[Row]:
     """One `Row` per statistics row, named as given (reads `stats` to the host)."""
     data = stats.data.cpu()
-    counts = data[:, :S.NUM_COUNTS].tolist()
-    values = data[:, S.MIN:S.COLS].view(torch.float64).tolist()
+    counts = data[:, :NUM_COUNTS].tolist()
+    values = data[:, MIN:COLS].view(torch.float64).tolist()
     hists: list[dict[int, int] | None] = [None] * len(names)
     if stats.has_histogram:
-        hist = data[:, S.COLS:]
+        hist = data[:, COLS:]
         hists = [{} for _ in names]
         where = hist.nonzero()
         for (r, c), v in zip(where.tolist(), hist[where[:, 0], where[:, 1]].tolist()):
@@ -144,7 +144,7 @@ class Report:
     time: float = field(default_factory=time.time)
 
     @classmethod
-    def from_stats(cls, step: int, stats: S.TensorStats, names: list[str], roles: list[str],
+    def from_stats(cls, step: int, stats: TensorStats, names: list[str], roles: list[str],
                    shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], **kwargs) -> Report:
         """Reads `stats` (one row per name) to the host: this is the sync point."""
         return cls(step=step, rows=rows_from_stats(stats, names, roles, shapes, dtypes), **kwargs)

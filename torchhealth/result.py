@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import checks as C
-from . import policy as P
+from .checks import Layout, Signal, any_fired, finding
+from .policy import Decision, describe
 from .hostcopy import HostCopy
 from .options import MonitorOptions
 from .report import Report, rows_from_stats
@@ -25,8 +25,8 @@ class CheckResult:
     (waiting for it if it has not landed: see ``ready``).
     """
 
-    def __init__(self, step: int, stats: TensorStats, layout: C.Layout, signals: list[C.Signal],
-                 decision: P.Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
+    def __init__(self, step: int, stats: TensorStats, layout: Layout, signals: list[Signal],
+                 decision: Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
                  late: bool):
         self.step, self.layout, self.signals, self.options = step, layout, signals, options
         self.late = late  # whether the verdict reaches the host after the optimizer step
@@ -75,7 +75,7 @@ class CheckResult:
     @property
     def nonfinite_grads(self) -> bool:
         """Whether the nonfinite check fired on a gradient."""
-        return C.fired(self.signals, self.copy.value("fired"), "nonfinite", "grad")
+        return any_fired(self.signals, self.copy.value("fired"), "nonfinite", "grad")
 
     def report(self) -> Report:
         """The host-side Report of this check (built once)."""
@@ -84,30 +84,30 @@ class CheckResult:
         return self._report
 
 
-def build_report(step: int, layout: C.Layout, signals: list[C.Signal], copy: HostCopy,
+def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
                  options: MonitorOptions) -> Report:
     """The Report of one check from its host copy: rows, findings, and the
     labels of the actions the policy took."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
-    fired, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
+    flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
     findings, actions = [], []
     at = 0
-    for s, hit, value in zip(signals, fired, values):
+    for s, hit, value in zip(signals, flags, values):
         mask, at = masks[at:at + s.mask.numel()], at + s.mask.numel()
-        f = C.finding(s, hit, mask, value, rows, layout.param_names)
+        f = finding(s, hit, mask, value, rows, layout.param_names)
         if f is None:
             continue
         findings.append(f)
         action = options.policy[s.check]
-        label = f"{P.describe(action)}: {s.check}"
+        label = f"{describe(action)}: {s.check}"
         if action != "ignore" and label not in actions:
             actions.append(label)
     if copy.value("scaler_skip"):
         actions.append(SCALER_SKIP)
     # With sync="never" zeroing runs on every check (a no-op on finite values);
     # it is an action only where there was something to zero.
-    if options.policy["nonfinite"] == "zero" and C.fired(signals, fired, "nonfinite", "grad"):
+    if options.policy["nonfinite"] == "zero" and any_fired(signals, flags, "nonfinite", "grad"):
         actions.append(ZEROED)
     grad_norm = copy.value("grad_norm")
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Columns of a row; must match csrc/stats.h (tests/test_layout.py checks it).
+# Columns of a row; must match csrc/stats.h (tests/test_backend.py::test_python_layout_matches_the_header checks it).
 NUMEL, NAN, POSINF, NEGINF, ZERO, SUBNORMAL, SATURATED = range(7)
 NUM_COUNTS = 7
 MIN, MAX, ABSMAX, SUM, SUMSQ = range(7, 12)

@@ -43,6 +43,9 @@ def unscale_for_check(scaler, optimizer: torch.optim.Optimizer) -> torch.Tensor 
     None without a scaler."""
     if scaler is None or not scaler.is_enabled():
         return None
+    # GradScaler has no public "was this optimizer unscaled, and what did it
+    # find" query: its private per-optimizer state holds both (same layout in
+    # torch 2.4 to 2.14.1; tests/test_integrations.py covers it under AMP).
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"].name == "READY":
         scaler.unscale_(optimizer)
