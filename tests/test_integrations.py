@@ -127,9 +127,9 @@ def hf(monkeypatch):
     return transformers
 
 
-def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5):
+def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5, n_layer=1, max_grad_norm=0.0):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=n_layer, n_head=2)
     model = transformers.GPT2LMHeadModel(config)  # random weights, nothing downloaded
     ids = torch.randint(0, 64, (40, 8))
     data = [{"input_ids": r, "labels": r} for r in ids]
@@ -142,7 +142,7 @@ def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, report_to=[],
         use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-3,
-        max_grad_norm=0.0)
+        max_grad_norm=max_grad_norm)
     return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]), model
 
 
@@ -159,6 +159,32 @@ def test_hf_callback_checks_every_optimizer_step(hf, tmp_path):
     assert "transformer.h.0.attn.c_attn.weight" in {r.name for r in reports[0].rows}
     assert [r.grad_norm for r in reports] == pytest.approx(grads, rel=1e-12)
     assert not any(r.findings for r in reports if r.step > 0)
+
+
+def test_hf_callback_names_the_gradient_a_nan_was_born_in_despite_clipping(hf, tmp_path):
+    """A NaN planted in one gradient at step 2, with the Trainer's default clipping
+    (max_grad_norm=1.0), which spreads it to every gradient before the optimizer step."""
+    from torchhealth.integrations.hf import HealthCheckCallback
+    reports = []
+    callback = HealthCheckCallback(sinks=[reports.append])
+    trainer, model = _hf_trainer(hf, tmp_path, callback, steps=4, n_layer=2, max_grad_norm=1.0)
+    target = model.transformer.h[1].mlp.c_fc.weight
+    calls = [0]
+
+    def plant(grad):
+        calls[0] += 1
+        return grad * float("nan") if calls[0] == 3 else grad
+    target.register_hook(plant)
+    seen = []  # before the health callback (which drops the gradients of a skipped step)
+    trainer.callback_handler.callbacks.insert(0, type("Spy", (hf.TrainerCallback,), {
+        "on_pre_optimizer_step": lambda self, a, s, c, **k: seen.append(
+            sum(bool(torch.isnan(p.grad).any()) for p in model.parameters() if p.grad is not None))})())
+    with pytest.warns(torchhealth.HealthWarning, match="nonfinite"):
+        trainer.train()
+    assert seen[2] == len([p for p in model.parameters() if p.requires_grad])  # clipping spread it
+    (f,) = [f for f in reports[2].findings if f.check == "nonfinite"]
+    assert f.names == ["transformer.h.1.mlp.c_fc.weight"] and reports[2].skipped
+    assert not any(r.findings for r in reports if r.step != 2)
 
 
 def test_hf_callback_stops_training_under_the_raise_policy(hf, tmp_path):

@@ -58,10 +58,10 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .checks import RunningState, run_checks, total_grad_norm
-from .policy import act_, decide, dispatch
+from .checks import RunningState, Signal, run_checks, total_grad_norm
+from .policy import Decision, act_, decide, dispatch
 from ._ops import tensor_stats
-from .collect import Collector
+from .collect import Collected, Collector
 from .options import MonitorOptions
 from .report import Report
 from .result import CheckResult
@@ -77,6 +77,30 @@ class _Handle:
     def remove(self) -> None:
         if self._fn in self._callbacks:
             self._callbacks.remove(self._fn)
+
+
+class _Handles:
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A check computed on the device and not yet committed: the monitor's
+    running state and counters move on only when `HealthMonitor.check` uses it."""
+
+    step: int
+    batch: Collected
+    stats: TensorStats
+    signals: list[Signal]
+    grad_norm: torch.Tensor
+    decision: Decision
+    state: RunningState
 
 
 class HealthMonitor:
@@ -108,6 +132,11 @@ class HealthMonitor:
         self._last: CheckResult | None = None
         self._state: RunningState | None = None
         self._saved_state: dict | None = None
+        self._prepared: _Prepared | None = None  # from the end of the last backward
+        self._queued = False  # a backward-end callback is queued
+        self._scaled = False  # gradients are scaled at the end of backward (GradScaler)
+        self._backwards = 0
+        self.micro_batches = 0  # backward passes before the last check (with check_at_backward_end)
 
     # The settings, readable as attributes (they are `options`' fields).
     check_every = property(lambda self: self.options.check_every)
@@ -150,6 +179,49 @@ class HealthMonitor:
         self._deliver(block=False)
         if not self.options.due(step):
             return None
+        prepared, self._prepared = self._prepared, None
+        if found_inf is not None:  # gradients were scaled at the end of backward
+            self._scaled = True
+        if prepared is None or prepared.step != step or found_inf is not None:
+            prepared = self._prepare(step, found_inf)
+        return self._commit(prepared)
+
+    def check_at_backward_end(self, next_step: Callable[[], int]) -> _Handle:
+        """Runs the statistics, checks and policy when backward finishes, before
+        any other code can change the gradients (clipping spreads one NaN to
+        every gradient), for the step that ``next_step()`` names; `check` then
+        uses that verdict without reading the gradients again. With gradient
+        accumulation the last backward before `check` is the one that counts
+        (``micro_batches`` says how many there were). Under a GradScaler
+        (`check` given ``found_inf``) gradients are still scaled at the end of
+        backward, so checks run at `check` time instead. Returns a handle whose
+        ``remove()`` detaches the hooks."""
+        hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                 for group in self.param_groups for p in group["params"]
+                 if isinstance(p, torch.Tensor) and p.requires_grad]
+        self._next_step = next_step
+        return _Handles(hooks)
+
+    def _grad_ready(self, param) -> None:
+        # The first gradient of a backward pass queues one callback that the
+        # autograd engine runs once the whole pass is done (as DDP and FSDP do).
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _backward_end(self) -> None:
+        self._queued = False
+        step = self._next_step()
+        if self._prepared is None or self._prepared.step != step:
+            self._backwards = 0
+        self._backwards += 1
+        if self._scaled or not self.options.due(step):
+            return
+        self._prepared = self._prepare(step, None)
+
+    # -- stages -----------------------------------------------------------------------
+    def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
+        """collect -> stats -> checks -> policy, on the device; nothing is kept yet."""
         batch = self.collector.collect()
         stats = self._stats(batch.tensors)
         state = self._running_state(batch, stats.device)
@@ -157,15 +229,21 @@ class HealthMonitor:
             found_inf = found_inf.to(stats.device, non_blocking=True)
         grad_norm = total_grad_norm(stats, batch.layout)
         signals, state = run_checks(stats, batch.layout, self.options.thresholds, state,
-                                      found_inf, grad_norm)
+                                    found_inf, grad_norm)
         decision = decide(signals, self.options.policy, found_inf, state.skips,
-                            self.options.escalate_after)
-        self._state = dataclasses.replace(state, skips=decision.consecutive_skips)
-        late = self._mode(batch.tensors) != "step"
-        result = CheckResult(step, stats, batch.layout, signals, decision, grad_norm, self.options,
-                             late=late)
-        act_(batch.grads, self.options.policy, grad_norm, self.options.max_grad_norm,
-               None if late else result.nonfinite_grads)
+                          self.options.escalate_after)
+        return _Prepared(step, batch, stats, signals, grad_norm, decision,
+                         dataclasses.replace(state, skips=decision.consecutive_skips))
+
+    def _commit(self, p: _Prepared) -> CheckResult:
+        """host copy -> in-place actions -> delivery; the running state moves on."""
+        self._state = p.state
+        self.micro_batches, self._backwards = self._backwards, 0
+        late = self._mode(p.batch.tensors) != "step"
+        result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
+                             self.options, late=late)
+        act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
+             None if late else result.nonfinite_grads)
         self.checks += 1
         self._pending.append(result)
         self._last = result
@@ -194,7 +272,6 @@ class HealthMonitor:
         self._saved_state = d.get("running")
         self._state = None  # rebuilt on the right device at the next check
 
-    # -- stages -----------------------------------------------------------------------
     def _mode(self, tensors: list[torch.Tensor]) -> str:
         if self.options.sync != "auto":
             return self.options.sync

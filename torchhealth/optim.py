@@ -107,6 +107,12 @@ class HealthCheckedOptimizer(Optimizer):
         self.steps = 0
         self._skipped = 0  # int, or a 0-d device tensor until read
         self._last_skip: bool | torch.Tensor = False
+        at_end = self.monitor.options.at_backward_end
+        self._backward_hooks = (self.monitor.check_at_backward_end(self._next_step)
+                                if at_end or (at_end is None and model is not None) else None)
+
+    def _next_step(self) -> int:
+        return self.steps
 
     # Optimizer.__getstate__/__setstate__ keep only defaults, state and
     # param_groups (and would recreate hooks); the wrapper's attributes live

@@ -32,6 +32,9 @@ class MonitorOptions:
       parameter (e.g. Adam's ``exp_avg_sq``): True, or a collection of state keys.
     - ``histogram``: also compute log2 histograms (for sinks and reports).
     - ``max_grad_norm``: clip gradients to this total norm, reusing the statistics.
+    - ``at_backward_end``: run the checks when backward finishes, before other
+      code (gradient clipping) changes the gradients; the step then uses that
+      verdict. None (default): when the parameters' module is known (``model=``).
     - ``escalate_after``: after this many consecutive checks that skipped the step
       (policy "skip"), raise `HealthCheckError` instead: a run whose weights went
       NaN would otherwise skip every step forever. None never escalates.
@@ -45,6 +48,7 @@ class MonitorOptions:
     histogram: bool = False
     max_grad_norm: float | None = None
     escalate_after: int | None = 100
+    at_backward_end: bool | None = None
 
     def __post_init__(self):
         own = "MonitorOptions"
@@ -68,6 +72,8 @@ class MonitorOptions:
             raise TypeError(f"{own}.histogram must be a bool, got {self.histogram!r}")
         if self.max_grad_norm is not None:
             set_(self, "max_grad_norm", number(f"{own}.max_grad_norm", self.max_grad_norm))
+        if self.at_backward_end is not None and not isinstance(self.at_backward_end, bool):
+            raise TypeError(f"{own}.at_backward_end must be a bool or None, got {self.at_backward_end!r}")
         if self.escalate_after is not None:
             set_(self, "escalate_after", positive_int(f"{own}.escalate_after", self.escalate_after))
 

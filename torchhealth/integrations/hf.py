@@ -3,13 +3,18 @@
     from torchhealth.integrations.hf import HealthCheckCallback
     trainer = transformers.Trainer(..., callbacks=[HealthCheckCallback(sinks=[JsonlSink("run.jsonl")])])
 
-The checks run in ``on_pre_optimizer_step``: once per optimizer step, after
-gradient accumulation and after the Trainer's gradient clipping (so the
-gradient norm seen is the clipped one; set ``max_grad_norm=0`` in the
-TrainingArguments to see raw norms), right before ``optimizer.step()``. One
-`HealthMonitor` names parameters after the model. Under fp16 AMP the gradients
-are unscaled first if the Trainer has not done so (``max_grad_norm=0``), and a
-step that the GradScaler skips is recorded as such.
+The statistics and checks run when each backward pass finishes
+(`HealthMonitor.check_at_backward_end`), before the Trainer clips the
+gradients: clipping multiplies every gradient by a coefficient computed from
+the total norm, so one NaN would make every gradient NaN and hide where it was
+born; the norms reported are the raw ones. With gradient accumulation the last
+micro-batch's backward counts. The verdict is acted on in
+``on_pre_optimizer_step``, right before ``optimizer.step()``. Under fp16 AMP
+(a GradScaler) gradients are still scaled when backward ends, so the checks
+run in ``on_pre_optimizer_step`` instead, on unscaled gradients (unscaling
+them first if the Trainer has not, ``max_grad_norm=0``), after clipping; a
+step that the GradScaler skips is recorded as such. One `HealthMonitor` names
+parameters after the model.
 
 Policies: "warn" emits `HealthWarning`; "skip" sets every gradient to None
 before the Trainer steps, so parameters and optimizer state stay exactly as
@@ -69,13 +74,32 @@ class HealthCheckCallback(transformers.TrainerCallback):
         self.skipped_steps = 0
         self.error: HealthCheckError | None = None
         self._optimizer = None
+        self._state = None  # the Trainer's TrainerState
+        self._hooks = None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        opt = unwrap(optimizer)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer is not None:
+            self._monitor_for(unwrap(optimizer), model, state)
+        return control
+
+    def _monitor_for(self, opt, model, state) -> HealthMonitor:
+        self._state = state
         if self.monitor is None or self._optimizer is not opt:
+            if self._hooks is not None:
+                self._hooks.remove()
             self.monitor = HealthMonitor(opt, model=model, options=self.options)
             self.monitor.on_report(self._deliver)
             self._optimizer = opt
+            if self.options.at_backward_end is not False:
+                self._hooks = self.monitor.check_at_backward_end(self._next_step)
+        return self.monitor
+
+    def _next_step(self) -> int:
+        return self._state.global_step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        opt = unwrap(optimizer)
+        self._monitor_for(opt, model, state)
         found_inf = unscale_for_check(getattr(optimizer, "scaler", None), opt)
         try:
             result = self.monitor.check(state.global_step, found_inf=found_inf)
@@ -93,6 +117,9 @@ class HealthCheckCallback(transformers.TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
         if self.monitor is not None:
             try:
                 self.monitor.flush()

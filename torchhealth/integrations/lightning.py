@@ -3,9 +3,14 @@
     from torchhealth.integrations.lightning import HealthCheckCallback
     trainer = lightning.Trainer(callbacks=[HealthCheckCallback(sinks=[JsonlSink("run.jsonl")])])
 
-The checks run in ``on_before_optimizer_step``, once per optimizer step (after
-gradient accumulation), through one `HealthMonitor` per optimizer, which names
-parameters after the LightningModule.
+The statistics and checks run when each backward pass finishes
+(`HealthMonitor.check_at_backward_end`), before Lightning clips gradients
+(``gradient_clip_val``), which would spread one NaN to every gradient; the
+verdict is acted on in ``on_before_optimizer_step``, once per optimizer step
+(after gradient accumulation: the last micro-batch's backward counts), through
+one `HealthMonitor` per optimizer, which names parameters after the
+LightningModule. Under a GradScaler the checks run in
+``on_before_optimizer_step`` on unscaled gradients instead.
 
 Mixed precision with a GradScaler ("16-mixed"): Lightning unscales the
 gradients before this hook, except for optimizers that unscale inside their
@@ -64,18 +69,33 @@ class HealthCheckCallback(pl.Callback):
         self.last_report: Report | None = None
         self.skipped_steps = 0
         self._trainer = None
+        self._hooks: list = []
 
     # -- hooks ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
-        opt = unwrap(optimizer)
+        for optimizer in trainer.optimizers:
+            self._monitor_for(unwrap(optimizer), pl_module)
+
+    def _monitor_for(self, opt, pl_module) -> HealthMonitor:
         monitor = self.monitors.get(opt)
         if monitor is None:
             monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, options=self.options)
             monitor.on_report(self._deliver)
+            if self.options.at_backward_end is not False:
+                self._hooks.append(monitor.check_at_backward_end(self._global_step))
+        return monitor
+
+    def _global_step(self) -> int:
+        return self._trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._trainer = trainer
+        opt = unwrap(optimizer)
+        monitor = self._monitor_for(opt, pl_module)
         found_inf = unscale_for_check(getattr(trainer.precision_plugin, "scaler", None), opt)
         result = monitor.check(trainer.global_step, found_inf=found_inf)
         if result is not None and skip_by_dropping_gradients(opt, result.skip):
@@ -98,6 +118,9 @@ class HealthCheckCallback(pl.Callback):
                 logger.log_metrics(metrics, step=report.step)
 
     def _finish(self, flush: bool = True) -> None:
+        for hooks in self._hooks:
+            hooks.remove()
+        self._hooks = []
         if flush:
             for monitor in self.monitors.values():
                 monitor.flush()
