@@ -69,6 +69,10 @@ class Thresholds:
     headroom: float = 0.5
     max_subnormal_fraction: float = 0.01
     dead_after: int = 3
+    # Activations (`torchhealth.watch`): sigmoid/tanh outputs near an asymptote,
+    # and ReLU outputs exactly zero, as fractions of a module's output.
+    max_saturated_fraction: float = 0.5
+    max_dead_fraction: float = 0.95
 
     def __post_init__(self):
         # Upper limits must be positive (math.inf disables them); lower limits and
@@ -78,7 +82,9 @@ class Thresholds:
                   "min_norm": {"low_open": False}, "min_relative_rms": {"low_open": False},
                   "max_zero_fraction": {"low_open": False, "high": 1.0},
                   "headroom": {"high": 1.0},
-                  "max_subnormal_fraction": {"low_open": False, "high": 1.0}}
+                  "max_subnormal_fraction": {"low_open": False, "high": 1.0},
+                  "max_saturated_fraction": {"low_open": False, "high": 1.0},
+                  "max_dead_fraction": {"low_open": False, "high": 1.0}}
         for name, bounds in ranges.items():
             object.__setattr__(self, name, number(f"Thresholds.{name}", getattr(self, name), **bounds))
         for name in ("warmup", "dead_after"):

@@ -21,7 +21,8 @@ synchronising:
 
 1. collect (`torchhealth.collect`): the parameters, gradients and (opt-in)
    optimizer state tensors, with their names and roles;
-2. stats: one fused `tensor_stats` call per device;
+2. stats: one fused `tensor_stats` call per device (activation statistics, from
+   `torchhealth.watch`, were made at the end of their own passes);
 3. checks (`torchhealth.checks`): signals, against running state kept on the device;
 4. policy (`torchhealth.policy.decide`): the skip flag and the escalation;
 5. host copy (`torchhealth.result.CheckResult`): one packed copy, read as
@@ -136,6 +137,7 @@ class HealthMonitor:
         self._queued = False  # a backward-end callback is queued
         self._scaled = False  # gradients are scaled at the end of backward (GradScaler)
         self._backwards = 0
+        self._activations = None  # a torchhealth.watch.Watch feeding this monitor
         self.micro_batches = 0  # backward passes before the last check (with check_at_backward_end)
 
     # The settings, readable as attributes (they are `options`' fields).
@@ -202,6 +204,14 @@ class HealthMonitor:
         self._next_step = next_step
         return _Handles(hooks)
 
+    def attach_activations(self, watch) -> None:
+        """Makes `watch` (a `torchhealth.watch.Watch`, or None to detach) a source
+        of this monitor: its passes of a step join that step's check."""
+        if watch is not None and self._activations not in (None, watch):
+            raise ValueError("this monitor already takes activations from another watch; "
+                             "remove() it first")
+        self._activations = watch
+
     def _grad_ready(self, param) -> None:
         # The first gradient of a backward pass queues one callback that the
         # autograd engine runs once the whole pass is done (as DDP and FSDP do).
@@ -235,13 +245,16 @@ class HealthMonitor:
         return _Prepared(step, batch, stats, signals, grad_norm, decision,
                          dataclasses.replace(state, skips=decision.consecutive_skips))
 
+    def _activation_passes(self, step: int) -> list:
+        return self._activations.take(step) if self._activations is not None else []
+
     def _commit(self, p: _Prepared) -> CheckResult:
         """host copy -> in-place actions -> delivery; the running state moves on."""
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
         late = self._mode(p.batch.tensors) != "step"
         result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
-                             self.options, late=late)
+                             self.options, late=late, activations=self._activation_passes(p.step))
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)
         self.checks += 1

@@ -84,7 +84,7 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
     ``late``: the verdict arrives after that step's optimizer step (sync="never")."""
     to_raise = []
     for f in report.findings:
-        action = policy[f.check]
+        action = policy.get(f.check, "warn")  # activation checks (torchhealth.watch) warn
         if callable(action):
             action(report, f)
         elif action in ("warn", "skip", "zero"):

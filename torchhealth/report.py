@@ -142,6 +142,9 @@ class Report:
     actions: list[str] = field(default_factory=list)
     skipped: bool = False
     time: float = field(default_factory=time.time)
+    # Where a non-finite value first appeared, with `torchhealth.watch`: {"module",
+    # "pass" ("forward"/"backward"), "step", "numel", "nan", "posinf", "neginf"}.
+    origin: dict[str, Any] | None = None
 
     @classmethod
     def from_stats(cls, step: int, stats: TensorStats, names: list[str], roles: list[str],
@@ -178,23 +181,29 @@ class Report:
 
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "time": self.time, "skipped": self.skipped,
-                "actions": list(self.actions),
-                "findings": [f.to_dict() for f in self.findings],
-                "rows": [r.to_dict() for r in self.rows]}
+        d = {"step": self.step, "time": self.time, "skipped": self.skipped,
+             "actions": list(self.actions),
+             "findings": [f.to_dict() for f in self.findings],
+             "rows": [r.to_dict() for r in self.rows]}
+        if self.origin is not None:
+            d["origin"] = dict(self.origin)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
         return cls(step=int(d["step"]), time=float(d["time"]), skipped=bool(d["skipped"]),
                    actions=list(d.get("actions", [])),
                    findings=[Finding.from_dict(f) for f in d.get("findings", [])],
-                   rows=[Row.from_dict(r) for r in d["rows"]])
+                   rows=[Row.from_dict(r) for r in d["rows"]], origin=d.get("origin"))
 
     def __str__(self) -> str:
         head = (f"torchhealth step {self.step}: {self.status}"
                 f"{' (step skipped)' if self.skipped else ''}  grad norm {self.grad_norm:.4g}"
                 f"  param norm {self.param_norm:.4g}")
         lines = [head]
+        if self.origin is not None:
+            o = self.origin
+            lines.append(f"  origin: {o['module']} ({o['pass']} pass, step {o['step']})")
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.check}: {f.message}")
         if self.actions:

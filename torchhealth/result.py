@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import PassStats, activation_findings, pass_fields
 from .checks import Layout, Signal, any_fired, finding
 from .policy import Decision, describe
 from .hostcopy import HostCopy
@@ -27,7 +28,7 @@ class CheckResult:
 
     def __init__(self, step: int, stats: TensorStats, layout: Layout, signals: list[Signal],
                  decision: Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
-                 late: bool):
+                 late: bool, activations: list[PassStats] = ()):
         self.step, self.layout, self.signals, self.options = step, layout, signals, options
         self.late = late  # whether the verdict reaches the host after the optimizer step
         none = grad_norm.new_zeros((), dtype=torch.bool)
@@ -41,7 +42,9 @@ class CheckResult:
             "scaler_skip": decision.scaler_skip if decision.scaler_skip is not None else none,
             "escalated": decision.escalated,
             "consecutive_skips": decision.consecutive_skips,
+            **pass_fields(list(activations)),
         })
+        self.activations = list(activations)
         self._device_skip = decision.skip
         self._report: Report | None = None
 
@@ -60,7 +63,8 @@ class CheckResult:
         """Whether any check whose policy is not "ignore" fired, or the run escalated."""
         flags = self.copy.value("fired")
         return self.escalated or any(f and self.options.policy[s.check] != "ignore"
-                                     for s, f in zip(self.signals, flags))
+                                     for s, f in zip(self.signals, flags)) or \
+            (bool(self.activations) and bool(self.report().findings))
 
     @property
     def skipped(self) -> bool:
@@ -80,14 +84,15 @@ class CheckResult:
     def report(self) -> Report:
         """The host-side Report of this check (built once)."""
         if self._report is None:
-            self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options)
+            self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options,
+                                        self.activations)
         return self._report
 
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
-                 options: MonitorOptions) -> Report:
-    """The Report of one check from its host copy: rows, findings, and the
-    labels of the actions the policy took."""
+                 options: MonitorOptions, activations: list[PassStats] = ()) -> Report:
+    """The Report of one check from its host copy: rows, findings, the labels
+    of the actions the policy took, and the activations' rows, findings and origin."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
@@ -115,5 +120,9 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     if copy.value("escalated"):
         actions.append(f"raise: {copy.value('consecutive_skips')} consecutive skipped steps "
                        f"(escalate_after={options.escalate_after})")
-    return Report(step=step, rows=rows, findings=findings, actions=actions,
-                  skipped=bool(copy.value("skip")))
+    th = options.thresholds
+    act_rows, act_findings, origin = activation_findings(
+        [(p, copy.tensor(f"act{i}"), copy.tensor(f"near{i}")) for i, p in enumerate(activations)],
+        th.max_saturated_fraction, th.max_dead_fraction)
+    return Report(step=step, rows=rows + act_rows, findings=act_findings + findings, actions=actions,
+                  skipped=bool(copy.value("skip")), origin=origin)

@@ -1,0 +1,196 @@
+"""torchhealth.watch (issue 9): where a non-finite value was born, saturation,
+dead units, and no finding on a healthy model."""
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchhealth as th
+
+
+class Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+class Exp(nn.Module):
+    def forward(self, x):
+        return torch.exp(x)
+
+
+def _mlp(*middle, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), *middle, nn.Linear(8, 2))
+
+
+def _x(seed=1, n=6):
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, loss_fn=lambda out: out.pow(2).mean(), x=None, steps=1, **kw):
+    reports = []
+    with th.watch(model, on_report=reports.append, **kw):
+        for i in range(steps):
+            loss_fn(model(_x(i) if x is None else x)).backward()
+    return reports
+
+
+def _origin(report):
+    return report.origin and (report.origin["module"], report.origin["pass"])
+
+
+def test_a_healthy_model_raises_no_finding():
+    model = _mlp(nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid())
+    reports = _run(model, steps=3)
+    assert [r.step for r in reports] == [0, 1, 2]
+    assert not any(r.findings for r in reports) and all(r.origin is None for r in reports)
+    names = [(r.name, r.role) for r in reports[0].rows]
+    assert ("<input>", "activation") in names and ("1", "activation") in names
+    # Backward starts at the model's output, which is its last module's output.
+    assert [n for n, role in names if role == "activation_grad"][0] == "6"
+
+
+@pytest.mark.parametrize("loss_fn", [lambda out: -torch.log(out * 0).mean(),  # log(0)
+                                     lambda out: ((out - out) / (out - out)).mean()],  # 0/0
+                         ids=["log0", "zero_by_zero"])
+def test_a_fault_in_the_loss_is_traced_to_the_loss(loss_fn):
+    (r,) = _run(_mlp(nn.ReLU()), loss_fn)
+    assert _origin(r) == ("2", "backward")  # the gradient of the model's output (module 2's)
+    (f,) = [f for f in r.findings if f.check == "nonfinite"]
+    assert "the loss" in f.message
+
+
+def test_sqrt_of_a_negative_names_the_module():
+    model = _mlp(nn.Tanh(), Sqrt())
+    (r,) = _run(model)
+    assert _origin(r) == ("2", "forward") and r.origin["nan"] > 0
+
+
+def test_exp_overflow_under_float16_autocast_names_the_module():
+    model = _mlp(Exp())
+    with torch.no_grad():
+        model[0].weight.mul_(40)
+    reports = []
+    with th.watch(model, on_report=reports.append, backward=False):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(_x())
+    assert model[1](torch.full((1,), 12.0, dtype=torch.float16)).isinf().all()  # e^12 > 65504
+    assert out.dtype == torch.float16
+    (r,) = reports
+    assert _origin(r) == ("1", "forward") and r.origin["posinf"] > 0
+
+
+def test_a_nan_weight_names_its_layer():
+    model = _mlp(nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    (r,) = _run(model)
+    assert _origin(r) == ("2", "forward")
+
+
+def test_a_nan_in_one_input_sample_is_traced_to_the_input():
+    x = _x()
+    x[3, 1] = float("nan")
+    (r,) = _run(_mlp(nn.ReLU()), x=x)
+    assert _origin(r) == ("<input>", "forward") and r.origin["nan"] == 1
+
+
+def test_a_saturated_sigmoid_stack_is_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 1))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.mul_(60)
+    (r,) = _run(model)
+    sat = [f for f in r.findings if f.check == "saturation"]
+    assert sat and {n for f in sat for n in f.names} <= {"1", "3"} and "1" in sat[0].names
+    assert r.origin is None
+
+
+def test_dead_relus_are_found():
+    model = _mlp(nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    (r,) = _run(model)
+    (f,) = [f for f in r.findings if f.check == "dead_units"]
+    assert f.names == ["1"] and f.value == 1.0
+
+
+def test_the_optimizer_report_carries_the_origin_and_raise_carries_it_too():
+    model = _mlp(nn.Tanh(), Sqrt())
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                    policy={"nonfinite": "raise"})
+    with th.watch(model, monitor=opt):
+        model(_x()).pow(2).mean().backward()
+        with pytest.raises(th.HealthCheckError) as e:
+            opt.step()
+    assert _origin(e.value.report) == ("2", "forward")
+    assert {r.role for r in e.value.report.rows} >= {"param", "grad", "activation", "activation_grad"}
+    assert "origin: 2 (forward pass, step 0)" in str(e.value.report)
+
+
+def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(monkeypatch):
+    model = _mlp(nn.ReLU())
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)
+    calls = []
+    stats = th.watch.__globals__["tensor_stats"]
+    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", lambda t, **k: calls.append(len(t)) or stats(t, **k))
+    reports = []
+    opt.monitor.on_report(reports.append)
+    with th.watch(model, monitor=opt):
+        for i in range(4):
+            opt.zero_grad()
+            model(_x(i)).pow(2).mean().backward()
+            opt.step()
+    assert [r.step for r in reports] == [0, 2]
+    assert len(calls) == 4  # one forward and one backward call on each due step, none otherwise
+    assert all(any(row.role == "activation" for row in r.rows) for r in reports)
+
+
+@dataclasses.dataclass
+class Out:
+    hidden: torch.Tensor
+    extra: dict
+
+
+class Structured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return Out(h, {"pair": (h * 2, torch.arange(3)), "note": "text"})
+
+
+class Opaque(nn.Module):
+    def forward(self, x):
+        return object()
+
+
+def test_structured_outputs_are_walked_and_other_objects_skipped_once():
+    model = nn.Sequential()
+    model.add_module("s", Structured())
+    model.add_module("o", Opaque())
+    reports = []
+    with pytest.warns(UserWarning, match="Opaque returns a object") as caught:
+        with th.watch(model, on_report=reports.append, backward=False):
+            model(_x())
+            model(_x())
+    assert len([w for w in caught if "Opaque" in str(w.message)]) == 1
+    names = {r.name for r in reports[0].rows}
+    assert {"s.hidden", "s.extra.pair[0]"} <= names and not any("[1]" in n for n in names)
+
+
+def test_watching_twice_is_an_error_and_remove_detaches_everything():
+    model = _mlp(nn.ReLU())
+    w = th.watch(model)
+    with pytest.raises(ValueError, match="already watched"):
+        th.watch(model)
+    w.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    th.watch(model).remove()
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        th.watch([model])
