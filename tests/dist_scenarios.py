@@ -1,0 +1,260 @@
+"""Scenarios run on every rank of a real gloo group by tests/test_distributed.py.
+
+Every rank builds the same model and data from fixed seeds (data differs by
+rank where a batch would), so the expected values need no extra communication
+beyond ``full_tensor()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+import torchhealth
+from torchhealth.distributed import (DDPNonfiniteTracker, FSDPNonfiniteTracker, all_reduce_stats,
+                                     by_mesh)
+from dist_workers import assert_same_stats
+
+NAN, INF = math.nan, math.inf
+
+
+def _special(shape, seed=0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, shape, generator=g)
+    flat = x.view(-1)
+    for i, v in enumerate([NAN, INF, -INF, 0.0, -0.0, 1e-40, 6e4, -3e38]):
+        if i < flat.numel():
+            flat[(7 * i) % flat.numel()] = v
+    return x.to(dtype)
+
+
+def _compare_dtensors(dts, label):
+    fulls = [d.full_tensor() for d in dts]
+    for hist in (True, False):
+        got = torchhealth.tensor_stats(dts, histogram=hist)
+        want = torchhealth.tensor_stats(fulls, histogram=hist)
+        assert_same_stats(got, want, fulls, f"{label} histogram={hist}")
+    got = torchhealth.tensor_stats(dts, saturation=1.0)
+    assert_same_stats(got, torchhealth.tensor_stats(fulls, saturation=1.0), fulls, f"{label} saturation")
+
+
+def dtensor_1d(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    dts = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = _special((5, 7), seed=1, dtype=dtype)
+        dts += [distribute_tensor(x, mesh, [Shard(0)]), distribute_tensor(x, mesh, [Shard(1)]),
+                distribute_tensor(x, mesh, [Replicate()])]
+    # fewer rows than ranks (empty shards), an empty tensor, a 0-d tensor
+    dts += [distribute_tensor(_special((1, 3), seed=2), mesh, [Shard(0)]),
+            distribute_tensor(torch.empty(0, 4), mesh, [Shard(0)]),
+            distribute_tensor(torch.tensor(-2.5), mesh, [Replicate()])]
+    _compare_dtensors(dts, "1-D mesh")
+    assert dts[2].to_local().numel() == 35  # replicated: each rank holds it all ...
+    assert int(torchhealth.tensor_stats([dts[2]]).numel[0]) == 35  # ... and it counts once
+
+
+def dtensor_2d(rank, world):
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+    x = _special((6, 5), seed=3)
+    placements = [[Shard(0), Replicate()], [Replicate(), Shard(1)], [Replicate(), Replicate()],
+                  [Shard(0), Shard(1)], [Shard(0), Shard(0)], [Replicate(), Shard(0)]]
+    dts = [distribute_tensor(x, mesh, p) for p in placements]
+    dts.append(distribute_tensor(_special((1, 4), seed=4), mesh, [Replicate(), Shard(0)]))
+    _compare_dtensors(dts, "2-D mesh")
+
+
+def _mlp(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    # Linear(16, 3) and Linear(3, 1) have fewer rows than ranks: uneven and empty shards.
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 1))
+
+
+def _train_step(model, rank, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+        model(x).square().sum().backward()
+        if step < steps - 1:
+            opt.step()
+            opt.zero_grad()
+
+
+def _compare_model(model, label):
+    params = [p for p in model.parameters()]
+    assert all(isinstance(p, DTensor) for p in params), f"{label}: parameters are not DTensors"
+    _compare_dtensors(params, f"{label} parameters")
+    _compare_dtensors([p.grad for p in params], f"{label} gradients")
+
+
+def fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    _train_step(model, rank)
+    _compare_model(model, "FSDP2")
+
+
+def hsdp(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert model[0].weight.placements == (Replicate(), Shard(0))
+    _train_step(model, rank)
+    _compare_model(model, "HSDP")
+
+
+def fsdp_tp(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, mesh=mesh["dp"])
+    assert len(by_mesh(list(model.parameters()))) == 1
+    _train_step(model, rank)
+    # the row-wise bias is replicated over "tp" and sharded over "dp": counted once
+    assert Replicate() in model[2].bias.placements
+    _compare_model(model, "FSDP+TP")
+
+
+def errors(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    other = init_device_mesh("cpu", (world,), mesh_dim_names=("other",))
+    a = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    b = distribute_tensor(torch.ones(4, 2), other, [Shard(0)])
+    pending = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    cases = [([a, torch.ones(2)], TypeError, "tensors\\[1\\] is a plain Tensor"),
+             ([a, b], ValueError, "tensors\\[1\\] is on .* once per mesh"),
+             ([a, pending], ValueError, "tensors\\[1\\] has placement .*pending sum")]
+    for tensors, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            torchhealth.tensor_stats(tensors)
+    with pytest.raises(TypeError, match="must be a TensorStats"):
+        all_reduce_stats([torch.ones(1)])
+
+
+@contextlib.contextmanager
+def _counting_all_reduces():
+    """The real all-reduce, with the op of each call recorded."""
+    calls, real = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("op"))
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real
+
+
+def _rank_tensors(r):
+    return [_special((3 + r, 4), seed=10 + r), torch.randn(r + 1, generator=torch.Generator().manual_seed(r))]
+
+
+def combine_plain(rank, world):
+    mine = _rank_tensors(rank)
+    everyone = [_rank_tensors(r) for r in range(world)]
+    fulls = [torch.cat([t[i].flatten() for t in everyone]) for i in range(2)]
+    with _counting_all_reduces() as calls:
+        got = all_reduce_stats(torchhealth.tensor_stats(mine))
+    assert calls == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+    assert_same_stats(got, torchhealth.tensor_stats(fulls), fulls, "all_reduce_stats")
+    got = all_reduce_stats(torchhealth.tensor_stats(mine, histogram=False), async_op=True).wait()
+    assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "async")
+    # replicated rows count once: the result is rank 0's rows
+    zero = _rank_tensors(0)
+    got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=True)
+    assert_same_stats(got, torchhealth.tensor_stats(zero), zero, "replicated")
+    got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=torch.tensor([True, False]))
+    want = [zero[0], fulls[1]]
+    assert_same_stats(got, torchhealth.tensor_stats(want), want, "replicated mask")
+
+
+def dtensor_collectives(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    dts = [distribute_tensor(_special((4, 4), seed=s), mesh, [Shard(0) if s % 2 else Replicate()])
+           for s in range(6)]
+    with _counting_all_reduces() as calls:
+        torchhealth.tensor_stats(dts)
+    assert calls == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+
+
+class _Net(nn.Module):
+    """An MLP that can poison the gradient flowing into its first layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.poison = False
+
+    def forward(self, x):
+        h = self.first(x)
+        if self.poison and h.requires_grad:
+            h.register_hook(lambda g: g * NAN)
+        return self.second(torch.relu(h))
+
+
+def _origin_steps(model, net, tracker, rank, world, bad_rank, bad_step=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(4):
+        net.poison = rank == bad_rank and step == bad_step
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        model(x).sum().backward()
+        origin = tracker.gather()
+        want = torch.zeros(world, dtype=torch.bool)
+        if step == bad_step:
+            want[bad_rank] = True
+            assert origin.describe() == {"ranks": [bad_rank],
+                                         "parameters": ["first.weight", "first.bias"]}, origin.describe()
+            grads = [p.grad for p in model.parameters()]
+            grads = [g.full_tensor() if isinstance(g, DTensor) else g for g in grads]
+            assert not bool(torch.isfinite(grads[0]).all()), "the NaN should have spread to every rank"
+            opt.zero_grad()
+            continue
+        assert torch.equal(origin.ranks, want), (step, origin.ranks)
+        opt.step()
+        opt.zero_grad()
+
+
+def ddp_origin(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _Net()
+    model = DDP(net, bucket_cap_mb=1e-5)  # small buckets: one parameter each
+    tracker = DDPNonfiniteTracker(model)
+    _origin_steps(model, net, tracker, rank, world, bad_rank=world - 1)
+
+
+def fsdp_origin(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Net()
+    fully_shard(net.first)
+    fully_shard(net.second)
+    fully_shard(net)
+    tracker = FSDPNonfiniteTracker(net)
+    assert tracker.slot_names == (("first.weight", "first.bias"), ("second.weight", "second.bias"))
+    _origin_steps(net, net, tracker, rank, world, bad_rank=1)
