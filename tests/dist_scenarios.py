@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import torchhealth
 from torchhealth.distributed import (DDPNonfiniteTracker, FSDPNonfiniteTracker, all_reduce_stats,
-                                     by_mesh)
+                                     by_mesh, payload_bytes)
 from dist_workers import assert_same_stats
 
 NAN, INF = math.nan, math.inf
@@ -151,16 +151,23 @@ def errors(rank, world):
             torchhealth.tensor_stats(tensors)
     with pytest.raises(TypeError, match="must be a TensorStats"):
         all_reduce_stats([torch.ones(1)])
+    only_zero = dist.new_group([0])
+    stats = torchhealth.tensor_stats([torch.ones(3)])
+    if rank == 0:  # a group of one: the result is this rank's own
+        assert torch.equal(all_reduce_stats(stats, only_zero).data, stats.data)
+    else:
+        with pytest.raises(ValueError, match=f"this rank \\({rank}\\) is not a member"):
+            all_reduce_stats(stats, only_zero)
 
 
 @contextlib.contextmanager
 def _counting_all_reduces():
-    """The real all-reduce, with the op of each call recorded."""
+    """The real all-reduce, with the op and bytes of each call recorded."""
     calls, real = [], dist.all_reduce
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("op"))
-        return real(*args, **kwargs)
+    def counting(tensor, *args, **kwargs):
+        calls.append((kwargs.get("op"), tensor.numel() * tensor.element_size()))
+        return real(tensor, *args, **kwargs)
 
     dist.all_reduce = counting
     try:
@@ -179,7 +186,8 @@ def combine_plain(rank, world):
     fulls = [torch.cat([t[i].flatten() for t in everyone]) for i in range(2)]
     with _counting_all_reduces() as calls:
         got = all_reduce_stats(torchhealth.tensor_stats(mine))
-    assert calls == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+    assert [op for op, _ in calls] == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+    assert sum(n for _, n in calls) == payload_bytes(2, histogram=True) == 2 * 4560, calls
     assert_same_stats(got, torchhealth.tensor_stats(fulls), fulls, "all_reduce_stats")
     got = all_reduce_stats(torchhealth.tensor_stats(mine, histogram=False), async_op=True).wait()
     assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "async")
@@ -197,8 +205,9 @@ def dtensor_collectives(rank, world):
     dts = [distribute_tensor(_special((4, 4), seed=s), mesh, [Shard(0) if s % 2 else Replicate()])
            for s in range(6)]
     with _counting_all_reduces() as calls:
-        torchhealth.tensor_stats(dts)
-    assert calls == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+        torchhealth.tensor_stats(dts, histogram=False)
+    assert [op for op, _ in calls] == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
+    assert sum(n for _, n in calls) == payload_bytes(6, histogram=False) == 6 * 96, calls
 
 
 class _Net(nn.Module):
@@ -258,3 +267,25 @@ def fsdp_origin(rank, world):
     tracker = FSDPNonfiniteTracker(net)
     assert tracker.slot_names == (("first.weight", "first.bias"), ("second.weight", "second.bias"))
     _origin_steps(net, net, tracker, rank, world, bad_rank=1)
+
+
+def fsdp_skip_everywhere(rank, world):
+    """HealthCheckedOptimizer over FSDP2: a NaN from one rank's batch makes every
+    rank skip that step (the wrapper reads global statistics), and only that one."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Net()
+    fully_shard(net.first)
+    fully_shard(net.second)
+    fully_shard(net)
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
+    for step in range(4):
+        net.poison = rank == world - 1 and step == 2
+        before = [p.full_tensor().clone() for p in net.parameters()]
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        net(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        after = [p.full_tensor() for p in net.parameters()]
+        assert opt.step_was_skipped == (step == 2), (step, opt.step_was_skipped)
+        assert all(torch.equal(a, b) for a, b in zip(after, before)) == (step == 2), step

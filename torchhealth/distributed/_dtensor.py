@@ -86,7 +86,9 @@ def local_pieces(tensors: Sequence) -> tuple[object, list[torch.Tensor]]:
         keep = seen.get(t.placements)
         if keep is None:
             keep = seen[t.placements] = _contributes(t.placements, coordinate, i)
-        local = t.to_local()
+        # The attribute, not to_local(): that is an autograd Function costing
+        # more per tensor than the statistics of a small one.
+        local = t._local_tensor
         pieces.append(local if keep else local.new_empty(0))
     return mesh, pieces
 
@@ -107,8 +109,7 @@ def dtensor_stats(tensors: Sequence, *, histogram: bool = True, saturation: floa
     """`tensor_stats` of DTensors on one mesh: the rows of the global tensors,
     identical on every rank of the mesh. Every rank of the mesh must call it
     with the same tensors in the same order (it issues collectives)."""
-    with torch.no_grad():
-        mesh, pieces = local_pieces(tensors)
+    mesh, pieces = local_pieces(tensors)
     local = _ops.tensor_stats(pieces, histogram=histogram, saturation=saturation)
     to_sum, to_max = _split(local)
     return _reduce(to_sum, to_max, mesh_groups(mesh), async_op)
