@@ -68,6 +68,11 @@ def dtensor_2d(rank, world):
     dts = [distribute_tensor(x, mesh, p) for p in placements]
     dts.append(distribute_tensor(_special((1, 4), seed=4), mesh, [Replicate(), Shard(0)]))
     _compare_dtensors(dts, "2-D mesh")
+    # a 2-D sub-mesh that spans only some ranks: reduced one mesh dimension at a time
+    cube = init_device_mesh("cpu", (2, 1, world // 2), mesh_dim_names=("pp", "dp", "tp"))
+    sub = cube["dp", "tp"]
+    assert sub.ndim == 2 and sub.size() < world
+    _compare_dtensors([distribute_tensor(x, sub, p) for p in placements[:4]], "2-D sub-mesh")
 
 
 def _mlp(seed=0) -> nn.Module:
@@ -257,13 +262,12 @@ def ddp_origin(rank, world):
     _origin_steps(model, net, tracker, rank, world, bad_rank=world - 1)
 
 
-def fsdp_origin(rank, world):
+def fsdp_origin(rank, world, mesh=None):
     from torch.distributed.fsdp import fully_shard
 
     net = _Net()
-    fully_shard(net.first)
-    fully_shard(net.second)
-    fully_shard(net)
+    for m in (net.first, net.second, net):
+        fully_shard(m, mesh=mesh)
     tracker = FSDPNonfiniteTracker(net)
     assert tracker.slot_names == (("first.weight", "first.bias"), ("second.weight", "second.bias"))
     _origin_steps(net, net, tracker, rank, world, bad_rank=1)
@@ -289,3 +293,7 @@ def fsdp_skip_everywhere(rank, world):
         after = [p.full_tensor() for p in net.parameters()]
         assert opt.step_was_skipped == (step == 2), (step, opt.step_was_skipped)
         assert all(torch.equal(a, b) for a, b in zip(after, before)) == (step == 2), step
+
+
+def hsdp_origin(rank, world):
+    fsdp_origin(rank, world, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")))
