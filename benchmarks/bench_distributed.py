@@ -80,7 +80,7 @@ def worker(rank: int, world: int, port: int, steps: int, out) -> None:
     rows = []
     for mode in ("ddp", "fsdp2"):
         variants = {"plain": build(mode, False, False), "wrapped": build(mode, True, False),
-                    "wrapped+origin": build(mode, True, True)}
+                    "origin": build(mode, False, True), "wrapped+origin": build(mode, True, True)}
         times = {k: [] for k in variants}
         sent = {}
         for i in range(steps + 3):

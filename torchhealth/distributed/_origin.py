@@ -90,7 +90,7 @@ def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations 
     if keep:
         grads = bucket.gradients()
         norms = torch._foreach_norm([grads[k] for k in keep], float("inf"))
-        bad = ~torch.isfinite(torch.stack([n.to(torch.float32) for n in norms]))
+        bad = ~torch.isfinite(torch.stack(norms))  # a DDP bucket holds one dtype
         tracker._flags.index_add_(0, idx, bad.to(torch.int32))
     return tracker._inner(tracker._inner_state, bucket)
 
