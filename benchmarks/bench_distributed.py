@@ -66,7 +66,7 @@ def build(mode: str, wrapped: bool, origin: bool):
 
 def step(model, opt, tracker, tokens) -> None:
     logits = model(tokens[:, :-1])
-    nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    nn.functional.cross_entropy(logits, tokens[:, 1:].flatten()).backward()
     if tracker is not None:
         tracker.gather()
     opt.step()

@@ -53,10 +53,12 @@ class TinyLM(nn.Module):
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch * seq, vocab]``: flat, because a Linear over a 3-D
+        input returns a view, which FSDP2 warns about for a root module's output."""
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x).flatten(0, 1))
 
 
 def shard(model: TinyLM) -> TinyLM:
@@ -99,7 +101,7 @@ def main() -> None:
         logits = model(tokens[:, :-1])
         if step == args.nan_at and rank == world - 1:
             logits = logits * math.nan  # a bad batch on one rank
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss = nn.functional.cross_entropy(logits, tokens[:, 1:].flatten())
         loss.backward()
         bad = origin.gather()  # one small all-reduce on every rank
         opt.step()
