@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import torchhealth
 from torchhealth.distributed import (DDPNonfiniteTracker, FSDPNonfiniteTracker, all_reduce_stats,
-                                     by_mesh, payload_bytes)
+                                     by_mesh, global_stats, payload_bytes)
 from dist_workers import assert_same_stats
 
 NAN, INF = math.nan, math.inf
@@ -297,3 +297,31 @@ def fsdp_skip_everywhere(rank, world):
 
 def hsdp_origin(rank, world):
     fsdp_origin(rank, world, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")))
+
+
+def mixed_meshes(rank, world):
+    """FSDP + TP with a layer left out of the TP plan: its parameters live on the
+    1-D "dp" mesh, the others on the 2-D mesh; plain tensors in between."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(use_local_output=False)})
+    fully_shard(model, mesh=mesh["dp"])
+    params = list(model.parameters())
+    assert len(by_mesh(params)) == 2
+    with pytest.raises(ValueError, match="once per mesh"):
+        torchhealth.tensor_stats(params)
+    piece = _rank_tensors(rank)[0]
+    tensors = [params[2], params[0], piece, params[1], params[3]]
+    full_piece = torch.cat([_rank_tensors(r)[0].flatten() for r in range(world)])
+    fulls = [params[2].full_tensor(), params[0].full_tensor(), full_piece,
+             params[1].full_tensor(), params[3].full_tensor()]
+    got = global_stats(tensors, plain="sharded")
+    assert_same_stats(got, torchhealth.tensor_stats(fulls), fulls, "mixed, sharded plain")
+    same = _special((3, 3), seed=5)
+    got = global_stats([same, params[0]], plain="replicated", histogram=False)
+    fulls = [same, fulls[1]]
+    assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "replicated plain")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 TWO = ["dtensor_1d", "fsdp2", "errors", "combine_plain", "dtensor_collectives", "ddp_origin",
        "fsdp_origin", "fsdp_skip_everywhere"]
 FOUR = ["dtensor_1d", "dtensor_2d", "fsdp2", "hsdp", "fsdp_tp", "combine_plain", "ddp_origin",
-        "fsdp_origin", "hsdp_origin"]
+        "fsdp_origin", "hsdp_origin", "mixed_meshes"]
 
 
 @pytest.fixture(scope="module")

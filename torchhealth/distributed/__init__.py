@@ -6,10 +6,11 @@ call it on the same steps with the same tensors in the same order.
 """
 from ._combine import PendingStats, all_reduce_stats, payload_bytes
 from ._dtensor import by_mesh, dtensor_stats, holds_dtensor, mesh_groups
+from ._global import global_stats
 from ._origin import DDPNonfiniteTracker, FSDPNonfiniteTracker, NonfiniteOrigin
 
 __all__ = [
     "DDPNonfiniteTracker", "FSDPNonfiniteTracker", "NonfiniteOrigin", "PendingStats",
-    "all_reduce_stats", "by_mesh", "dtensor_stats", "holds_dtensor", "mesh_groups",
+    "all_reduce_stats", "by_mesh", "dtensor_stats", "global_stats", "holds_dtensor", "mesh_groups",
     "payload_bytes",
 ]
