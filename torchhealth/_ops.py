@@ -115,7 +115,13 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
 
     Results stay on the tensors' device; the call does not synchronise.
     Raises TypeError/ValueError naming the index of an unusable tensor.
+
+    DTensors (all on one mesh) give the rows of the global tensors, the same on
+    every rank; every rank of the mesh must call it: see `torchhealth.distributed`.
     """
+    from . import distributed  # cheap after the first call; it imports no DTensor code
+    if distributed.holds_dtensor(tensors):
+        return distributed.dtensor_stats(tensors, histogram=histogram, saturation=saturation)
     tensors, saturation = _validate(tensors, histogram, saturation)
     if not tensors:
         return TensorStats(reference.tensor_stats([], histogram))

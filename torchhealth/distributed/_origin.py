@@ -1,0 +1,175 @@
+"""Which rank produced a non-finite gradient, seen before communication spreads it.
+
+An all-reduce (DDP) or reduce-scatter (FSDP2) turns one rank's NaN into every
+rank's NaN, so the origin is recorded inside the communication path, on the
+local gradients, as a device flag (no host sync), like Megatron-LM's
+``check_for_nan_in_grad``. After backward, `gather` combines every rank's flags
+in one small SUM all-reduce of ``4 * (world_size + slots)`` bytes.
+
+- DDP: a communication hook (``register_comm_hook``) checks each gradient of a
+  bucket (one fused ``_foreach_norm(inf)`` per bucket: NaN and Inf survive a
+  max-abs) and then runs the normal all-reduce. Slots are parameters.
+- FSDP2 has no DDP-style comm hook; its public ``set_custom_reduce_scatter``
+  replaces the reduce-scatter of each ``fully_shard`` module, whose input is
+  this rank's unsharded local gradients of that module. Slots are FSDP modules
+  (the parameters each one owns). It replaces any custom reduce-scatter already
+  set, and is not called when the shard group has one rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class NonfiniteOrigin:
+    """Result of `gather`, on the device until read.
+
+    ``ranks``: bool ``[world]``, True for the ranks of ``group`` whose local
+    gradients held NaN or Inf before communication. ``slot_ranks``: int32
+    ``[slots]``, how many ranks saw a non-finite local gradient in each slot.
+    ``slot_names``: the parameter names of each slot.
+    """
+
+    ranks: torch.Tensor
+    slot_ranks: torch.Tensor
+    slot_names: tuple[tuple[str, ...], ...]
+    group: object = None
+
+    def describe(self) -> dict:
+        """Host-side summary (reads the device tensors: call it where the
+        monitor copies to the host): global ranks and parameter names."""
+        ranks = torch.nonzero(self.ranks.cpu()).flatten().tolist()
+        if self.group is not None and dist.is_initialized():
+            ranks = [dist.get_global_rank(self.group, r) for r in ranks]
+        slots = torch.nonzero(self.slot_ranks.cpu()).flatten().tolist()
+        return {"ranks": ranks, "parameters": [n for s in slots for n in self.slot_names[s]]}
+
+
+class _OriginTracker:
+    def __init__(self, slot_names, device, group):
+        self.slot_names = tuple(tuple(n) for n in slot_names)
+        self.group = group
+        self._flags = torch.zeros(len(self.slot_names), dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        """Forget the flags (call once per optimizer step; `gather` does by default)."""
+        self._flags.zero_()
+
+    def local_flags(self) -> torch.Tensor:
+        """int32 ``[slots]``: non-finite local gradients seen on this rank since reset."""
+        return self._flags
+
+    def gather(self, *, reset: bool = True) -> NonfiniteOrigin:
+        """Combine every rank's flags (one SUM all-reduce; every rank of the
+        group must call it on the same steps). No host sync."""
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        bad = (self._flags > 0).to(torch.int32)
+        payload = torch.zeros(world + len(bad), dtype=torch.int32, device=bad.device)
+        payload[rank] = bad.amax() if len(bad) else 0
+        payload[world:] = bad
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
+        if reset:
+            self.reset()
+        return NonfiniteOrigin(payload[:world] > 0, payload[world:], self.slot_names, self.group)
+
+    def nonfinite_ranks(self, *, reset: bool = True) -> torch.Tensor:
+        """bool ``[world]``: the ranks whose local gradients were non-finite."""
+        return self.gather(reset=reset).ranks
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
+    keep, idx = tracker._slots_of(bucket.parameters())
+    if keep:
+        grads = bucket.gradients()
+        norms = torch._foreach_norm([grads[k] for k in keep], float("inf"))
+        bad = ~torch.isfinite(torch.stack(norms))  # a DDP bucket holds one dtype
+        tracker._flags.index_add_(0, idx, bad.to(torch.int32))
+    return tracker._inner(tracker._inner_state, bucket)
+
+
+class DDPNonfiniteTracker(_OriginTracker):
+    """Registers a comm hook on ``ddp_model`` that records, per parameter, whether
+    this rank's gradient was non-finite before the all-reduce.
+
+    ``hook``/``hook_state``: the communication hook to run after the check
+    (default: the plain all-reduce on the model's process group).
+    """
+
+    def __init__(self, ddp_model, *, hook=None, hook_state=None):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
+        super().__init__([(n,) for n, _ in params], _device_of(ddp_model), ddp_model.process_group)
+        self._slot = {id(p): i for i, (_, p) in enumerate(params)}
+        self._slot_cache: dict = {}
+        self._inner = hook or allreduce_hook
+        self._inner_state = hook_state if hook is not None else ddp_model.process_group
+        ddp_model.register_comm_hook(self, _checked_allreduce)
+
+    def _slots_of(self, params) -> tuple[list[int], torch.Tensor]:
+        """Positions of the non-empty gradients in a bucket (an empty one has no
+        infinity norm) and their slots, cached: buckets are rebuilt only once,
+        after the first iteration."""
+        key = tuple(id(p) for p in params)
+        hit = self._slot_cache.get(key)
+        if hit is None:
+            keep = [k for k, p in enumerate(params) if p.numel()]
+            idx = torch.tensor([self._slot[key[k]] for k in keep], dtype=torch.int64,
+                               device=self._flags.device)
+            hit = self._slot_cache[key] = (keep, idx)
+        return hit
+
+
+def _owned_parameters(model: torch.nn.Module, fsdp_cls) -> dict[int, list[str]]:
+    """Parameter names per FSDP module (by id): the innermost one owns each."""
+    owners = {name: m for name, m in model.named_modules() if isinstance(m, fsdp_cls)}
+    owned: dict[int, list[str]] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = owners.get(".".join(parts[:cut]))
+            if owner is not None:
+                owned.setdefault(id(owner), []).append(name)
+                break
+    return owned
+
+
+class FSDPNonfiniteTracker(_OriginTracker):
+    """Installs a checking reduce-scatter on every ``fully_shard`` module of
+    ``model`` that records whether this rank's unsharded local gradients of that
+    module were non-finite before they were reduced. ``group``: the group over
+    which `gather` names ranks (default: the whole world)."""
+
+    def __init__(self, model: torch.nn.Module, group=None):
+        from torch.distributed.fsdp import FSDPModule
+
+        owned = _owned_parameters(model, FSDPModule)
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule) and id(m) in owned]
+        if not modules:
+            raise ValueError("FSDPNonfiniteTracker: model has no fully_shard module owning parameters")
+        super().__init__([owned[id(m)] for m in modules], _device_of(model), group)
+        for slot, m in enumerate(modules):
+            m.set_custom_reduce_scatter(_make_checked_reduce_scatter(self, slot))
+
+
+def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    class CheckedReduceScatter(ReduceScatter):
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            tracker._flags[slot] += (~torch.isfinite(input_tensor).all()).to(torch.int32)
+            return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
+                                              async_op=async_op)
+
+    return CheckedReduceScatter()
