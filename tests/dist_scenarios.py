@@ -295,6 +295,36 @@ def fsdp_skip_everywhere(rank, world):
         assert all(torch.equal(a, b) for a, b in zip(after, before)) == (step == 2), step
 
 
+def rank0_reports_and_raise_together(rank, world):
+    """Under FSDP2, Reports reach sinks on rank 0 only (every rank holds the same
+    one), and a "raise" finding raises on every rank at the same step."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Net()
+    fully_shard(net.first)
+    fully_shard(net.second)
+    fully_shard(net)
+    got, everywhere = [], []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), model=net,
+                                             policy={"nonfinite": "raise"}, on_report=got.append)
+    opt.monitor.on_report(everywhere.append, all_ranks=True)
+    raised = None
+    for step in range(3):
+        net.poison = rank == 0 and step == 1
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        net(x).sum().backward()
+        try:
+            opt.step()
+        except torchhealth.HealthCheckError as e:
+            raised = e.report.step
+            break
+        opt.zero_grad()
+    assert raised == 1, (rank, raised)
+    assert [r.step for r in got] == ([0, 1] if rank == 0 else []), (rank, got)
+    assert [r.step for r in everywhere] == [0, 1]
+    assert everywhere[1].grad_norm != everywhere[1].grad_norm or everywhere[1].nonfinite("grad") > 0
+
+
 def hsdp_origin(rank, world):
     fsdp_origin(rank, world, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")))
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 TWO = ["dtensor_1d", "fsdp2", "errors", "combine_plain", "dtensor_collectives", "ddp_origin",
-       "fsdp_origin", "fsdp_skip_everywhere"]
+       "fsdp_origin", "fsdp_skip_everywhere", "rank0_reports_and_raise_together"]
 FOUR = ["dtensor_1d", "dtensor_2d", "fsdp2", "hsdp", "fsdp_tp", "combine_plain", "ddp_origin",
         "fsdp_origin", "hsdp_origin", "mixed_meshes"]
 

@@ -1,7 +1,6 @@
 """torchhealth.watch (issue 9): where a non-finite value was born, saturation,
 dead units, and no finding on a healthy model."""
 import dataclasses
-import warnings
 
 import pytest
 import torch

@@ -61,6 +61,7 @@ import torch
 
 from .checks import RunningState, Signal, run_checks, total_grad_norm
 from .policy import Decision, act_, decide, dispatch
+from . import distributed
 from ._ops import tensor_stats
 from .collect import Collected, Collector
 from .options import MonitorOptions
@@ -78,6 +79,11 @@ class _Handle:
     def remove(self) -> None:
         if self._fn in self._callbacks:
             self._callbacks.remove(self._fn)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class _Handles:
@@ -128,7 +134,7 @@ class HealthMonitor:
         self.options = MonitorOptions.build(options, **settings)
         self.collector = Collector(source, model, self.options.optimizer_state)
         self.checks = 0  # checks run so far
-        self._callbacks: list[Callable[[Report], None]] = []
+        self._callbacks: list[tuple[Callable[[Report], None], bool]] = []
         self._pending: list[CheckResult] = []
         self._last: CheckResult | None = None
         self._state: RunningState | None = None
@@ -157,11 +163,14 @@ class HealthMonitor:
         return self.collector.param_groups
 
     # -- public API ------------------------------------------------------------------
-    def on_report(self, callback: Callable[[Report], None]) -> _Handle:
+    def on_report(self, callback: Callable[[Report], None], *, all_ranks: bool = False) -> _Handle:
         """Calls ``callback(report)`` for every check, in step order (one step
-        late with sync="never"). Returns a handle whose ``remove()`` detaches it."""
-        self._callbacks.append(callback)
-        return _Handle(self._callbacks, callback)
+        late with sync="never"). Under `torch.distributed`, only on rank 0 unless
+        ``all_ranks`` (every rank holds the same Report). Returns a handle whose
+        ``remove()`` detaches it."""
+        entry = (callback, all_ranks)
+        self._callbacks.append(entry)
+        return _Handle(self._callbacks, entry)
 
     def due(self, step: int) -> bool:
         return self.options.due(step)
@@ -307,6 +316,11 @@ class HealthMonitor:
         if not tensors:
             raise ValueError("HealthMonitor: nothing to check (no floating-point parameters)")
         histogram = self.options.histogram
+        if distributed.holds_dtensor(tensors):
+            # The combine stage: rows of the global tensors (FSDP2, tensor parallel,
+            # HSDP), identical on every rank, so every rank reaches the same verdict.
+            # Plain tensors beside them are taken as replicated (DDP).
+            return distributed.global_stats(tensors, histogram=histogram, plain="replicated")
         devices = list(dict.fromkeys(t.device for t in tensors))
         if len(devices) == 1:
             return tensor_stats(tensors, histogram=histogram)
@@ -321,8 +335,11 @@ class HealthMonitor:
             if not (self._callbacks or result.fired):
                 continue
             report = result.report()
-            for cb in list(self._callbacks):
-                cb(report)
-            dispatch(report, self.options.policy, late=result.late,
+            rank0 = _rank() == 0
+            for cb, all_ranks in list(self._callbacks):
+                if rank0 or all_ranks:
+                    cb(report)
+            # Every rank raises together (same numbers, same verdict); rank 0 warns.
+            dispatch(report, self.options.policy, late=result.late, warn=rank0,
                        escalated=self.options.escalate_after if result.escalated else None,
                        stacklevel=4)

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from .policy import predicated_step, unscale_
 from .monitor import HealthMonitor
-from .options import MonitorOptions
+from .options import MonitorOptions, backward_end_by_default
 from .report import Report
 
 _KEY = "torchhealth"
@@ -107,9 +107,8 @@ class HealthCheckedOptimizer(Optimizer):
         self.steps = 0
         self._skipped = 0  # int, or a 0-d device tensor until read
         self._last_skip: bool | torch.Tensor = False
-        at_end = self.monitor.options.at_backward_end
         self._backward_hooks = (self.monitor.check_at_backward_end(self._next_step)
-                                if at_end or (at_end is None and model is not None) else None)
+                                if backward_end_by_default(self.monitor.options, model) else None)
 
     def _next_step(self) -> int:
         return self.steps

@@ -34,7 +34,9 @@ class MonitorOptions:
     - ``max_grad_norm``: clip gradients to this total norm, reusing the statistics.
     - ``at_backward_end``: run the checks when backward finishes, before other
       code (gradient clipping) changes the gradients; the step then uses that
-      verdict. None (default): when the parameters' module is known (``model=``).
+      verdict. None (default): when the parameters' module is known (``model=``)
+      and the process is not one of several (under DDP the engine's callbacks
+      may run before the gradients are all-reduced; there checks run at step time).
     - ``escalate_after``: after this many consecutive checks that skipped the step
       (policy "skip"), raise `HealthCheckError` instead: a run whose weights went
       NaN would otherwise skip every step forever. None never escalates.
@@ -93,3 +95,13 @@ class MonitorOptions:
 
     def due(self, step: int) -> bool:
         return step % self.check_every == 0
+
+
+def backward_end_by_default(options: MonitorOptions, model) -> bool:
+    """Whether checks run at the end of backward: `MonitorOptions.at_backward_end`,
+    or with None, when a model is known and torch.distributed runs one process."""
+    if options.at_backward_end is not None:
+        return options.at_backward_end
+    import torch.distributed as dist
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return model is not None and not several

@@ -77,17 +77,18 @@ def describe(action: Action) -> str:
 
 # -- host side ---------------------------------------------------------------------
 def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False,
-             escalated: int | None = None, stacklevel: int = 2) -> None:
+             escalated: int | None = None, warn: bool = True, stacklevel: int = 2) -> None:
     """Carries out the host-side actions of `report`'s findings: warnings and
     callables first, then one `HealthCheckError` for every "raise" finding (and
     for an escalation: ``escalated`` consecutive skipped steps).
-    ``late``: the verdict arrives after that step's optimizer step (sync="never")."""
+    ``late``: the verdict arrives after that step's optimizer step (sync="never").
+    ``warn=False`` leaves out the warnings (ranks other than 0), never a raise."""
     to_raise = []
     for f in report.findings:
         action = policy.get(f.check, "warn")  # activation checks (torchhealth.watch) warn
         if callable(action):
             action(report, f)
-        elif action in ("warn", "skip", "zero"):
+        elif action in ("warn", "skip", "zero") and warn:
             warnings.warn(f"torchhealth step {report.step}: {f.check}: {f.message}",
                           HealthWarning, stacklevel=stacklevel + 1)
         elif action == "raise":

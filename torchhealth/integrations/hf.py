@@ -37,7 +37,7 @@ from collections.abc import Iterable
 
 from .._optional import require
 from ..monitor import HealthMonitor
-from ..options import MonitorOptions
+from ..options import MonitorOptions, backward_end_by_default
 from ..policy import HealthCheckError
 from ..report import Report
 from ..sinks.base import Sink
@@ -90,7 +90,7 @@ class HealthCheckCallback(transformers.TrainerCallback):
             self.monitor = HealthMonitor(opt, model=model, options=self.options)
             self.monitor.on_report(self._deliver)
             self._optimizer = opt
-            if self.options.at_backward_end is not False:
+            if backward_end_by_default(self.options, model):
                 self._hooks = self.monitor.check_at_backward_end(self._next_step)
         return self.monitor
 

@@ -35,7 +35,7 @@ import torch
 
 from .._optional import require
 from ..monitor import HealthMonitor
-from ..options import MonitorOptions
+from ..options import MonitorOptions, backward_end_by_default
 from ..report import Report
 from ..sinks.base import Sink, scalars
 from ._common import skip_by_dropping_gradients, unscale_for_check, unwrap
@@ -85,7 +85,7 @@ class HealthCheckCallback(pl.Callback):
         if monitor is None:
             monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, options=self.options)
             monitor.on_report(self._deliver)
-            if self.options.at_backward_end is not False:
+            if backward_end_by_default(self.options, pl_module):
                 self._hooks.append(monitor.check_at_backward_end(self._global_step))
         return monitor
 
