@@ -15,39 +15,25 @@ import pytest
 _REPORTS = pytest.StashKey[list]()
 
 
-def _data(name: str):
-    from . import data
-    return getattr(data, name)()
+def _data_fixture(name: str, doc: str):
+    def fixture():
+        from . import data
+        return getattr(data, name)()
+
+    fixture.__doc__ = doc
+    return pytest.fixture(name=f"torchhealth_{name}")(fixture)
 
 
-@pytest.fixture
-def torchhealth_blobs():
-    """`data.blobs()`: 300 points, 2 features, 3 balanced Gaussian blobs."""
-    return _data("blobs")
-
-
-@pytest.fixture
-def torchhealth_sines():
-    """`data.sines()`: 256 samples of a noisy sum of sines and cosines."""
-    return _data("sines")
-
-
-@pytest.fixture
-def torchhealth_images():
-    """`data.images()`: 64 NCHW 3x16x16 images, the label is the spot's position."""
-    return _data("images")
-
-
-@pytest.fixture
-def torchhealth_sequences():
-    """`data.sequences()`: 128 sequences of 12 steps, 4 features, 2 classes."""
-    return _data("sequences")
-
-
-@pytest.fixture
-def torchhealth_tokens():
-    """`data.tokens()`: 128 token sequences of length 12, vocabulary 16, 2 classes."""
-    return _data("tokens")
+torchhealth_blobs = _data_fixture("blobs", "`data.blobs()`: 300 points, 2 features, 3 balanced "
+                                  "Gaussian blobs.")
+torchhealth_sines = _data_fixture("sines", "`data.sines()`: 256 samples of a noisy sum of sines "
+                                  "and cosines.")
+torchhealth_images = _data_fixture("images", "`data.images()`: 64 NCHW 3x16x16 images, the label "
+                                   "is the spot's position.")
+torchhealth_sequences = _data_fixture("sequences", "`data.sequences()`: 128 sequences of 12 "
+                                      "steps, 4 features, 2 classes.")
+torchhealth_tokens = _data_fixture("tokens", "`data.tokens()`: 128 token sequences of length 12, "
+                                   "vocabulary 16, 2 classes.")
 
 
 @pytest.fixture
