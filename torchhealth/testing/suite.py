@@ -20,7 +20,8 @@ from .model_checks import MODEL_CHECKS, Options
 from .probe import OptimizerArg, Probe, resolve_names
 from .report import SanityReport, failed, not_applicable
 
-CHECK_NAMES = tuple(MODEL_CHECKS)
+DATA_CHECKS = {"inputs_finite", "input_range", "layout", "labels", "constant_features"}
+CHECK_NAMES = tuple(sorted(DATA_CHECKS)) + tuple(MODEL_CHECKS)
 
 
 def check_model(model: nn.Module, batch: Any, loss_fn: Callable, *,
@@ -65,9 +66,10 @@ def check_model(model: nn.Module, batch: Any, loss_fn: Callable, *,
                    classes=classes, expected_init_loss=expected_init_loss,
                    init_loss_rtol=init_loss_rtol, output_kind=output_kind, evaluate=evaluate,
                    raw_batch=batch, overfit_steps=overfit_steps, overfit_ratio=overfit_ratio)
-    results = [r for r in check_batch(b, expect_range=expect_range, layout=layout,
-                                      classes=classes)
-               if r.name in selected]
+    results = []
+    if selected & DATA_CHECKS:
+        results = [r for r in check_batch(b, expect_range=expect_range, layout=layout,
+                                          classes=classes) if r.name in selected]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = Probe(model, b, loss_fn, optimizer, seed)
@@ -83,8 +85,7 @@ def check_model(model: nn.Module, batch: Any, loss_fn: Callable, *,
 
 
 def _select(checks, skip) -> set[str]:
-    data_names = {"inputs_finite", "input_range", "layout", "labels", "constant_features"}
-    known = set(MODEL_CHECKS) | data_names
+    known = set(CHECK_NAMES)
     chosen = set(known if checks is None else checks)
     unknown = (chosen | set(skip)) - known
     if unknown:
