@@ -12,7 +12,7 @@ CE = nn.CrossEntropyLoss()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def one_thread():
     # Tiny models on a shared machine: a second OpenMP thread costs more than it saves.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

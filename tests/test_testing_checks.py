@@ -12,15 +12,9 @@ import torchhealth
 from torchhealth import testing as T
 from torchhealth.testing.activations import leaf_calls
 
+from test_bug_zoo import one_thread  # noqa: F401  (autouse fixture)
+
 CE = nn.CrossEntropyLoss()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp(out=3, seed=0):
