@@ -17,6 +17,7 @@ import torchhealth
 
 from .batch import Batch, as_batch
 from .report import CheckResult, SanityReport, failed, not_applicable, passed
+from .rng import seeded
 
 LAYOUTS = ("NCHW", "NHWC", None)
 _CHANNEL_COUNTS = (1, 3, 4)
@@ -227,8 +228,7 @@ def check_transforms(sample: Any, train_transform: Callable, eval_transform: Cal
     a deterministic eval transform, and the same scale (the eval output's mean
     within half a standard deviation of the train outputs', its standard
     deviation within 2x): a Normalize in one transform but not the other fails."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         train = [train_transform(sample) for _ in range(repeats)]
         ev, ev2 = eval_transform(sample), eval_transform(sample)
     for name, t in (("train_transform", train[0]), ("eval_transform", ev)):

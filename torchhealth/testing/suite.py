@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from .batch import UserCodeError, as_batch
@@ -19,6 +18,7 @@ from .data_checks import check_batch
 from .model_checks import MODEL_CHECKS, Options
 from .probe import OptimizerArg, Probe, resolve_names
 from .report import SanityReport, failed, not_applicable
+from .rng import seeded
 
 DATA_CHECKS = {"inputs_finite", "input_range", "layout", "labels", "constant_features"}
 CHECK_NAMES = tuple(sorted(DATA_CHECKS)) + tuple(MODEL_CHECKS)
@@ -70,8 +70,7 @@ def check_model(model: nn.Module, batch: Any, loss_fn: Callable, *,
     if selected & DATA_CHECKS:
         results = [r for r in check_batch(b, expect_range=expect_range, layout=layout,
                                           classes=classes) if r.name in selected]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, {p.device for p in model.parameters()}):
         probe = Probe(model, b, loss_fn, optimizer, seed)
         try:
             probe.train_pass  # noqa: B018  (every model check needs it)
