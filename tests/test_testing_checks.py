@@ -222,3 +222,19 @@ def test_report_text_dict_and_lookup():
     with pytest.raises(KeyError, match="no check named 'nope'"):
         report["nope"]
     assert report.raise_if_failed() is report
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(x).detach()
+
+
+def test_a_fully_detached_output_is_reported_not_a_crash():
+    report = T.check_model(Detached(), BATCH, CE, classes=3)
+    assert report["connected"].failed and report["connected"].names == ("fc.weight", "fc.bias")
+    assert report["batch_independent"].status is T.Status.NOT_APPLICABLE
+    assert report["overfits"].failed and report["params_update"].failed

@@ -133,7 +133,8 @@ class Probe:
                 for c in calls for k, t in enumerate(c.tensors)] + [("output", out)]
         activations = Rows.of([n for n, _ in acts], [t for _, t in acts])
         params = Rows.of([n for n, _ in self.named], [p for _, p in self.named])
-        loss.backward()
+        if loss.requires_grad:  # else no parameter reaches the loss: `connected` names them all
+            loss.backward()
         with_grad = [(n, p.grad) for n, p in self.named if p.requires_grad and p.grad is not None]
         return TrainPass(out.detach(), loss.item(), list(calls), activations, params,
                          Rows.of([n for n, _ in with_grad], [g for _, g in with_grad]),
@@ -168,6 +169,8 @@ class Probe:
         if not sources:
             return ("no input is floating point and no module maps integer inputs to "
                     "activations (an embedding), so there is nothing to differentiate")
+        if not out.requires_grad:
+            return "the output does not depend on the inputs through autograd"
         if out.dim() == 0 or out.shape[0] != n:
             return f"the output's shape {list(out.shape)} has no batch dimension 0 of size {n}"
         i = n // 2
@@ -190,11 +193,12 @@ class Probe:
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.batch.loss(self.loss_fn, self.batch.forward(self.model))
+            losses.append(loss.item())
+            # without a graph there is nothing to train: the check reports the flat loss
+            if losses[-1] <= target or not loss.requires_grad:
+                break
             loss.backward()
             self.optimizer.step()
-            losses.append(loss.item())
-            if losses[-1] <= target:
-                break
         return losses
 
     def eval_loss(self) -> float:
