@@ -78,9 +78,10 @@ def params_update(p: Probe, o: Options) -> CheckResult:
         if not_trainable:
             parts.append(f"{', '.join(_modules(not_trainable))} has requires_grad=False but is "
                          "not listed in frozen= (a layer frozen by accident?)")
-        for n in stuck:
-            parts.append(f"{n} did not change in one optimizer step "
-                         f"({grad_state.get(n, 'a gradient, but the optimizer did not move it: missing from its param groups, or lr=0?')})")
+        moved_not = ("a gradient, but the optimizer did not move it: missing from its param "
+                     "groups, or lr=0?")
+        parts += [f"{n} did not change in one optimizer step ({grad_state.get(n, moved_not)})"
+                  for n in stuck]
         return failed("params_update", "; ".join(parts), not_trainable + stuck)
     return passed("params_update", f"all {len(changes.names) - len(o.frozen)} parameters not "
                   "listed in frozen= change in one optimizer step (on a copy of the model)")
@@ -238,11 +239,15 @@ def overfits(p: Probe, o: Options) -> CheckResult:
     losses = p.overfit(o.overfit_steps, target)
     best = min(losses)
     final = best if best <= target else p.eval_loss()
-    if min(best, final) <= target:
-        return passed("overfits", f"the loss fell from {start:.4g} to {min(best, final):.4g} "
-                      f"in {len(losses) + 1} steps on one batch (on a copy of the model)")
+    if best <= target:
+        return passed("overfits", f"the loss fell from {start:.4g} to {best:.4g} after "
+                      f"{len(losses)} optimizer steps on one batch (on a copy of the model)")
+    if final <= target:
+        return passed("overfits", f"the loss fell from {start:.4g} to {final:.4g} in eval mode "
+                      f"after {len(losses) + 1} optimizer steps on one batch (on a copy of the "
+                      "model)")
     return failed("overfits", f"the loss went from {start:.4g} to {best:.4g} at best (eval mode "
-                  f"{final:.4g}) in {len(losses) + 1} steps, not below {o.overfit_ratio:g}x its "
+                  f"{final:.4g}) in {len(losses) + 1} optimizer steps, not below {o.overfit_ratio:g}x its "
                   "start: the model cannot fit one batch (a missing activation, softmax applied "
                   "twice, labels that do not match the inputs, too small a learning rate?)",
                   ["loss"], start=start, best=best, eval_final=final)
