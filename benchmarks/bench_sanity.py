@@ -5,7 +5,9 @@ For each correct model of the bug zoo (tests/test_bug_zoo.py), times
 init_loss, batch_independent) against hand-written equivalents in the style of
 torchtest: each check its own forward (and backward), a Python loop over the
 parameters with one reduction and one host read per tensor. The overfit check
-is left out of both: its optimizer steps cost the same either way.
+is left out of both (its optimizer steps cost the same either way); the last
+column is the whole `check_model` with every check the model takes, overfit
+included, for scale.
 
     python benchmarks/bench_sanity.py [--min-run-time SECONDS]
 
@@ -98,8 +100,9 @@ def main() -> None:
     ap.add_argument("--min-run-time", type=float, default=2.0)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, one thread; checks: {', '.join(CHECKS)}\n")
-    print("| model | parameters | suite (ms) | hand-written, one by one (ms) | speed-up |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | parameters | suite (ms) | hand-written, one by one (ms) | speed-up "
+          "| whole check_model (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, (make, batch, loss_fn, kwargs) in ZOO.items():
         torch.manual_seed(0)
         model = make()
@@ -113,9 +116,12 @@ def main() -> None:
                                 globals=env).blocked_autorange(min_run_time=args.min_run_time)
         hand = benchmark.Timer("hand_written(model, batch, loss_fn, classes)",
                                globals=env).blocked_autorange(min_run_time=args.min_run_time)
+        whole = benchmark.Timer("check_model(model, batch, loss_fn, **kwargs)",
+                                globals={**env, "kwargs": kwargs}).blocked_autorange(
+                                    min_run_time=args.min_run_time)
         n = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {n:,} | {suite.median * 1e3:.2f} | {hand.median * 1e3:.2f} | "
-              f"{hand.median / suite.median:.2f}x |")
+              f"{hand.median / suite.median:.2f}x | {whole.median * 1e3:.0f} |")
 
 
 if __name__ == "__main__":
