@@ -51,6 +51,8 @@ def test_model_without_trainable_parameters_is_a_clear_error():
         T.check_model(frozen, BATCH, CE)
     with pytest.raises(ValueError, match="has no trainable parameters"):
         T.check_model(nn.ReLU(), BATCH, CE)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        T.check_model(lambda x: x, BATCH, CE, frozen=["fc"])
 
 
 def test_unknown_names_are_clear_errors():

@@ -19,7 +19,7 @@ from torch import nn
 import torchhealth
 
 from .activations import LeafCall, floating_tensors, leaf_calls
-from .batch import Batch, primary_output, trainable_parameters
+from .batch import Batch, primary_output
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 
@@ -109,7 +109,6 @@ class Probe:
 
     def __init__(self, model: nn.Module, batch: Batch, loss_fn: Callable,
                  optimizer: OptimizerArg = None, seed: int = 0):
-        trainable_parameters(model)  # a clear error when there is nothing to train
         self.batch, self.loss_fn, self.seed = batch, loss_fn, seed
         if isinstance(optimizer, torch.optim.Optimizer):
             # One deepcopy keeps the optimizer's parameters pointing at the copy's.

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .batch import UserCodeError, as_batch
+from .batch import UserCodeError, as_batch, trainable_parameters
 from .data_checks import check_batch
 from .model_checks import MODEL_CHECKS, Options
 from .probe import OptimizerArg, Probe, resolve_names
@@ -60,6 +60,7 @@ def check_model(model: nn.Module, batch: Any, loss_fn: Callable, *,
     When the model or loss raises, the report says so in a failed "forward"
     check and the model checks are not applicable.
     """
+    trainable_parameters(model)  # a clear error for a non-module or nothing to train
     b = as_batch(batch, target_key=target_key)
     selected = _select(checks, skip)
     opts = Options(frozen=resolve_names(model, frozen, "frozen"), output_range=output_range,
