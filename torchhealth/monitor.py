@@ -15,14 +15,15 @@ Usage (what an integration does around each optimizer step)::
     monitor.flush()                         # at the end: deliver what is pending
     monitor.last_report                     # the newest Report (built lazily)
 
-`HealthMonitor.check` is the pipeline of `../shared/ARCHITECTURE.md`, a stage
-a line, everything before the host copy on the device and without
+`HealthMonitor.check` is the pipeline, a stage a function (`_prepare` and
+`_commit`), everything before the host copy on the device and without
 synchronising:
 
 1. collect (`torchhealth.collect`): the parameters, gradients and (opt-in)
    optimizer state tensors, with their names and roles;
-2. stats: one fused `tensor_stats` call per device (activation statistics, from
-   `torchhealth.watch`, were made at the end of their own passes);
+2. stats: one fused `tensor_stats` call per device, combined across ranks for
+   DTensors (`torchhealth.distributed`); activation statistics, from
+   `torchhealth.watch`, were made at the end of their own passes;
 3. checks (`torchhealth.checks`): signals, against running state kept on the device;
 4. policy (`torchhealth.policy.decide`): the skip flag and the escalation;
 5. host copy (`torchhealth.result.CheckResult`): one packed copy, read as
