@@ -1,4 +1,5 @@
 """The Lightning and transformers callbacks, with the real frameworks on the CPU."""
+import contextlib
 import csv
 import os
 import sys
@@ -222,3 +223,31 @@ def test_core_imports_no_optional_package():
             "assert not bad, bad\n")
     import subprocess
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_skip_aware_scheduler_under_accelerate(monkeypatch):
+    """accelerate's prepared scheduler and optimizer: a skipped step does not move
+    the learning rate (AcceleratedScheduler has `optimizers`, not `optimizer`)."""
+    accelerate = pytest.importorskip("accelerate")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model=model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, aopt, asched = accelerator.prepare(model, opt, sched)
+    sched = torchhealth.SkipAwareScheduler(asched)
+    lrs = []
+    for step in range(3):
+        x = torch.randn(8, 4)
+        if step == 1:
+            x[0, 0] = float("nan")
+        aopt.zero_grad()
+        with pytest.warns(torchhealth.HealthWarning) if step == 1 else contextlib.nullcontext():
+            accelerator.backward(model(x).pow(2).mean())
+            aopt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [0.5, 0.5, 0.25] and opt.skipped_steps == 1
+    with pytest.raises(TypeError, match="steps no HealthCheckedOptimizer"):
+        torchhealth.SkipAwareScheduler(torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters()), 1))

@@ -241,16 +241,34 @@ def _replay_first(closure, loss):
 
 
 class SkipAwareScheduler:
-    """Wraps an LR scheduler whose optimizer is a `HealthCheckedOptimizer` so
-    that ``step()`` does nothing after a skipped optimizer step (as accelerate
-    does with ``step_was_skipped``). Every other attribute is the scheduler's."""
+    """Wraps an LR scheduler so that ``step()`` does nothing after an optimizer
+    step that a `HealthCheckedOptimizer` skipped. The scheduler may be a torch
+    scheduler (its ``optimizer``) or a wrapper holding several optimizers, such as
+    accelerate's ``AcceleratedScheduler`` (its ``optimizers``), each of which may
+    itself be wrapped (accelerate's ``AcceleratedOptimizer``). Every other
+    attribute is the scheduler's. Reading a skip decided on the device (sync
+    "never" with a fused optimizer) reads that one flag on the host."""
 
     def __init__(self, scheduler):
+        optimizers = getattr(scheduler, "optimizers", None) or [getattr(scheduler, "optimizer", None)]
+        self._checked = [o for o in (_health_checked(x) for x in optimizers) if o is not None]
+        if not self._checked:
+            raise TypeError(f"SkipAwareScheduler: {type(scheduler).__name__} steps no "
+                            "HealthCheckedOptimizer (looked at its optimizer/optimizers)")
         self.scheduler = scheduler
 
     def step(self, *args, **kwargs) -> None:
-        if not getattr(self.scheduler.optimizer, "step_was_skipped", False):
+        if not any(o.step_was_skipped for o in self._checked):
             self.scheduler.step(*args, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self.scheduler, name)
+        return getattr(self.__dict__["scheduler"], name)
+
+
+def _health_checked(optimizer) -> HealthCheckedOptimizer | None:
+    """The HealthCheckedOptimizer inside framework wrappers (``.optimizer``)."""
+    for _ in range(4):
+        if optimizer is None or isinstance(optimizer, HealthCheckedOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
