@@ -1,4 +1,5 @@
 """HealthMonitor: host reads by construction, policies, and use without a wrapper."""
+import math
 import warnings
 
 import pytest
@@ -184,3 +185,22 @@ def test_embedding_tables_are_exempt_from_the_zero_fraction_check():
     anonymous.check(0)
     (f,) = anonymous.last_report.findings
     assert f.check == "vanishing" and f.names == ["group0.param0"]
+
+
+def test_a_step_with_nonfinite_gradients_logs_a_nan_or_inf_norm():
+    """Issue 12: the norm of the finite values hid the fault on dashboards."""
+    from torchhealth.sinks.base import scalars
+    model = _model()
+    mon = th.HealthMonitor(model, policy="ignore")
+    _backward(model, 0, nan=True)
+    mon.check(0)
+    r = mon.last_report
+    assert math.isnan(r.grad_norm) and math.isfinite(r.finite_grad_norm) and r.finite_grad_norm >= 0
+    model.zero_grad()
+    _backward(model, 1)
+    model[2].bias.grad[0] = float("inf")
+    mon.check(1)
+    r = mon.last_report
+    assert r.grad_norm == math.inf and math.isfinite(r.finite_grad_norm)
+    m = scalars(r, per_tensor=False)
+    assert m["health/grad_norm"] == math.inf and m["health/finite_grad_norm"] == r.finite_grad_norm

@@ -153,13 +153,27 @@ class Report:
         return cls(step=step, rows=rows_from_stats(stats, names, roles, shapes, dtypes), **kwargs)
 
     # -- totals -------------------------------------------------------------------
-    def norm(self, role: str) -> float:
-        """L2 norm over every tensor of one role ("grad", "param", ...)."""
-        return math.sqrt(sum(r.sumsq for r in self.rows if r.role == role))
+    def norm(self, role: str, *, finite_only: bool = False) -> float:
+        """L2 norm over every tensor of one role ("grad", "param", ...), as
+        `torch.linalg.vector_norm` gives it: NaN when a value is NaN, else inf
+        when one is infinite. ``finite_only``: the norm of the finite values."""
+        rows = [r for r in self.rows if r.role == role]
+        if not finite_only:
+            if any(r.nan for r in rows):
+                return math.nan
+            if any(r.posinf or r.neginf for r in rows):
+                return math.inf
+        return math.sqrt(sum(r.sumsq for r in rows))
 
     @property
     def grad_norm(self) -> float:
+        """The gradients' norm (NaN or inf on a step with non-finite gradients)."""
         return self.norm("grad")
+
+    @property
+    def finite_grad_norm(self) -> float:
+        """The norm of the finite gradient values."""
+        return self.norm("grad", finite_only=True)
 
     @property
     def param_norm(self) -> float:

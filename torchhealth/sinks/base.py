@@ -27,9 +27,12 @@ class Sink:
 
 def scalars(report: Report, per_tensor: bool = True) -> dict[str, float]:
     """The Report as flat named numbers for metric loggers: totals under
-    ``health/``, and per tensor ``<role>_norm/<name>``, ``<role>_absmax/<name>``
+    ``health/`` (``grad_norm`` is NaN or inf on a step with non-finite gradients,
+    as PyTorch, Lightning and the Trainer log it; ``finite_grad_norm`` is the norm
+    of the finite values), and per tensor ``<role>_norm/<name>``, ``<role>_absmax/<name>``
     and ``<role>_nonfinite/<name>``."""
-    out = {"health/grad_norm": report.grad_norm, "health/param_norm": report.param_norm,
+    out = {"health/grad_norm": report.grad_norm, "health/finite_grad_norm": report.finite_grad_norm,
+           "health/param_norm": report.param_norm,
            "health/nonfinite": float(report.nonfinite()),
            "health/findings": float(len(report.findings)),
            "health/skipped": float(report.skipped)}
