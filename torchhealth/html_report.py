@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ._optional import require
 from .report import Report, Row
-from .sinks.histogram import magnitude_counts
+from .histogram_view import magnitude_counts
 
 # Binary exponents of the low-precision limits drawn on the heatmaps.
 LIMITS = [  # (log2 magnitude, label, dtype)
