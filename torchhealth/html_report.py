@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._optional import require
-from .report import Report, Row
 from .histogram_view import magnitude_counts
+from .report import Report, Row
 
 # Binary exponents of the low-precision limits drawn on the heatmaps.
 LIMITS = [  # (log2 magnitude, label, dtype)

@@ -47,7 +47,7 @@ from .base import Sink
 from .jsonl_format import FORMAT, decode, encode, layout_of
 from .jsonl_reader import Damage, Log, Run, TruncatedLogError, read_jsonl
 
-__all__ = ["Damage", "FORMAT", "JsonlSink", "Log", "Run", "TruncatedLogError", "decode", "encode",
+__all__ = ["FORMAT", "Damage", "JsonlSink", "Log", "Run", "TruncatedLogError", "decode", "encode",
            "read_jsonl"]
 
 _GZIP_WBITS = 31  # zlib's gzip container
