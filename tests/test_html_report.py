@@ -106,10 +106,12 @@ def _reports(names, grads, step0=0, **kwargs):
 @pytest.mark.parametrize("grad", [[0.0, 0.0, 0.0], [float("nan")] * 3], ids=["zero", "nan"])
 def test_report_of_a_run_whose_gradients_are_all_zero_or_nan(tmp_path, grad):
     pytest.importorskip("matplotlib")
-    page = write_report(_reports(["w"], [grad] * 2), tmp_path / "r.html").read_text()
-    assert len(_images(page)) == 2 and "<h2>Worst parameters</h2>" in page
-    single = render(_reports(["w"], [grad]))  # one step: `torchhealth demo --steps 1`
-    assert "<h2>Worst parameters</h2>" in single
+    from torchhealth.report import Finding
+    fired = {"findings": [Finding("nonfinite", "error", "w is NaN", ["w"])], "skipped": True}
+    page = write_report(_reports(["w"], [grad] * 2, **fired), tmp_path / "r.html").read_text()
+    assert len(_images(page)) == 3 and "<h2>Worst parameters</h2>" in page
+    single = render(_reports(["w"], [grad], **fired))  # one step: `torchhealth demo --steps 1`
+    assert len(_images(single)) == 3 and "<td>nonfinite</td>" in single
 
 
 def test_names_are_drawn_literally(monkeypatch):
