@@ -28,8 +28,8 @@ def test_demo_builds_its_scenario_once_and_keeps_few_reports(tmp_path, monkeypat
             gc.collect()
             live.append(sum(type(o) is Report for o in gc.get_objects()))
     assert demo.present("nan", steps=60, log_dir=tmp_path, progress=progress) == 0
-    assert len(built) == 1
     assert live[0] <= 6, live  # not one per step
+    assert len(built) == 1
     out = capsys.readouterr().out
     assert "first finding at step 12 (1 of 60 steps had findings)" in out
     assert "The report of step 12" in out and "   59  " in out

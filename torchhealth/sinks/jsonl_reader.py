@@ -155,7 +155,7 @@ class _Reader:
         if b'"layout"' in text or b'"torchhealth"' in text:  # the records after it have no known layout
             self.layout, self.layout_lost = None, line
 
-    def add(self, d: object, line: int) -> None:
+    def add(self, d: object) -> None:
         """Reads one parsed line; ValueError when it is not a valid record."""
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
@@ -188,23 +188,22 @@ class _Reader:
 
     def line(self, text: bytes, number: int, byte: int) -> None:
         try:
-            return self.add(_parse(text), number)
+            return self.add(_parse(text))
         except ValueError as e:
             error = e
-        # A write that started inside this line (after a cut one) is recovered.
-        for m in _WRITE_START.finditer(text, 1):
+        for m in _WRITE_START.finditer(text, 1):  # a write that started inside this line, after a cut one
             try:
                 d = _parse(text[m.start():])
-                before = (self.layout, self.layout_lost, self.run)
-                self.damaged(number, byte, "cut", f"a record cut short (its first {m.start()} bytes), "
-                             "followed on the same line by the next write", text[:m.start()])
-                try:
-                    return self.add(d, number)
-                except ValueError:
-                    self.log.damage.pop()
-                    self.layout, self.layout_lost, self.run = before
             except ValueError:
                 continue
+            state = (self.layout, self.layout_lost)
+            self.damaged(number, byte, "cut", f"a record cut short (its first {m.start()} bytes), "
+                         "followed on the same line by the next write", text[:m.start()])
+            try:
+                return self.add(d)
+            except ValueError:
+                self.log.damage.pop()
+                self.layout, self.layout_lost = state
         self.damaged(number, byte, "invalid", f"not a torchhealth record: {error}", text)
 
 
