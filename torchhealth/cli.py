@@ -2,7 +2,7 @@
 
     torchhealth demo [--scenario NAME] [--steps N] [--log-dir DIR]
     torchhealth bench [ARGS...]
-    torchhealth report RUN.jsonl [-o report.html] [--partial]
+    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N]
     torchhealth doctor
 
 Results go to stdout, progress bars and errors to stderr. An error is one line

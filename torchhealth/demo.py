@@ -3,9 +3,11 @@ inject one of the failures people actually hit, and show what torchhealth saw.
 
     python -m torchhealth.demo --scenario nan          # or: bash scripts/demo.sh
 
-`run` trains and returns every step's `Report` (it never prints); `main` is the
-command line around it. `setup` builds a scenario's model, optimizer and data,
-faulty or healthy (the tests train both).
+`run` trains and returns every step's `Report` (it never prints); `present` is
+what ``torchhealth demo`` prints, keeping a bounded summary instead of the
+Reports; `main` runs ``torchhealth demo`` (one parser, in `torchhealth.cli`).
+`setup` builds a scenario's model, optimizer and data, faulty or healthy (the
+tests train both).
 """
 from __future__ import annotations
 

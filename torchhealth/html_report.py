@@ -16,6 +16,7 @@ import html
 import io
 import math
 import os
+import stat
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -348,15 +349,11 @@ def write_report(reports: list[Report], path: str | os.PathLike, **kwargs) -> Pa
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())
+        # mkstemp makes the file private; a report is as readable as the one it replaces
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
