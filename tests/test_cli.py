@@ -203,3 +203,72 @@ def test_console_script_is_declared():
     assert 'torchhealth = "torchhealth.cli:main"' in text
     p = run_cli("report", "/nonexistent/run.jsonl")
     assert p.returncode == 1 and one_line_error(p.stderr).endswith("no such file")
+
+
+# -- hostile logs, appended runs, the output path ------------------------------------------------------
+def test_report_refuses_to_overwrite_its_log(log, capsys):
+    before = log.read_bytes()
+    assert cli.main(["report", str(log), "-o", str(log)]) == 2
+    assert "is the log itself" in one_line_error(capsys)
+    link = log.with_name("alias.jsonl")
+    link.symlink_to(log)
+    assert cli.main(["report", str(link), "-o", str(log)]) == 2
+    assert "is the log itself" in one_line_error(capsys)
+    assert log.read_bytes() == before
+
+
+def test_report_of_a_log_damaged_in_the_middle(tmp_path, log, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    bad.write_bytes(b"\n".join(lines[:4] + [b'{"step": 3, "cut sho'] + lines[4:]))
+    assert cli.main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 1
+    line = one_line_error(capsys)
+    assert "line 5 is not a torchhealth record" in line and "--partial" in line
+    assert cli.main(["report", str(bad), "-o", str(tmp_path / "r.html"), "--partial"]) == 0
+    out, err = capsys.readouterr()
+    assert "12 records, steps 0-11" in out
+    assert "skipped 1 damaged line(s): line 5 (byte" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit", ['"counts":[[1e999', '"step":1e999', '"hist":' + "[" * 50_000,
+                                  '"hist":[[[600', '"counts":[[-1'], ids=["count-1e999", "step-1e999",
+                                                                        "nested", "column", "negative"])
+def test_report_of_a_crafted_log_is_one_line(tmp_path, log, edit, capsys):
+    crafted = tmp_path / "crafted.jsonl"
+    lines = log.read_text().splitlines()
+    key = edit.split(":")[0]
+    lines[3] = re.sub(re.escape(key) + r":(\[\[|\[|)", lambda m: edit, lines[3], count=1)
+    crafted.write_text("\n".join(lines) + "\n")
+    assert cli.main(["report", str(crafted), "-o", str(tmp_path / "r.html")]) == 1
+    assert "line 4" in one_line_error(capsys)
+    assert cli.main(["report", str(crafted), "-o", str(tmp_path / "r.html"), "--partial"]) == 0
+    assert "11 records" in capsys.readouterr().out
+
+
+def test_report_shows_the_latest_run_of_an_appended_log(tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    for steps in (6, 3):
+        with JsonlSink(path) as sink:
+            train(steps=steps, nan_at=None, on_report=sink)
+    assert cli.main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
+    assert "3 records, steps 0-2; run 2 of 2" in capsys.readouterr().out
+    assert '<div class=card><b>3</b>records</div>' in (tmp_path / "r.html").read_text()
+    assert cli.main(["report", str(path), "-o", str(tmp_path / "r.html"), "--run", "1"]) == 0
+    assert "6 records, steps 0-5; run 1 of 2" in capsys.readouterr().out
+    assert cli.main(["report", str(path), "--run", "3"]) == 2
+    assert "the log holds 2 run(s)" in one_line_error(capsys)
+
+
+def test_doctor_diagnoses_a_bad_cpu_kernel_setting(monkeypatch, capsys):
+    monkeypatch.setenv("TORCHHEALTH_CPU_KERNEL", "garbage")
+    assert cli.main(["doctor"]) == 1
+    line = one_line_error(capsys)
+    assert "TORCHHEALTH_CPU_KERNEL='garbage' is not a valid value" in line
+    assert "auto, scalar, avx2, avx512" in line
+
+
+def test_demo_of_a_run_that_is_nan_from_the_first_step(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = run_cli("demo", "--scenario", "nan", "--steps", "1", "--log-dir", tmp_path, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "<td>nonfinite</td>" in (tmp_path / "report.html").read_text()

@@ -85,3 +85,94 @@ def test_report_without_matplotlib_keeps_its_tables(logged, monkeypatch):
 def test_empty_log_is_an_error():
     with pytest.raises(ValueError, match="no reports"):
         render([])
+
+
+# -- hostile and degenerate runs ---------------------------------------------------------------
+def _reports(names, grads, step0=0, **kwargs):
+    """One Report per step: parameter and gradient rows of `names`, gradients `grads[step]`."""
+    import torch
+
+    import torchhealth
+    from torchhealth.report import Report
+    out = []
+    for i, g in enumerate(grads):
+        tensors = [torch.ones(3) for _ in names] + [torch.tensor(g, dtype=torch.float32) for _ in names]
+        out.append(Report.from_stats(step0 + i, torchhealth.tensor_stats(tensors), names * 2,
+                                     ["param"] * len(names) + ["grad"] * len(names), [(3,)] * 2 * len(names),
+                                     [torch.float32] * 2 * len(names), **kwargs))
+    return out
+
+
+@pytest.mark.parametrize("grad", [[0.0, 0.0, 0.0], [float("nan")] * 3], ids=["zero", "nan"])
+def test_report_of_a_run_whose_gradients_are_all_zero_or_nan(tmp_path, grad):
+    pytest.importorskip("matplotlib")
+    from torchhealth.report import Finding
+    fired = {"findings": [Finding("nonfinite", "error", "w is NaN", ["w"])], "skipped": True}
+    page = write_report(_reports(["w"], [grad] * 2, **fired), tmp_path / "r.html").read_text()
+    assert len(_images(page)) == 3 and "<h2>Worst parameters</h2>" in page
+    single = render(_reports(["w"], [grad], **fired))  # one step: `torchhealth demo --steps 1`
+    assert len(_images(single)) == 3 and "<td>nonfinite</td>" in single
+
+
+def test_names_are_drawn_literally(monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.text import Text
+
+    from torchhealth import html_report
+    names = ["a$_$", "cost$^$", "price$usd$"]
+    figures = []
+    real = html_report._png
+    monkeypatch.setattr(html_report, "_png", lambda fig: figures.append(fig) or real(fig))
+    page = render(_reports(names, [[1.0, 2.0, 3.0]] * 3))
+    drawn = {t.get_text(): t.get_parse_math() for f in figures for t in f.findobj(Text) if "$" in t.get_text()}
+    assert any("price$usd$" in t for t in drawn) and not any(drawn.values()), drawn
+    assert "price$usd$" in page
+
+
+PAYLOAD = "\"'><script>alert(1)</script><b x=\""
+
+
+def test_every_string_from_a_log_is_escaped(tmp_path):
+    from torchhealth.report import Finding
+    findings = [Finding(PAYLOAD + "check", PAYLOAD, PAYLOAD + "message", [PAYLOAD + "name"], 1.0, 0.0)]
+    reports = _reports([PAYLOAD + "name"], [[1.0, float("nan"), 0.0]] * 2, findings=findings,
+                       actions=[PAYLOAD + "action"], skipped=True)
+    for rep in reports:
+        for r in rep.rows:
+            r.role, r.dtype = PAYLOAD + r.role, PAYLOAD + "dtype"
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path) as sink:
+        for r in reports:
+            sink(r)
+    back = read_jsonl(path)
+    assert back[0].findings[0].severity == PAYLOAD and back[0].rows[0].role.startswith(PAYLOAD)
+    page = render(back, title=PAYLOAD, source=PAYLOAD)
+    assert "<script" not in page.lower() and "<b x=" not in page
+    assert "&lt;script&gt;" in page and page.count("&quot;&#x27;&gt;&lt;script&gt;") >= 4
+
+
+def test_failed_write_leaves_the_previous_report(tmp_path, logged):
+    # A real failure: a file-size limit below the page's size (as a full disk would).
+    import subprocess
+    path = tmp_path / "report.html"
+    log = tmp_path / "run.jsonl"
+    with JsonlSink(log) as sink:
+        for r in logged[:5]:
+            sink(r)
+    path.write_text("the previous report")
+    code = ("import resource, signal, sys\n"
+            "from torchhealth.html_report import write_report\nfrom torchhealth.sinks import read_jsonl\n"
+            f"reports = read_jsonl({str(log)!r})\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "try:\n"
+            f"    write_report(reports, {str(path)!r})\n"
+            "except OSError as e:\n"
+            "    print(e.errno); sys.exit(3)\n")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert p.returncode == 3, p.stderr  # the write failed (EFBIG)
+    assert path.read_text() == "the previous report"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["report.html", "run.jsonl"]  # no temporary left
+    out = write_report(logged[:5], path)  # and without the limit it is replaced
+    assert out.read_text().startswith("<!DOCTYPE html>")

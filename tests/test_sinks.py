@@ -13,7 +13,7 @@ import torch
 import torchhealth
 from torchhealth.report import Finding, Report
 from torchhealth.sinks import FlightRecorder, JsonlSink, Sink, TruncatedLogError, read_jsonl
-from torchhealth.sinks.histogram import magnitude_counts, value_histogram
+from torchhealth.histogram_view import magnitude_counts, value_histogram
 
 from logged_run import train
 

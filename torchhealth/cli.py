@@ -2,7 +2,7 @@
 
     torchhealth demo [--scenario NAME] [--steps N] [--log-dir DIR]
     torchhealth bench [ARGS...]
-    torchhealth report RUN.jsonl [-o report.html] [--partial]
+    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N]
     torchhealth doctor
 
 Results go to stdout, progress bars and errors to stderr. An error is one line
@@ -111,25 +111,45 @@ def _report(args) -> int:
     if not log.is_file():
         raise CommandError(f"torchhealth report: {log}: no such file" if not log.exists()
                            else f"torchhealth report: {log} is not a file")
-    try:
-        reports = read_jsonl(log)
-    except TruncatedLogError as e:
-        if not args.partial:
-            raise CommandError(f"torchhealth report: {e} (add --partial to report the "
-                               f"{len(e.reports)} complete records)") from e
-        reports = e.reports
-    except (ValueError, OSError) as e:
-        raise CommandError(f"torchhealth report: {e}") from e
-    if not reports:
-        raise CommandError(f"torchhealth report: {log} holds no record")
     out = Path(args.output) if args.output else log.with_name(
         log.name.removesuffix(".gz").removesuffix(".jsonl") + ".html")
+    if out.resolve() == log.resolve() or (out.exists() and os.path.samefile(out, log)):
+        raise CommandError(f"torchhealth report: the output {out} is the log itself; "
+                           "choose another -o", EXIT_USAGE)
     try:
-        write_report(reports, out, source=str(log))
+        records = read_jsonl(log, errors="skip" if args.partial else "raise")
+    except TruncatedLogError as e:
+        raise CommandError(f"torchhealth report: {e} (add --partial to report the "
+                           f"{len(e.reports)} complete records)") from e
+    except ValueError as e:
+        raise CommandError(f"torchhealth report: {e} (add --partial to skip damaged lines)") from e
+    except OSError as e:
+        raise CommandError(f"torchhealth report: {e}") from e
+    if records.damage:
+        print(_damage_note(log, records.damage), file=sys.stderr)
+    runs = records.runs
+    if not runs:
+        raise CommandError(f"torchhealth report: {log} holds no record")
+    if not -len(runs) <= args.run <= len(runs) or args.run == 0:
+        raise CommandError(f"torchhealth report: --run {args.run}: the log holds {len(runs)} run(s), "
+                           f"1 to {len(runs)} (or -1 for the latest)", EXIT_USAGE)
+    k = args.run - 1 if args.run > 0 else len(runs) + args.run
+    reports = runs[k].reports
+    which = f"run {k + 1} of {len(runs)} in {log}" if len(runs) > 1 else str(log)
+    try:
+        write_report(reports, out, source=which)
     except OSError as e:
         raise CommandError(f"torchhealth report: cannot write {out}: {e}") from e
-    print(f"{out} ({len(reports)} records, steps {reports[0].step}-{reports[-1].step})")
+    print(f"{out} ({len(reports)} records, steps {reports[0].step}-{reports[-1].step}"
+          f"{f'; run {k + 1} of {len(runs)}, --run N shows another' if len(runs) > 1 else ''})")
     return 0
+
+
+def _damage_note(log, damage) -> str:
+    """One line saying which lines of `log` a partial read skipped."""
+    shown = "; ".join(str(d) for d in damage[:3])
+    more = f"; and {len(damage) - 3} more" if len(damage) > 3 else ""
+    return f"torchhealth report: {log}: skipped {len(damage)} damaged line(s): {shown}{more}"
 
 
 # -- doctor ------------------------------------------------------------------------------------
@@ -164,6 +184,25 @@ def _torch_config() -> dict[str, str]:
     return out
 
 
+CPU_KERNELS = ("auto", "scalar", "avx2", "avx512")
+
+
+def _cpu_kernel() -> str:
+    """The CPU kernels in use; a CommandError when TORCHHEALTH_CPU_KERNEL asks
+    for kernels that do not exist or that this CPU cannot run."""
+    import torch
+    want = os.environ.get("TORCHHEALTH_CPU_KERNEL", "")
+    if want and want not in CPU_KERNELS:
+        raise CommandError(f"torchhealth doctor: TORCHHEALTH_CPU_KERNEL={want!r} is not a valid value; "
+                           f"the valid values are {', '.join(CPU_KERNELS)} (or unset it)")
+    try:
+        return torch.ops.torchhealth._cpu_kernel("")
+    except RuntimeError as e:  # e.g. avx512 asked for on a CPU without it
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CommandError(f"torchhealth doctor: {reason}; the valid values of TORCHHEALTH_CPU_KERNEL "
+                           f"are {', '.join(CPU_KERNELS)} (or unset it)") from e
+
+
 def _doctor(args) -> int:
     import torch
 
@@ -187,8 +226,8 @@ def _doctor(args) -> int:
     so = torchhealth._C.__file__
     print(f"extension   {so}")
     print(f"  compiler  {_compiler_of(so) or 'unknown (no .comment section)'}")
-    print(f"  CPU       kernel {torch.ops.torchhealth._cpu_kernel('')} (chosen at run time; "
-          "TORCHHEALTH_CPU_KERNEL=auto|scalar|avx2|avx512 forces one)")
+    print(f"  CPU       kernel {_cpu_kernel()} (chosen at run time; "
+          f"TORCHHEALTH_CPU_KERNEL={'|'.join(CPU_KERNELS)} forces one)")
     if b.cuda:
         archs = _cuda_archs_of(so)
         print(f"  CUDA      kernels compiled in; architectures: {', '.join(archs) or 'unknown'}"
@@ -237,7 +276,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="OUT.html",
                    help="where to write the report (default: next to the log, ending in .html)")
     r.add_argument("--partial", action="store_true",
-                   help="report the complete records of a truncated log instead of failing")
+                   help="report the complete records of a truncated or damaged log instead of "
+                   "failing (the skipped lines are listed on stderr)")
+    r.add_argument("--run", type=int, default=-1, metavar="N",
+                   help="which run of a log that holds several (each opening of JsonlSink starts "
+                   "one): 1 for the first, -1 (default) for the latest")
     sub.add_parser("doctor", help="which backend runs, how it was built, and whether it works",
                    prog="torchhealth doctor")
     return p

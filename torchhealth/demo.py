@@ -3,19 +3,21 @@ inject one of the failures people actually hit, and show what torchhealth saw.
 
     python -m torchhealth.demo --scenario nan          # or: bash scripts/demo.sh
 
-`run` trains and returns every step's `Report` (it never prints); `main` is the
-command line around it. `setup` builds a scenario's model, optimizer and data,
-faulty or healthy (the tests train both).
+`run` trains and returns every step's `Report` (it never prints); `present` is
+what ``torchhealth demo`` prints, keeping a bounded summary instead of the
+Reports; `main` runs ``torchhealth demo`` (one parser, in `torchhealth.cli`).
+`setup` builds a scenario's model, optimizer and data, faulty or healthy (the
+tests train both).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +170,6 @@ def train(s: Setup, *, steps: int | None = None, on_report=None, progress=None,
           **options) -> list[Report]:
     """Trains `s` with `HealthCheckedOptimizer` (``options`` go to it: policy,
     thresholds, sync, ...) and returns the Report of every step."""
-    steps = s.steps if steps is None else steps
     reports: list[Report] = []
 
     def collect(report: Report) -> None:
@@ -176,7 +177,13 @@ def train(s: Setup, *, steps: int | None = None, on_report=None, progress=None,
         if on_report is not None:
             on_report(report)
 
-    opt = HealthCheckedOptimizer(s.optimizer, model=s.model, on_report=collect, **options)
+    _train(s, steps=steps, on_report=collect, progress=progress, **options)
+    return reports
+
+
+def _train(s: Setup, *, steps: int | None, on_report, progress, **options) -> None:
+    steps = s.steps if steps is None else steps
+    opt = HealthCheckedOptimizer(s.optimizer, model=s.model, on_report=on_report, **options)
     for i in range(steps):
         x, y = s.batch(i)
         opt.zero_grad()
@@ -185,7 +192,6 @@ def train(s: Setup, *, steps: int | None = None, on_report=None, progress=None,
         if progress is not None:
             progress(i + 1, steps)
     opt.flush()
-    return reports
 
 
 def run(scenario: str = "nan", *, steps: int | None = None,
@@ -195,9 +201,19 @@ def run(scenario: str = "nan", *, steps: int | None = None,
     an earlier demo log) and, when matplotlib is importable,
     ``<log_dir>/report.html``. Health warnings are not emitted: the Reports
     hold them. ``progress(i, total)`` is called after each step."""
-    s = setup(scenario, steps=steps)
+    reports: list[Report] = []
+    _logged(setup(scenario, steps=steps), steps=steps, log_dir=log_dir,
+            on_report=[reports.append] + ([on_report] if on_report is not None else []), progress=progress)
+    return reports
+
+
+def _logged(s: Setup, *, steps: int | None, log_dir: str | os.PathLike | None, on_report: list,
+            progress) -> None:
+    """Trains `s` (histograms on, health warnings kept in the Reports), giving
+    each Report to the log in `log_dir` and then to each of `on_report`; keeps
+    none. The HTML report is made from the log once training is over."""
     sink = None
-    callbacks = [on_report] if on_report is not None else []
+    callbacks = list(on_report)
     if log_dir is not None:
         from .sinks import JsonlSink
 
@@ -208,16 +224,16 @@ def run(scenario: str = "nan", *, steps: int | None = None,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", HealthWarning)
-            reports = train(s, steps=steps, progress=progress, histogram=True,
-                            on_report=(lambda r: [cb(r) for cb in callbacks]) if callbacks else None)
+            _train(s, steps=steps, progress=progress, histogram=True,
+                   on_report=lambda r: [cb(r) for cb in callbacks])
     finally:
         if sink is not None:
             sink.close()
     if log_dir is not None and _has_matplotlib():
         from .html_report import write_report
+        from .sinks import read_jsonl
 
-        write_report(reports, Path(log_dir) / "report.html")
-    return reports
+        write_report(read_jsonl(Path(log_dir) / "run.jsonl"), Path(log_dir) / "report.html")
 
 
 def _has_matplotlib() -> bool:
@@ -232,20 +248,69 @@ def _status(r: Report) -> str:
     return f"{r.status}: {checks}" + ("  -> step skipped" if r.skipped else "")
 
 
+class _Summary:
+    """What `present` prints, gathered as the Reports arrive, in memory that
+    does not grow with the number of steps: one line per shown step (the
+    first, the last, each change of status, the few steps before the first
+    finding; at most `max_lines` of them), the first Report with a finding,
+    and counts."""
+
+    BEFORE = 3  # steps shown before the first finding
+
+    def __init__(self, max_lines: int = 60):
+        self.max_lines = max_lines
+        self.shown: dict[int, tuple] = {}  # index -> (step, grad norm, param norm, status)
+        self.recent: deque[tuple] = deque(maxlen=self.BEFORE)
+        self.steps = self.fired = self.skipped = self.unshown = 0
+        self.first: Report | None = None
+        self.first_by_check: dict[str, int] = {}
+        self.actions: dict[str, None] = {}
+
+    def __call__(self, r: Report) -> None:
+        i, line = self.steps, (r.step, r.grad_norm, r.param_norm, _status(r))
+        if r.findings and self.first is None:
+            self.first = r
+            self.shown.update({j: old for j, old in self.recent})
+        if i == 0 or line[3] != self.recent[-1][1][3]:
+            if len(self.shown) < self.max_lines:
+                self.shown[i] = line
+            else:
+                self.unshown += 1
+        self.recent.append((i, line))
+        self.steps += 1
+        self.skipped += r.skipped
+        if r.findings:
+            self.fired += 1
+            self.actions.update(dict.fromkeys(r.actions))
+            for f in r.findings:
+                self.first_by_check.setdefault(f.check, r.step)
+
+    def table(self) -> list[str]:
+        """The per-step lines, with a line for each gap between them."""
+        shown = dict(self.shown)
+        if self.recent:
+            shown.setdefault(*self.recent[-1])
+        out, last = [], -1
+        for i in sorted(shown):
+            if i > last + 1:
+                same = "" if self.unshown else ", status unchanged"  # else some changes were not kept
+                out.append(f"  ...  ({i - last - 1} more step(s){same})")
+            step, grad, param, status = shown[i]
+            out.append(f"{step:>5}  {grad:>10.4g}  {param:>10.4g}  {status}")
+            last = i
+        return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m torchhealth.demo",
-        description="Train a small model on synthetic data, inject one failure, and show what "
-                    "torchhealth reports.",
-        epilog="scenarios:\n" + "\n".join(f"  {k:<10} {v}" for k, v in SCENARIOS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", default="nan", choices=list(SCENARIOS))
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the scenario's)")
-    parser.add_argument("--log-dir", default="runs/demo", help="where run.jsonl and report.html go")
-    args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error("--steps must be at least 1")
-    return present(args.scenario, steps=args.steps, log_dir=args.log_dir)
+    """``python -m torchhealth.demo [ARGS]``: the same command as ``torchhealth
+    demo [ARGS]`` (one parser, in `torchhealth.cli`). Bad arguments exit with
+    status 2 (SystemExit), as argparse does."""
+    from . import cli
+
+    status = cli.main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    if status == cli.EXIT_USAGE:
+        raise SystemExit(status)
+    return status
 
 
 def present(scenario: str, *, steps: int | None = None, log_dir: str | os.PathLike = "runs/demo",
@@ -265,52 +330,36 @@ def present(scenario: str, *, steps: int | None = None, log_dir: str | os.PathLi
       f"step; exploding, vanishing, headroom, dead -> warn)")
     p(f"  training  : {n_steps} steps on the CPU\n", flush=True)
     t0 = time.perf_counter()
+    summary = _Summary()
     try:
-        reports = run(scenario, steps=steps, log_dir=log_dir, progress=progress)
+        _logged(s, steps=steps, log_dir=log_dir, on_report=[summary], progress=progress)
     finally:
         getattr(progress, "close", lambda: None)()
     elapsed = time.perf_counter() - t0
 
     p(f"{'step':>5}  {'grad norm':>10}  {'param norm':>10}  status")
-    fired = [r for r in reports if r.findings]
-    status = [_status(r) for r in reports]
-    # The steps where the status changes, the few before the first finding, the ends.
-    show = {0, len(reports) - 1} | {i for i in range(1, len(reports)) if status[i] != status[i - 1]}
-    if fired:
-        i = reports.index(fired[0])
-        show |= set(range(max(0, i - 3), i))
-    last = -1
-    for i in sorted(show):
-        if i > last + 1:
-            p(f"  ...  ({i - last - 1} more step(s), status unchanged)")
-        r = reports[i]
-        p(f"{r.step:>5}  {r.grad_norm:>10.4g}  {r.param_norm:>10.4g}  {status[i]}")
-        last = i
+    for line in summary.table():
+        p(line)
     p("  (norms are L2 norms over the finite values: gradients that are all NaN read 0)")
     p("")
-    if not fired:
+    first = summary.first
+    if first is None:
         p("torchhealth saw nothing wrong.")
     else:
-        first = fired[0]
         p(f"What torchhealth saw: first finding at step {first.step} "
-          f"({len(fired)} of {len(reports)} steps had findings).")
-        seen = {}
-        for r in fired:
-            for f in r.findings:
-                seen.setdefault(f.check, r.step)
-        for check, step in seen.items():
+          f"({summary.fired} of {summary.steps} steps had findings).")
+        for check, step in summary.first_by_check.items():
             p(f"  {check:<10} first fired at step {step}")
         p(f"\nThe report of step {first.step} (str(report); report.to_dict() is the JSON form):")
         p(str(first))
-        skipped = sum(r.skipped for r in reports)
-        actions = list(dict.fromkeys(a for r in fired for a in r.actions))
+        actions = list(summary.actions)
         p("\nWhat was done: " + ("; ".join(actions) if actions else "recorded only") +
-          (f". {skipped} step(s) skipped in total: parameters and optimizer state stayed exactly "
-           "as before each of them." if skipped else "."))
+          (f". {summary.skipped} step(s) skipped in total: parameters and optimizer state stayed exactly "
+           "as before each of them." if summary.skipped else "."))
         p("  (change it per check: policy={'nonfinite': 'raise', 'exploding': 'skip', ...})")
     p("")
     log, html = Path(log_dir) / "run.jsonl", Path(log_dir) / "report.html"
-    p(f"Log   : {log} ({len(reports)} reports, one JSON object per line; "
+    p(f"Log   : {log} ({summary.steps} reports, one JSON object per line; "
       f"torchhealth.sinks.read_jsonl reads it back)")
     if _has_matplotlib():
         p(f"Report: {html} (norms, histograms, findings; open it in a browser)")

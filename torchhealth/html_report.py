@@ -11,17 +11,20 @@ to get the plots.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
 import os
+import stat
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._optional import require
+from .histogram_view import magnitude_counts
 from .report import Report, Row
-from .sinks.histogram import magnitude_counts
 
 # Binary exponents of the low-precision limits drawn on the heatmaps.
 LIMITS = [  # (log2 magnitude, label, dtype)
@@ -33,6 +36,7 @@ LIMITS = [  # (log2 magnitude, label, dtype)
     (-133.0, "bf16 subnormal floor 2^-133", "bfloat16"),
 ]
 INSTALL_HINT = "pip install torchhealth[report]"
+_SEVERITIES = ("error", "warning", "info")  # the ones with a style
 
 
 @dataclass
@@ -111,8 +115,10 @@ def _norms_plot(mpl, reports: list[Report], params: dict[str, _Param]) -> str:
     cmap = mpl.colormaps["viridis"]
     names = list(params)
     for ax, role, title in ((axes[0], "grad", "gradient norm"), (axes[1], "param", "weight norm")):
+        drawn = False  # a log axis needs one positive value: not so in a run NaN or zero throughout
         for i, name in enumerate(names):
             steps, norms = params[name].series(role, lambda r: _norm([r]))
+            drawn = drawn or any(math.isfinite(n) for n in norms)
             ax.plot(steps, norms, lw=1, color=cmap(i / max(len(names) - 1, 1)),
                     label=name if len(names) <= 10 else None)
         total = [(r.step, _norm([w for w in r.rows if w.role == role]))
@@ -121,7 +127,11 @@ def _norms_plot(mpl, reports: list[Report], params: dict[str, _Param]) -> str:
             ax.plot(*zip(*total), color="black", lw=2, label="total")
         for s in _fault_steps(reports):
             ax.axvline(s, color="#d62728", alpha=0.5, lw=1.5, zorder=0)
-        ax.set_yscale("log")
+        if drawn:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no finite nonzero {title} in this run", transform=ax.transAxes,
+                    ha="center", va="center", color="#d62728")
         ax.set_title(f"{title} per parameter (red: a check fired; gaps: non-finite values)")
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
@@ -226,7 +236,7 @@ def _fmt(x) -> str:
 
 def _table(head: list[str], rows: list[list], classes: list[str] | None = None) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join(f'<tr class="{c}">' + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
+    body = "".join(f'<tr class="{html.escape(c)}">' + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
                    for r, c in zip(rows, classes or [""] * len(rows)))
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -247,7 +257,7 @@ def _findings_table(reports: list[Report], limit: int) -> str:
     more = (f"<p>… and {len(fired) - limit} more findings (all of them are in the log).</p>"
             if len(fired) > limit else "")
     return _table(["step", "severity", "check", "message", "step skipped"], rows,
-                  [f.severity for _, f, _ in fired[:limit]]) + more
+                  [f.severity if f.severity in _SEVERITIES else "" for _, f, _ in fired[:limit]]) + more
 
 
 # -- the page ------------------------------------------------------------------------
@@ -261,6 +271,33 @@ img{max-width:100%}.note{background:#f4f4f4;padding:8px 12px;border-left:4px sol
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:120px}
 .card b{display:block;font-size:22px}
 """
+
+
+def _sections(mpl, reports: list[Report], params: dict[str, _Param], selected: list[_Param],
+              fired: bool, findings: int) -> list[str]:
+    """The plots and the findings table. Names, checks and messages come from the
+    log: matplotlib draws them as they are (no $...$ mathtext)."""
+    parts = []
+    with mpl.rc_context({"text.parse_math": False}) if mpl else contextlib.nullcontext():
+        parts.append("<h2>Gradient and weight norms</h2>")
+        if mpl:
+            parts.append(_norms_plot(mpl, reports, params))
+        parts.append("<h2>Log2-magnitude histograms over steps</h2>"
+                     "<p>The fraction of each tensor's values in every binade [2^e, 2^(e+1)) at each "
+                     "logged step, for the worst parameters. Values drifting toward the top line "
+                     "overflow float16; below the float16 smallest normal they lose precision and "
+                     "under its subnormal floor they flush to zero. bfloat16 has float32's exponent "
+                     "range, so it overflows and underflows only far outside these charts.</p>")
+        if mpl:
+            parts.append(_heatmaps_plot(mpl, selected))
+        parts.append("<h2>Checks that fired</h2>")
+        if fired:
+            if mpl:
+                parts.append(_timeline_plot(mpl, reports))
+            parts.append(_findings_table(reports, findings))
+        else:
+            parts.append("<p>No check fired in this run.</p>")
+    return parts
 
 
 def render(reports: list[Report], *, title: str = "torchhealth report", source: str | None = None,
@@ -293,25 +330,7 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
         mpl = None
         parts.append(f'<p class="note">The plots need matplotlib, which is not installed: '
                      f"<code>{INSTALL_HINT}</code>, then run <code>torchhealth report</code> again.</p>")
-    selected = [p for p, _ in ranked[:heatmaps]]
-    parts.append("<h2>Gradient and weight norms</h2>")
-    if mpl:
-        parts.append(_norms_plot(mpl, reports, params))
-    parts.append("<h2>Log2-magnitude histograms over steps</h2>"
-                 "<p>The fraction of each tensor's values in every binade [2^e, 2^(e+1)) at each "
-                 "logged step, for the worst parameters. Values drifting toward the top line "
-                 "overflow float16; below the float16 smallest normal they lose precision and "
-                 "under its subnormal floor they flush to zero. bfloat16 has float32's exponent "
-                 "range, so it overflows and underflows only far outside these charts.</p>")
-    if mpl:
-        parts.append(_heatmaps_plot(mpl, selected))
-    parts.append("<h2>Checks that fired</h2>")
-    if fired or skipped:
-        if mpl:
-            parts.append(_timeline_plot(mpl, reports))
-        parts.append(_findings_table(reports, findings))
-    else:
-        parts.append("<p>No check fired in this run.</p>")
+    parts += _sections(mpl, reports, params, [p for p, _ in ranked[:heatmaps]], fired or skipped, findings)
     parts.append("<h2>Worst parameters</h2>" + _worst_table(ranked, worst))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -320,8 +339,21 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
 
 
 def write_report(reports: list[Report], path: str | os.PathLike, **kwargs) -> Path:
-    """Writes `render(reports, **kwargs)` to `path` and returns the path."""
+    """Writes `render(reports, **kwargs)` to `path` and returns the path. The
+    page goes to a temporary file in the same folder, renamed over `path` once
+    complete: a failed write leaves any previous report as it was."""
     path = Path(path)
+    page = render(reports, **kwargs).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(reports, **kwargs), encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(page)
+        # mkstemp makes the file private; a report is as readable as the one it replaces
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+

@@ -2,10 +2,10 @@
 recorder, and optional TensorBoard and W&B sinks (imported when used)."""
 from .base import Sink, scalars
 from .flight import FlightRecorder
-from .jsonl import JsonlSink, TruncatedLogError, read_jsonl
+from .jsonl import Damage, JsonlSink, Log, Run, TruncatedLogError, read_jsonl
 
-__all__ = ["FlightRecorder", "JsonlSink", "Sink", "TensorBoardSink", "TruncatedLogError",
-           "WandbSink", "read_jsonl", "scalars"]
+__all__ = ["Damage", "FlightRecorder", "JsonlSink", "Log", "Run", "Sink", "TensorBoardSink",
+           "TruncatedLogError", "WandbSink", "read_jsonl", "scalars"]
 
 
 def __getattr__(name: str):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 from .._optional import require
+from ..histogram_view import value_histogram
 from ..report import Report
 from .base import Sink, scalars
-from .histogram import value_histogram
 
 
 class TensorBoardSink(Sink):

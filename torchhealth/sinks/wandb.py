@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .._optional import require
+from ..histogram_view import value_histogram
 from ..report import Report
 from .base import Sink, scalars
-from .histogram import value_histogram
 
 MAX_BINS = 512  # W&B's limit for one histogram
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .. import stats as S
-from ..report import Row
+from . import stats as S
+from .report import Row
 
 
 @lru_cache(maxsize=1)
