@@ -193,3 +193,22 @@ def test_watching_twice_is_an_error_and_remove_detaches_everything():
     th.watch(model).remove()
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         th.watch([model])
+
+
+def test_the_origin_survives_the_log(tmp_path):
+    from torchhealth.sinks import JsonlSink, read_jsonl
+    model = _mlp(nn.Tanh(), Sqrt())
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path) as sink:
+        for r in _run(model, steps=2):
+            sink(r)
+    back = read_jsonl(path)
+    assert [_origin(r) for r in back] == [("2", "forward")] * 2
+    assert back[0].origin["nan"] > 0 and back[0].to_dict() == back[0].to_dict()
+
+
+def test_the_html_report_shows_the_origin():
+    from torchhealth.html_report import render
+    model = _mlp(nn.Tanh(), Sqrt())
+    page = render(_run(model, steps=2))
+    assert "Where it broke" in page and "<td>2</td><td>forward</td>" in page.replace("\n", "")

@@ -260,6 +260,18 @@ def _findings_table(reports: list[Report], limit: int) -> str:
                   [f.severity if f.severity in _SEVERITIES else "" for _, f, _ in fired[:limit]]) + more
 
 
+def _origins(reports: list[Report]) -> list[str]:
+    """Where non-finite values first appeared (`torchhealth.watch`), per step."""
+    found = [r.origin for r in reports if r.origin is not None]
+    if not found:
+        return []
+    rows = [[o["step"], o["module"], o["pass"], o["nan"], o["posinf"], o["neginf"], o["numel"]]
+            for o in found]
+    return ["<p><b>Where it broke</b>: the first module whose output (forward) or output gradient "
+            "(backward) held NaN or Inf, on each step it happened.</p>",
+            _table(["step", "module", "pass", "NaN", "+Inf", "-Inf", "of"], rows)]
+
+
 # -- the page ------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -291,6 +303,7 @@ def _sections(mpl, reports: list[Report], params: dict[str, _Param], selected: l
         if mpl:
             parts.append(_heatmaps_plot(mpl, selected))
         parts.append("<h2>Checks that fired</h2>")
+        parts += _origins(reports)
         if fired:
             if mpl:
                 parts.append(_timeline_plot(mpl, reports))

@@ -60,7 +60,8 @@ def encode(report: Report) -> dict[str, Any]:
             "counts": [[getattr(r, k) for k in COUNTS] for r in rows],
             "values": [[_extreme(r.min, r.dtype), _extreme(r.max, r.dtype), _json_float(r.sum),
                         _json_float(r.sumsq)] for r in rows],
-            "hist": None if rows and rows[0].hist is None else [_runs(r.hist or {}) for r in rows]}
+            "hist": None if rows and rows[0].hist is None else [_runs(r.hist or {}) for r in rows],
+            **({"origin": dict(report.origin)} if report.origin is not None else {})}
 
 
 # -- checked reading ----------------------------------------------------------------------
@@ -172,7 +173,22 @@ def _report(d: dict, rows: list[Row]) -> Report:
                   skipped=_bool(field(d, "skipped", "the record"), "skipped"),
                   actions=_strings(d.get("actions", []), "actions"),
                   findings=[_finding(f, f"findings[{i}]")
-                            for i, f in enumerate(_list(d.get("findings", []), "findings"))])
+                            for i, f in enumerate(_list(d.get("findings", []), "findings"))],
+                  origin=_origin(d.get("origin")))
+
+
+def _origin(o: Any) -> dict | None:
+    """Where a non-finite value first appeared (`Report.origin`), checked."""
+    if o is None:
+        return None
+    if not isinstance(o, dict):
+        raise ValueError(f"origin is {_show(o)}; expected an object")
+    out = {"module": _str(field(o, "module", "origin"), "origin.module"),
+           "pass": _str(field(o, "pass", "origin"), "origin.pass"),
+           "step": _int(field(o, "step", "origin"), "origin.step", _MAX_STEP)}
+    out["numel"] = _int(field(o, "numel", "origin"), "origin.numel")
+    out.update({k: _int(field(o, k, "origin"), f"origin.{k}", out["numel"]) for k in ("nan", "posinf", "neginf")})
+    return out
 
 
 def decode(d: dict, layout: dict[str, list]) -> Report:
