@@ -326,8 +326,8 @@ def present(scenario: str, *, steps: int | None = None, log_dir: str | os.PathLi
     p(f"  model     : {s.model_text}, {sum(q.numel() for q in s.model.parameters()):,} parameters")
     p(f"  injected  : {s.injected}")
     p(f"  expected  : caught by the {' check, then the '.join(s.expect)} check")
-    p(f"  watching  : HealthCheckedOptimizer, check_every=1, default policy (non-finite -> skip the "
-      f"step; exploding, vanishing, headroom, dead -> warn)")
+    p("  watching  : HealthCheckedOptimizer, check_every=1, default policy (non-finite -> skip the "
+      "step; exploding, vanishing, headroom, dead -> warn)")
     p(f"  training  : {n_steps} steps on the CPU\n", flush=True)
     t0 = time.perf_counter()
     summary = _Summary()

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from ._ops import SUPPORTED_DTYPES, tensor_stats
-from .activations import EPS, OTHER, RELU, SIGMOID, TANH, PassStats, activation_findings, kind_of, \
+from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, kind_of, \
     near_asymptote, pass_fields
 from .checks import Thresholds
 from .hostcopy import HostCopy
