@@ -62,7 +62,18 @@ def test_the_raw_gradient_norm_is_reported_and_checked_not_the_clipped_one():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     with pytest.warns(th.HealthWarning, match="exploding"):
         opt.step()
-    assert opt.last_report.grad_norm == pytest.approx(raw, rel=1e-12) and raw > 100
+    report = opt.last_report
+    assert report.grad_norm == pytest.approx(raw, rel=1e-12) and raw > 100
+    (said,) = [a for a in report.actions if a.startswith("gradients changed after backward")]
+    assert f"-> {1.0:.4g}" in said  # the clipped norm, alongside the raw one
+
+
+def test_nothing_is_said_when_the_gradients_were_left_alone():
+    model = _model()
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model)
+    _loss(model, 0).backward()
+    opt.step()
+    assert opt.last_report.actions == []
 
 
 def test_gradient_accumulation_checks_the_accumulated_gradients_once():

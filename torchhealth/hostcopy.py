@@ -44,6 +44,10 @@ class HostCopy:
         self._values: dict[str, Any] = {}
 
     @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self._spec)
+
+    @property
     def ready(self) -> bool:
         """Whether the copy has landed (reading it would not block)."""
         return self._event is None or self._event.query()

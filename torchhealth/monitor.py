@@ -61,7 +61,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .checks import RunningState, Signal, run_checks, total_grad_norm
-from .policy import Decision, act_, decide, dispatch
+from .policy import Decision, act_, decide, dispatch, grad_norm_
 from . import distributed
 from ._ops import tensor_stats
 from .collect import Collected, Collector
@@ -109,6 +109,7 @@ class _Prepared:
     grad_norm: torch.Tensor
     decision: Decision
     state: RunningState
+    at_backward_end: bool = False
 
 
 class HealthMonitor:
@@ -237,7 +238,7 @@ class HealthMonitor:
         self._backwards += 1
         if self._scaled or not self.options.due(step):
             return
-        self._prepared = self._prepare(step, None)
+        self._prepared = dataclasses.replace(self._prepare(step, None), at_backward_end=True)
 
     # -- stages -----------------------------------------------------------------------
     def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
@@ -263,8 +264,14 @@ class HealthMonitor:
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
         late = self._mode(p.batch.tensors) != "step"
+        # Checked at the end of backward: the norm of the gradients the step will
+        # use, to say so when other code (clipping) changed them since (sparse
+        # gradients may hold duplicate indices: left out).
+        applied = (grad_norm_(p.batch.grads, p.grad_norm.device)
+                   if p.at_backward_end and not any(g.is_sparse for g in p.batch.grads) else None)
         result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
-                             self.options, late=late, activations=self._activation_passes(p.step))
+                             self.options, late=late, activations=self._activation_passes(p.step),
+                             applied_norm=applied)
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)
         self.checks += 1

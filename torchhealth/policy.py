@@ -167,6 +167,16 @@ def _by_device_dtype(grads: Iterable[torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
+def grad_norm_(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The total L2 norm of `grads` as they are now (float64, 0-d, on `device`),
+    one `torch._foreach_norm` per device and dtype, without a sync."""
+    parts = [torch.stack(torch._foreach_norm(gs)).double().to(device) for gs in
+             _by_device_dtype(grads).values()]
+    return torch.cat(parts).square().sum().sqrt() if parts else torch.zeros((), dtype=torch.float64,
+                                                                                device=device)
+
+
+@torch.no_grad()
 def zero_nonfinite_(grads: Iterable[torch.Tensor]) -> None:
     """Replaces NaN and +-Inf gradient values by 0 in place; finite values are
     untouched (bit for bit), so it is safe to run unconditionally."""

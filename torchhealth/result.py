@@ -28,7 +28,7 @@ class CheckResult:
 
     def __init__(self, step: int, stats: TensorStats, layout: Layout, signals: list[Signal],
                  decision: Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
-                 late: bool, activations: list[PassStats] = ()):
+                 late: bool, activations: list[PassStats] = (), applied_norm: torch.Tensor | None = None):
         self.step, self.layout, self.signals, self.options = step, layout, signals, options
         self.late = late  # whether the verdict reaches the host after the optimizer step
         none = grad_norm.new_zeros((), dtype=torch.bool)
@@ -43,6 +43,7 @@ class CheckResult:
             "escalated": decision.escalated,
             "consecutive_skips": decision.consecutive_skips,
             **pass_fields(list(activations)),
+            **({"applied_norm": applied_norm} if applied_norm is not None else {}),
         })
         self.activations = list(activations)
         self._device_skip = decision.skip
@@ -117,6 +118,11 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     grad_norm = copy.value("grad_norm")
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         actions.append(f"clipped gradients: norm {grad_norm:.4g} -> {options.max_grad_norm:.4g}")
+    if "applied_norm" in copy.fields:
+        applied = copy.value("applied_norm")
+        if not abs(applied - grad_norm) <= 1e-6 * max(abs(grad_norm), 1e-30):
+            actions.append(f"gradients changed after backward (e.g. clipped): norm {grad_norm:.4g} "
+                           f"-> {applied:.4g}; the statistics describe them as backward left them")
     if copy.value("escalated"):
         actions.append(f"raise: {copy.value('consecutive_skips')} consecutive skipped steps "
                        f"(escalate_after={options.escalate_after})")
