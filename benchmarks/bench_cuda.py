@@ -27,16 +27,9 @@ import sys
 import torch
 from torch.utils import benchmark
 
+from torchhealth.bench import gpt2_small_shapes
+
 GOAL = 0.90
-
-
-def transformer_shapes(d: int, layers: int, vocab: int = 50257, ctx: int = 1024):
-    """Parameter shapes of a GPT-2-style model (GPT-2 small: d=768, 12 layers)."""
-    shapes = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
 
 
 def make_case(shapes, param_dtype, grad_dtype):
@@ -130,18 +123,18 @@ def main(argv=None) -> int:
           f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; {torchhealth.backend()}")
 
     cases = [
-        ("GPT-2 small (124M) float32 params + grads", transformer_shapes(768, 12),
+        ("GPT-2 small (124M) float32 params + grads", gpt2_small_shapes(n_layer=12, d=768),
          torch.float32, torch.float32),
         ("10,000 tiny float32 tensors (1,024 elements each)", [(1024,)] * 5000,
          torch.float32, torch.float32),
     ]
     if not args.quick:
         cases += [
-            ("GPT-2 medium (355M) bfloat16 params + grads", transformer_shapes(1024, 24),
+            ("GPT-2 medium (355M) bfloat16 params + grads", gpt2_small_shapes(n_layer=24, d=1024),
              torch.bfloat16, torch.bfloat16),
             ("GPT-2 medium (355M) float32 master params + bfloat16 grads",
-             transformer_shapes(1024, 24), torch.float32, torch.bfloat16),
-            ("GPT-2 XL (1.5B) bfloat16 params + grads", transformer_shapes(1600, 48),
+             gpt2_small_shapes(n_layer=24, d=1024), torch.float32, torch.bfloat16),
+            ("GPT-2 XL (1.5B) bfloat16 params + grads", gpt2_small_shapes(n_layer=48, d=1600),
              torch.bfloat16, torch.bfloat16),
         ]
     for name, shapes, pdt, gdt in cases:
