@@ -204,3 +204,14 @@ def test_a_step_with_nonfinite_gradients_logs_a_nan_or_inf_norm():
     assert r.grad_norm == math.inf and math.isfinite(r.finite_grad_norm)
     m = scalars(r, per_tensor=False)
     assert m["health/grad_norm"] == math.inf and m["health/finite_grad_norm"] == r.finite_grad_norm
+
+
+def test_warnings_point_at_the_training_loop_not_into_a_library():
+    model = _model()
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model)
+    _backward(model, 0, nan=True)
+    with pytest.warns(th.HealthWarning) as caught:
+        opt.step()  # the warning's line
+    import linecache
+    assert caught[0].filename == __file__
+    assert "opt.step()  # the warning's line" in linecache.getline(__file__, caught[0].lineno)

@@ -349,5 +349,4 @@ class HealthMonitor:
                     cb(report)
             # Every rank raises together (same numbers, same verdict); rank 0 warns.
             dispatch(report, self.options.policy, late=result.late, warn=rank0,
-                       escalated=self.options.escalate_after if result.escalated else None,
-                       stacklevel=4)
+                     escalated=self.options.escalate_after if result.escalated else None)

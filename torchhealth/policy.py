@@ -18,6 +18,9 @@ too, so that every caller of the monitor acts the same way.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -76,8 +79,38 @@ def describe(action: Action) -> str:
 
 
 # -- host side ---------------------------------------------------------------------
+def _library_dirs() -> tuple[str, ...]:
+    global _LIBRARY_DIRS
+    if not _LIBRARY_DIRS:
+        dirs = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+        for name in ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate"):
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.submodule_search_locations:
+                dirs += [os.path.abspath(d) + os.sep for d in spec.submodule_search_locations]
+        _LIBRARY_DIRS = tuple(dirs)
+    return _LIBRARY_DIRS
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel (from this function's caller) of the first
+    frame outside torchhealth and the training libraries around it (torch,
+    Lightning, transformers, accelerate): warnings then point at the user's
+    training loop, not into a framework."""
+    dirs = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_DIRS: tuple[str, ...] = ()
+
+
 def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False,
-             escalated: int | None = None, warn: bool = True, stacklevel: int = 2) -> None:
+             escalated: int | None = None, warn: bool = True) -> None:
     """Carries out the host-side actions of `report`'s findings: warnings and
     callables first, then one `HealthCheckError` for every "raise" finding (and
     for an escalation: ``escalated`` consecutive skipped steps).
@@ -90,7 +123,7 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
             action(report, f)
         elif action in ("warn", "skip", "zero") and warn:
             warnings.warn(f"torchhealth step {report.step}: {f.check}: {f.message}",
-                          HealthWarning, stacklevel=stacklevel + 1)
+                          HealthWarning, stacklevel=user_stacklevel())
         elif action == "raise":
             to_raise.append(f)
     if to_raise or escalated:
