@@ -156,10 +156,11 @@ def test_hf_callback_checks_every_optimizer_step(hf, tmp_path):
         torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item())})())
     trainer.train()
     reports = read_jsonl(tmp_path / "run.jsonl")
-    assert [r.step for r in reports] == [0, 1, 2, 3] and trainer.state.global_step == 4
+    # Report steps are the Trainer's global_step for each optimizer step (1-based, as it logs them).
+    assert [r.step for r in reports] == [1, 2, 3, 4] and trainer.state.global_step == 4
     assert "transformer.h.0.attn.c_attn.weight" in {r.name for r in reports[0].rows}
     assert [r.grad_norm for r in reports] == pytest.approx(grads, rel=1e-12)
-    assert not any(r.findings for r in reports if r.step > 0)
+    assert not any(r.findings for r in reports if r.step > 1)
 
 
 def test_hf_callback_names_the_gradient_a_nan_was_born_in_despite_clipping(hf, tmp_path):
@@ -184,8 +185,8 @@ def test_hf_callback_names_the_gradient_a_nan_was_born_in_despite_clipping(hf, t
         trainer.train()
     assert seen[2] == len([p for p in model.parameters() if p.requires_grad])  # clipping spread it
     (f,) = [f for f in reports[2].findings if f.check == "nonfinite"]
-    assert f.names == ["transformer.h.1.mlp.c_fc.weight"] and reports[2].skipped
-    assert not any(r.findings for r in reports if r.step != 2)
+    assert f.names == ["transformer.h.1.mlp.c_fc.weight"] and reports[2].skipped and reports[2].step == 3
+    assert not any(r.findings for r in reports if r.step != 3)
 
 
 def test_hf_callback_stops_training_under_the_raise_policy(hf, tmp_path):
@@ -193,8 +194,8 @@ def test_hf_callback_stops_training_under_the_raise_policy(hf, tmp_path):
     callback = HealthCheckCallback(policy={"nonfinite": "raise"})
     trainer, model = _hf_trainer(hf, tmp_path, callback, nan_at=2, steps=6)
     trainer.train()  # stops cleanly after the failing step
-    assert trainer.state.global_step == 3  # steps 0, 1, 2; nothing after the fault
-    assert isinstance(callback.error, torchhealth.HealthCheckError) and callback.error.report.step == 2
+    assert trainer.state.global_step == 3  # steps 1, 2, 3; nothing after the fault
+    assert isinstance(callback.error, torchhealth.HealthCheckError) and callback.error.report.step == 3
     assert "nonfinite" in str(callback.error) and callback.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not taken
 
@@ -203,7 +204,7 @@ def test_hf_callback_can_raise_out_of_train(hf, tmp_path):
     from torchhealth.integrations.hf import HealthCheckCallback
     callback = HealthCheckCallback(policy={"nonfinite": "raise"}, stop_on_raise=False)
     trainer, _ = _hf_trainer(hf, tmp_path, callback, nan_at=1, steps=4)
-    with pytest.raises(torchhealth.HealthCheckError, match="step 1 failed"):
+    with pytest.raises(torchhealth.HealthCheckError, match="step 2 failed"):
         trainer.train()
 
 
@@ -251,3 +252,61 @@ def test_skip_aware_scheduler_under_accelerate(monkeypatch):
     assert lrs == [0.5, 0.5, 0.25] and opt.skipped_steps == 1
     with pytest.raises(TypeError, match="steps no HealthCheckedOptimizer"):
         torchhealth.SkipAwareScheduler(torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters()), 1))
+
+
+def test_lightning_several_optimizers_each_checked_on_its_cadence_with_its_own_keys(tmp_path):
+    """Manual optimization with two optimizers (a GAN's shape), check_every=2: the
+    trainer's global_step advances once per optimizer step, so a shared counter
+    would never check one of them; metric keys must not collide."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torchhealth.integrations.lightning import HealthCheckCallback
+
+    class TwoOptimizers(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.a, self.b = torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            for net, opt in zip((self.a, self.b), self.optimizers()):
+                opt.zero_grad()
+                self.manual_backward(torch.nn.functional.mse_loss(net(x), y))
+                opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    reports = []
+    callback = HealthCheckCallback(check_every=2, sinks=[reports.append])
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    _fit(pl, TwoOptimizers(), callback, tmp_path, steps=8, logger=logger)
+    names = [{r.name for r in rep.rows} for rep in reports]
+    assert sum(n == {"a.weight", "a.bias"} for n in names) == 2  # 4 steps of each optimizer: 0 and 2
+    assert sum(n == {"b.weight", "b.bias"} for n in names) == 2
+    with open(logger.experiment.metrics_file_path) as f:
+        header = next(csv.reader(f))
+    assert "optimizer0/health/grad_norm" in header and "optimizer1/health/grad_norm" in header
+    state = callback.state_dict()
+    assert sorted(state["optimizers"]) == [0, 1] and state["optimizers"][1]["steps"] == 4
+    assert state["optimizers"][0]["monitor"]["checks"] == 2
+
+
+def test_lightning_callback_state_survives_a_checkpoint(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torchhealth.integrations.lightning import HealthCheckCallback
+    torch.manual_seed(1)
+    callback = HealthCheckCallback()
+    trainer = _fit(pl, _lightning_module(pl), callback, tmp_path, steps=3)
+    trainer.save_checkpoint(tmp_path / "ckpt.ckpt")
+    (monitor,) = callback.monitors.values()
+    running = monitor.state_dict()["running"]
+    resumed = HealthCheckCallback()
+    ckpt = torch.load(tmp_path / "ckpt.ckpt", weights_only=False)
+    (saved,) = [v for k, v in ckpt["callbacks"].items() if "HealthCheckCallback" in k]
+    resumed.load_state_dict(saved)
+    module = _lightning_module(pl)
+    _fit(pl, module, resumed, tmp_path, steps=1)  # a fresh trainer: the monitor is made, then restored
+    (again,) = resumed.monitors.values()
+    assert again.checks == 3 + 1 and int(again.state_dict()["running"]["count"]) == int(running["count"]) + 1

@@ -59,7 +59,8 @@ class HealthCheckCallback(transformers.TrainerCallback):
     Args (keyword only): ``sinks`` receive every Report (closed at the end of
     training); ``stop_on_raise``: see the module docstring; ``options`` (a
     `MonitorOptions`) and its settings by name, validated here (``check_every``
-    counts optimizer steps, ``state.global_step``).
+    counts optimizer steps; a Report's step is the ``global_step`` the Trainer
+    logs for that optimizer step, 1 for the first).
 
     Attributes: ``monitor``, ``last_report``, ``skipped_steps``, ``error``.
     """
@@ -95,14 +96,16 @@ class HealthCheckCallback(transformers.TrainerCallback):
         return self.monitor
 
     def _next_step(self) -> int:
-        return self._state.global_step
+        # The Trainer counts an optimizer step once it is done: the step about
+        # to be taken is the one it will log as global_step + 1.
+        return self._state.global_step + 1
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         opt = unwrap(optimizer)
         self._monitor_for(opt, model, state)
         found_inf = unscale_for_check(getattr(optimizer, "scaler", None), opt)
         try:
-            result = self.monitor.check(state.global_step, found_inf=found_inf)
+            result = self.monitor.check(self._next_step(), found_inf=found_inf)
         except HealthCheckError as e:
             if not self.stop_on_raise:
                 raise

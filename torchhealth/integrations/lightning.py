@@ -29,6 +29,7 @@ optimizer state stay exactly as they were (the step counter still advances);
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -48,12 +49,17 @@ class HealthCheckCallback(pl.Callback):
     optimizer step and logs the totals through the trainer's loggers.
 
     Args (keyword only): ``options`` (a `MonitorOptions`) and its settings by
-    name, validated here (``check_every`` counts optimizer steps, i.e.
-    ``trainer.global_step``). ``sinks``: Sinks (or callables) that receive every Report, e.g. a
+    name, validated here (``check_every`` counts each optimizer's own steps, so
+    with several optimizers, e.g. a GAN's, each is checked on its own cadence).
+    ``sinks``: Sinks (or callables) that receive every Report, e.g. a
     `JsonlSink`; closed at the end of fit. ``log``: send `scalars` of each
-    Report to ``trainer.loggers`` at the Report's step; ``per_tensor``: include
-    per-parameter norms, absmax and non-finite counts (three metrics per
-    tensor), not only the ``health/`` totals.
+    Report to ``trainer.loggers`` on the trainer's ``log_every_n_steps``
+    cadence (with several optimizers, keys start with ``optimizer{i}/``);
+    ``per_tensor``: include per-parameter norms, absmax and non-finite counts
+    (three metrics per tensor), not only the ``health/`` totals.
+
+    The running state (baselines, counters) is saved in Lightning checkpoints
+    (`state_dict`) and restored on resume.
 
     Attributes: ``monitors`` (optimizer -> `HealthMonitor`), ``last_report``,
     ``skipped_steps``.
@@ -70,6 +76,9 @@ class HealthCheckCallback(pl.Callback):
         self.skipped_steps = 0
         self._trainer = None
         self._hooks: list = []
+        self._steps: dict[torch.optim.Optimizer, int] = {}  # each optimizer's own steps
+        self._index: dict[int, int] = {}  # id(monitor) -> the optimizer's index in the trainer
+        self._saved: dict | None = None  # from load_state_dict, applied as monitors are made
 
     # -- hooks ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -84,22 +93,46 @@ class HealthCheckCallback(pl.Callback):
         monitor = self.monitors.get(opt)
         if monitor is None:
             monitor = self.monitors[opt] = HealthMonitor(opt, model=pl_module, options=self.options)
-            monitor.on_report(self._deliver)
+            index = self._optimizer_index(opt)
+            self._index[id(monitor)] = index
+            monitor.on_report(functools.partial(self._deliver, index))
+            self._steps[opt] = 0
+            saved = (self._saved or {}).get(index)
+            if saved is not None:
+                monitor.load_state_dict(saved["monitor"])
+                self._steps[opt] = saved["steps"]
             if backward_end_by_default(self.options, pl_module):
-                self._hooks.append(monitor.check_at_backward_end(self._global_step))
+                self._hooks.append(monitor.check_at_backward_end(functools.partial(self._steps.get, opt)))
         return monitor
 
-    def _global_step(self) -> int:
-        return self._trainer.global_step
+    def _optimizer_index(self, opt) -> int:
+        optimizers = [unwrap(o) for o in (self._trainer.optimizers if self._trainer else [])]
+        return next((i for i, o in enumerate(optimizers) if o is opt), len(self.monitors) - 1)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._trainer = trainer
         opt = unwrap(optimizer)
         monitor = self._monitor_for(opt, pl_module)
         found_inf = unscale_for_check(getattr(trainer.precision_plugin, "scaler", None), opt)
-        result = monitor.check(trainer.global_step, found_inf=found_inf)
+        step = self._steps[opt]
+        self._steps[opt] = step + 1
+        result = monitor.check(step, found_inf=found_inf)
         if result is not None and skip_by_dropping_gradients(opt, result.skip):
             self.skipped_steps += 1  # policy or scaler
+
+    def state_dict(self) -> dict:
+        saved = dict(self._saved or {})
+        for opt, monitor in self.monitors.items():
+            saved[self._index[id(monitor)]] = {"monitor": monitor.state_dict(), "steps": self._steps[opt]}
+        return {"optimizers": saved}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = dict(state_dict.get("optimizers", {}))
+        for opt, monitor in self.monitors.items():  # already made: restore now
+            saved = self._saved.get(self._index[id(monitor)])
+            if saved is not None:
+                monitor.load_state_dict(saved["monitor"])
+                self._steps[opt] = saved["steps"]
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish()
@@ -108,14 +141,16 @@ class HealthCheckCallback(pl.Callback):
         self._finish(flush=False)
 
     # -- internals ----------------------------------------------------------------------------
-    def _deliver(self, report: Report) -> None:
+    def _deliver(self, index: int, report: Report) -> None:
         self.last_report = report
         for sink in self.sinks:
             sink(report)
-        if self.log and self._trainer is not None:
-            metrics = scalars(report, per_tensor=self.per_tensor)
-            for logger in self._trainer.loggers:
-                logger.log_metrics(metrics, step=report.step)
+        trainer = self._trainer
+        if self.log and trainer is not None and report.step % max(trainer.log_every_n_steps, 1) == 0:
+            prefix = f"optimizer{index}/" if len(trainer.optimizers) > 1 else ""
+            metrics = {prefix + k: v for k, v in scalars(report, per_tensor=self.per_tensor).items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _finish(self, flush: bool = True) -> None:
         for hooks in self._hooks:
