@@ -215,3 +215,12 @@ def test_warnings_point_at_the_training_loop_not_into_a_library():
     import linecache
     assert caught[0].filename == __file__
     assert "opt.step()  # the warning's line" in linecache.getline(__file__, caught[0].lineno)
+
+
+def test_histograms_by_default_on_every_tenth_check():
+    model = _model()
+    reports = []
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.01), model=model, on_report=reports.append)
+    for i in range(21):
+        _step(model, opt, i)
+    assert [r.step for r in reports if r.rows[0].hist is not None] == [0, 10, 20]

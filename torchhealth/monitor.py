@@ -323,7 +323,7 @@ class HealthMonitor:
         tensor's device (tiny device-to-device copies, no host sync)."""
         if not tensors:
             raise ValueError("HealthMonitor: nothing to check (no floating-point parameters)")
-        histogram = self.options.histogram
+        histogram = self.options.histogram_due(self.checks)
         if distributed.holds_dtensor(tensors):
             # The combine stage: rows of the global tensors (FSDP2, tensor parallel,
             # HSDP), identical on every rank, so every rank reaches the same verdict.

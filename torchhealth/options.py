@@ -30,7 +30,9 @@ class MonitorOptions:
     - ``sync``: "auto", "never" or "step" (see `torchhealth.monitor`).
     - ``optimizer_state``: also read optimizer state tensors shaped like their
       parameter (e.g. Adam's ``exp_avg_sq``): True, or a collection of state keys.
-    - ``histogram``: also compute log2 histograms (for sinks and reports).
+    - ``histogram``: also compute log2 histograms (for sinks and reports; the
+      checks do not need them): True on every check, False never, or N on every
+      Nth check (default 10: the report's heatmaps fill in at a tenth of the cost).
     - ``max_grad_norm``: clip gradients to this total norm, reusing the statistics.
     - ``at_backward_end``: run the checks when backward finishes, before other
       code (gradient clipping) changes the gradients; the step then uses that
@@ -47,7 +49,7 @@ class MonitorOptions:
     policy: Mapping = field(default_factory=lambda: resolve_policy(None))
     sync: str = "auto"
     optimizer_state: bool | frozenset = False
-    histogram: bool = False
+    histogram: bool | int = 10
     max_grad_norm: float | None = None
     escalate_after: int | None = 100
     at_backward_end: bool | None = None
@@ -71,7 +73,11 @@ class MonitorOptions:
                                 f"keys, got {st!r}")
             set_(self, "optimizer_state", frozenset(st))
         if not isinstance(self.histogram, bool):
-            raise TypeError(f"{own}.histogram must be a bool, got {self.histogram!r}")
+            try:
+                set_(self, "histogram", positive_int(f"{own}.histogram", self.histogram))
+            except (TypeError, ValueError):
+                raise TypeError(f"{own}.histogram must be a bool or a positive int (every Nth check), "
+                                f"got {self.histogram!r}") from None
         if self.max_grad_norm is not None:
             set_(self, "max_grad_norm", number(f"{own}.max_grad_norm", self.max_grad_norm))
         if self.at_backward_end is not None and not isinstance(self.at_backward_end, bool):
@@ -95,6 +101,11 @@ class MonitorOptions:
 
     def due(self, step: int) -> bool:
         return step % self.check_every == 0
+
+    def histogram_due(self, checks: int) -> bool:
+        """Whether the check after `checks` earlier ones computes histograms."""
+        h = self.histogram
+        return h if isinstance(h, bool) else checks % h == 0
 
 
 def backward_end_by_default(options: MonitorOptions, model) -> bool:

@@ -135,7 +135,7 @@ class Watch:
         if not outs:
             return
         names, kinds, tensors = zip(*outs)
-        stats = tensor_stats(list(tensors), histogram=self.options.histogram)
+        stats = tensor_stats(list(tensors), histogram=self._histogram(self._step))
         near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
         bounded = [i for i, k in enumerate(kinds) if k in (SIGMOID, TANH)]
         if bounded:
@@ -157,10 +157,13 @@ class Watch:
         if not grads or not self.options.due(step):
             return
         names, tensors = zip(*grads)
-        stats = tensor_stats(list(tensors), histogram=self.options.histogram)
+        stats = tensor_stats(list(tensors), histogram=self._histogram(step))
         near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
         self._add(PassStats(step, "backward", list(names), [OTHER] * len(names),
                             [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], stats, near))
+
+    def _histogram(self, step: int) -> bool:
+        return self.options.histogram_due(step // self.options.check_every)
 
     def _add(self, p: PassStats) -> None:
         passes = self._passes.setdefault(p.step, [])
