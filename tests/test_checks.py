@@ -215,10 +215,13 @@ def test_run_checks_never_reads_the_device_and_does_not_mutate_its_inputs():
         signals, new = C.run_checks(s, PG, TH, state, found_inf=torch.zeros(1))
     assert torch.equal(s.data, before) and state.count.item() == 0 and state.dead.tolist() == [0, 0]
     assert [x.check for x in signals] == ["nonfinite"] * 3 + ["exploding"] * 3 + \
-        ["vanishing"] * 3 + ["headroom"] * 2 + ["dead"]
+        ["vanishing"] * 4 + ["headroom"] * 2 + ["dead"]
+    assert [x.severity for x in signals].count("info") == 1
     # the NaN gradient, and the all-zero gradient of "b" (vanishing: zeros)
-    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 3
+    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 4
     assert new.dead.tolist() == [0, 1]
+    # "b"'s exact zeros have no structural reason: not recognised; a NaN says nothing about "a"
+    assert new.structural.tolist() == [C.UNDECIDED, C.LEARNS]
     with pytest.raises(AssertionError, match="host read"), NoHostReads():
         bool(signals[0].fired)  # the guard itself works
 

@@ -2,6 +2,8 @@
 function that turns its host copy into a `Report`."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .checks import Layout, Signal, any_fired, finding
@@ -86,8 +88,10 @@ class CheckResult:
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
                  options: MonitorOptions) -> Report:
-    """The Report of one check from its host copy: rows, findings, and the
-    labels of the actions the policy took."""
+    """The Report of one check from its host copy: rows, findings (the first
+    warning or error, in `CHECKS` order, marked primary: a non-finite value
+    comes before the norms it breaks, an exploding norm before what looks
+    small next to it), and the labels of the actions the policy took."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
@@ -95,10 +99,14 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     at = 0
     for s, hit, value in zip(signals, flags, values):
         mask, at = masks[at:at + s.mask.numel()], at + s.mask.numel()
-        f = finding(s, hit, mask, value, rows, layout.param_names)
+        f = finding(s, hit, mask, value, rows, layout.param_names, notes=layout.structural)
         if f is None:
             continue
+        if f.severity != "info" and not any(x.primary for x in findings):
+            f = dataclasses.replace(f, primary=True)
         findings.append(f)
+        if not hit:  # an info finding: no check fired, no action
+            continue
         action = options.policy[s.check]
         label = f"{describe(action)}: {s.check}"
         if action != "ignore" and label not in actions:
