@@ -178,11 +178,17 @@ def test_headroom_only_in_low_precision():
 
 
 def test_headroom_underflow_bfloat16():
-    s = stats({"numel": 100, "zero": 50, "subnormal": 1}, {"numel": 100, "subnormal": 2})
+    tiny = torch.finfo(torch.bfloat16).tiny
+    s = stats({"numel": 100, "zero": 50, "subnormal": 1, "sumsq": tiny ** 2 / 2},
+              {"numel": 100, "subnormal": 2, "sumsq": tiny ** 2})
     r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
     ok, mask, frac = fired(C.headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
                            "headroom", "underflow")
     assert ok and mask == [True, True] and frac == pytest.approx(0.02)
+    # the same subnormals in a tensor whose norm dwarfs their lost precision: nothing lost
+    s = stats({"numel": 100, "subnormal": 30, "sumsq": 1e-6}, {"numel": 100, "subnormal": 30})
+    r16 = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16] * 2)
+    assert fired(C.headroom(s, r16, TH), "headroom", "underflow")[:2] == (False, [False, False])
 
 
 # -- dead --------------------------------------------------------------------------------

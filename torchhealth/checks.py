@@ -6,7 +6,8 @@ the tensors (or parameters) that triggered it, the measured value and its
 threshold, all still on the device. `finding` turns one into a host-side
 `Finding` once a `Report` has been built.
 
-Checks and their defaults (every threshold lives in `Thresholds`):
+Checks and their defaults (every threshold lives in `Thresholds`), each with
+the reason for its value:
 
 ========== =========================================================== ========
 check      fires when                                                  severity
@@ -19,17 +20,78 @@ exploding  total gradient norm > ``max_norm`` (1e4); one parameter's    error
            ``spike_zscore`` (4) deviations above it (after ``warmup``
            (10) checks)
 vanishing  total gradient norm < ``min_norm`` (1e-8); a parameter whose warning
-           gradient RMS is below ``min_relative_rms`` (1e-6) x the largest
+           gradient RMS is below `relative_rms_limit` x the largest
            gradient RMS; a parameter whose gradient is more than
            ``max_zero_fraction`` (99%) zeros and subnormals (embedding
            tables and sparse gradients exempt: they are mostly zero by
            design)
+  (info)   a gradient zero by construction (`structural`): recorded      info
+           once, then left out of the vanishing and dead checks
 headroom   a float16/bfloat16 tensor with ``|x| >= headroom * dtype max`` warning
            (0.5: one bit from overflow), or more than
            ``max_subnormal_fraction`` (1%) of its nonzero values subnormal
+           with a norm below sqrt(subnormals) x the smallest normal
 dead       a trainable parameter whose gradient was None or all zero   warning
            for ``dead_after`` (3) consecutive checks
 ========== =========================================================== ========
+
+Why these values:
+
+- ``max_norm``/``max_param_norm`` 1e4: healthy gradient norms of models from
+  thousands to billions of parameters sit around 1e-2..1e2 (the loss is O(1)
+  and per-element gradients shrink as models grow); 1e4 is two orders above
+  the top of that range.
+- ``spike_factor`` 10 and ``spike_zscore`` 4 together: a factor alone fires on
+  noisy small-batch runs, a z-score alone on very steady ones; ``warmup`` 10
+  checks gives the log-norm mean and variance something to stand on.
+- ``min_norm`` 1e-8: an SGD step that small moves nothing (lr 1e-3 times
+  1e-8 is below half a float32 ulp of a weight of size 1e-3).
+- ``min_relative_rms`` 1e-6 for up to ``relative_rms_tensors`` (100) gradient
+  tensors, then divided by sqrt(tensors / 100) (`relative_rms_limit`): the
+  smallest healthy relative RMS shrinks as models grow (measured at init: tiny
+  GPT-2, 3e-3 at 28 tensors and 6e-4 at 292; tiny BERT about 1e-5 at every
+  depth, from its query biases), so a fixed ratio would cry wolf on big models.
+  The same ratio holds for float32, bfloat16 and float16 gradients: all three
+  represent 1e-6 of a typical gradient (bfloat16 and float32 share an exponent
+  range; float16 values that small are subnormal, which the headroom check
+  reports).
+- ``max_zero_fraction`` 0.99: ReLU networks legitimately zero most of a
+  layer's gradient, not all of it.
+- ``headroom`` 0.5 (one bit from overflow) and ``max_subnormal_fraction`` 1%:
+  the point where float16/bfloat16 values start to lose range or precision;
+  the underflow part also asks that the subnormals' lost precision reach
+  ordinary rounding's (see `headroom`): without that, a healthy float16
+  gradient, whose smallest few percent of values are always subnormal,
+  warned on every step.
+- ``dead_after`` 3: one all-zero gradient can be a batch that missed a
+  branch; three in a row is a pattern.
+- ``structural_rms`` 1e-2: see `structural`; the rounding bound of a
+  gradient the module structure explains. A gradient that cancels exactly in
+  real arithmetic keeps a residue of about eps x its module's gradient scale:
+  measured 1e-7..1e-5 in float32, 1e-3..3e-3 under bfloat16/float16 autocast
+  (whose parameters and gradients are float32 but whose sums are not), while a
+  real bias gradient is 0.1..10x its weight's. Without a structural reason
+  the bound is ``sqrt(eps)`` of the gradient's dtype (3e-4 for float32), at
+  most ``structural_rms``.
+
+Gradients zero by construction (`structural`): a bias that a per-channel norm
+(BatchNorm, InstanceNorm, GroupNorm with one channel per group) cancels, an
+attention key bias (softmax ignores the constant it adds to each query's
+scores), and a parameter the loss reaches only through an operation that
+cancels it (a gradient nonzero but at rounding level next to its module's). The
+module structure proposes (`torchhealth.collect.structural_facts`), the
+statistics confirm; the statistics alone recognise only the rounding-level
+case. A gradient that is None or exactly zero without a structural reason stays
+the dead check's: statistics cannot tell an output nobody uses by mistake
+(the demo's ``dead``) from one left out on purpose; freeze it
+(``requires_grad_(False)``) to say so.
+
+One cause, one finding: non-finite gradient values give no exploding finding
+(the total norm and the spike test are left out on such a step, and the
+baseline does not learn from it; rows holding NaN/Inf are left out of the
+per-parameter norm limit); an exploding total norm or spike gives no relative
+vanishing finding on the same step (everything is small next to it). The
+Report marks its first warning or error, in this order, as ``primary``.
 
 Norms are over finite values only (see `TensorStats.l2norm`); non-finite values
 are the nonfinite check's business.
@@ -101,9 +163,10 @@ class Layout:
     mostly zero by design (an embedding table, a sparse gradient): the
     zero-fraction part of the vanishing check skips it. ``structural[j]`` is
     why parameter ``j``'s gradient is zero by construction ("" when nothing in
-    the model's structure says so; see `structural`): the collector fills it
-    from the modules. Parameters are grouped by module (their name without the
-    last component): the parameters of one module share its output gradient.
+    the model's structure says so; see `structural`) and ``modules[j]`` the
+    module that owns it: the collector fills both from the model. Parameters
+    of one module share its output gradient; a parameter whose module is not
+    known (None, or no ``modules``) is a module of its own.
     """
 
     names: list[str]
@@ -115,6 +178,7 @@ class Layout:
     trainable: list[bool] = None
     sparse: list[bool] = None
     structural: list[str] = None
+    modules: list[str | None] = None
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -133,9 +197,11 @@ class Layout:
             self.sparse = [False] * len(self.param_names)
         if self.structural is None:
             self.structural = [""] * len(self.param_names)
-        modules = [n.rpartition(".")[0] for n in self.param_names]
-        order = {m: k for k, m in enumerate(dict.fromkeys(modules))}
-        self.module_index = [order[m] for m in modules]
+        if self.modules is None:
+            self.modules = [None] * len(self.param_names)
+        keys = [m if m is not None else ("param", j) for j, m in enumerate(self.modules)]
+        order = {m: k for k, m in enumerate(dict.fromkeys(keys))}
+        self.module_index = [order[m] for m in keys]
         self.num_grads = sum(r == "grad" for r in self.roles)
 
     def __len__(self) -> int:
@@ -168,6 +234,7 @@ class Layout:
                 "candidate": torch.tensor([bool(self.structural[j]) for j in self.param_index],
                                           dtype=torch.bool),
                 "eps": torch.tensor([torch.finfo(d).eps for d in self.dtypes], dtype=torch.float64),
+                "tiny": torch.tensor([torch.finfo(d).tiny for d in self.dtypes], dtype=torch.float64),
             }
             cached = {k: v.to(device) for k, v in cached.items()}
             self._device_cache[device] = cached
@@ -407,14 +474,22 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
 
 def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]:
     """float16/bfloat16 tensors close to overflow (|x| within a factor
-    1/headroom of the dtype's maximum) or losing values to subnormals."""
+    1/headroom of the dtype's maximum) or losing values to subnormals: more
+    than ``max_subnormal_fraction`` of the nonzero values, and enough of them
+    that their lost precision counts. A subnormal value is off by up to half
+    the smallest subnormal (``tiny * eps / 2``), ordinary rounding loses
+    ``eps / 2`` of the tensor's norm, so subnormals matter only once
+    ``sqrt(subnormal) * tiny`` reaches the norm: a healthy float16 gradient
+    whose smallest few percent of values are subnormal loses nothing
+    measurable."""
     m = layout.masks(stats.device)
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
     near = lowp & (use >= th.headroom)
     nonzero = (stats.finite - stats.zero).clamp(min=1).double()
     sub = stats.subnormal.double() / nonzero
-    under = lowp & (sub > th.max_subnormal_fraction)
+    lost = stats.sumsq < stats.subnormal.double() * m["tiny"] * m["tiny"]  # see _no_row_sqrt
+    under = lowp & (sub > th.max_subnormal_fraction) & lost
     return [_signal("headroom", "overflow", near, _masked_max(use, lowp), th.headroom),
             _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)]
 

@@ -123,6 +123,8 @@ class Collector:
         self._sparse_ids = ({id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)}
                             if model is not None else set())
         self._structural = structural_facts(model) if model is not None else {}
+        self._modules = ({id(p): name for name, m in model.named_modules() for p in m.parameters(recurse=False)}
+                         if model is not None else {})
         self.optimizer_state = optimizer_state
         self._key = None
         self._layout: Layout | None = None
@@ -175,7 +177,8 @@ class Collector:
                 trainable=[p.requires_grad for p, _ in params],
                 sparse=[id(p) in self._sparse_ids or (p.grad is not None and p.grad.is_sparse)
                         for p, _ in params],
-                structural=[self._structural.get(id(p), "") for p, _ in params])
+                structural=[self._structural.get(id(p), "") for p, _ in params],
+                modules=[self._modules.get(id(p)) for p, _ in params])
             self._key = key
         params_key = tuple(id(p) for p, _ in params)
         changed = self._params_key is not None and params_key != self._params_key
