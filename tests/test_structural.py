@@ -118,6 +118,12 @@ def test_non_finite_gradients_give_no_exploding_finding_and_teach_no_baseline():
     assert state.count.item() == 0
 
 
+def test_an_overflowed_float16_tensor_is_the_nonfinite_checks_not_a_headroom_warning():
+    s = stats({"absmax": 60000.0, "posinf": 1}, {"absmax": 60000.0})
+    layout = C.Layout(names=["a", "b"], roles=["grad", "grad"], dtypes=[torch.float16] * 2)
+    assert fired(C.headroom(s, layout, TH), "headroom", "overflow")[:2] == (True, [False, True])
+
+
 def test_relative_limit_scales_with_the_number_of_gradient_tensors():
     assert C.relative_rms_limit(_pg(*[1.0] * 10)[1], TH) == TH.min_relative_rms
     assert C.relative_rms_limit(_pg(*[1.0] * 400)[1], TH) == pytest.approx(TH.min_relative_rms / 2)

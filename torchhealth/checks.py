@@ -89,7 +89,8 @@ the dead check's: statistics cannot tell an output nobody uses by mistake
 One cause, one finding: non-finite gradient values give no exploding finding
 (the total norm and the spike test are left out on such a step, and the
 baseline does not learn from it; rows holding NaN/Inf are left out of the
-per-parameter norm limit); an exploding total norm or spike gives no relative
+per-parameter norm limit and from the headroom check, which warns before an
+overflow, not after it); an exploding total norm or spike gives no relative
 vanishing finding on the same step (everything is small next to it). The
 Report marks its first warning or error, in this order, as ``primary``.
 
@@ -452,9 +453,9 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     ms = torch.where(g, stats.sumsq / stats.finite.clamp(min=1).double(), 0.0)
     num_modules = max(layout.module_index, default=-1) + 1
     ref = ms.new_zeros(num_modules).scatter_reduce(0, m["module"], ms, "amax")[m["module"]]
-    bound = torch.where(m["candidate"], th.structural_rms,
-                        m["eps"].sqrt().clamp(max=th.structural_rms))  # constants: see _no_row_sqrt
-    quiet_rows = g & (ref > 0) & (ms <= bound * bound * ref) & (m["candidate"] | (ms > 0))
+    # Squared bounds (see _no_row_sqrt): structural_rms**2, or min(eps, structural_rms**2).
+    bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
+    quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
     has = m["has_grad"]
     quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows[m["grad_rows"]])
     seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g[m["grad_rows"]])
@@ -485,7 +486,7 @@ def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]
     m = layout.masks(stats.device)
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
-    near = lowp & (use >= th.headroom)
+    near = lowp & (use >= th.headroom) & (stats.nonfinite == 0)  # overflowed: nonfinite's finding
     nonzero = (stats.finite - stats.zero).clamp(min=1).double()
     sub = stats.subnormal.double() / nonzero
     lost = stats.sumsq < stats.subnormal.double() * m["tiny"] * m["tiny"]  # see _no_row_sqrt

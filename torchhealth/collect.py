@@ -62,7 +62,7 @@ def structural_facts(model: torch.nn.Module) -> dict[int, str]:
         channels = getattr(layer, "out_features", getattr(layer, "out_channels", None))
         if isinstance(layer, _LAYERS) and isinstance(bias, torch.nn.Parameter) \
                 and _removes_channel_mean(norm, channels):
-            facts[id(bias)] = (f"feeds {type(norm).__name__} {norm_name or 'the model'}, which subtracts "
+            facts[id(bias)] = (f"feeds {type(norm).__name__} `{norm_name}`, which subtracts "
                                "each channel's mean: the bias cancels, so it is redundant "
                                "(bias=False gives the same model)")
     for name, module in model.named_modules():
