@@ -88,3 +88,13 @@ def test_adam_lr_1000_explodes_without_vanishing_on_the_same_step():
         if any(f.check == "nonfinite" and "gradient" in f.message for f in r.findings):
             assert {f.check for f in r.findings} == {"nonfinite"}
             assert sum(f.primary for f in r.findings) == 1 and r.findings[0].primary
+
+
+@pytest.mark.xfail(strict=True, reason="policy.dispatch (policy.py, not this branch's file) still "
+                   "warns/raises on info findings; it needs `if f.severity == 'info': continue`")
+def test_an_info_finding_is_never_acted_on_by_the_policy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 10 * 10, 10))
+    reports, alarms = _train(model, _images, lambda m, x, y: nn.functional.cross_entropy(m(x), y), 3,
+                             policy="raise")  # with a callback, so every report is dispatched
+    assert [f.severity for r in reports for f in r.findings] == ["info"]

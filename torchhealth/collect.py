@@ -63,8 +63,8 @@ def structural_facts(model: torch.nn.Module) -> dict[int, str]:
         if isinstance(layer, _LAYERS) and isinstance(bias, torch.nn.Parameter) \
                 and _removes_channel_mean(norm, channels):
             facts[id(bias)] = (f"feeds {type(norm).__name__} `{norm_name}`, which subtracts "
-                               "each channel's mean: the bias cancels, so it is redundant "
-                               "(bias=False gives the same model)")
+                               "each channel's mean: the bias cancels, so it is redundant; "
+                               "bias=False gives the same model")
     for name, module in model.named_modules():
         for q, k in _QUERY_KEY:
             key = getattr(module, k, None)
