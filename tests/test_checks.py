@@ -178,11 +178,17 @@ def test_headroom_only_in_low_precision():
 
 
 def test_headroom_underflow_bfloat16():
-    s = stats({"numel": 100, "zero": 50, "subnormal": 1}, {"numel": 100, "subnormal": 2})
+    tiny = torch.finfo(torch.bfloat16).tiny
+    s = stats({"numel": 100, "zero": 50, "subnormal": 1, "sumsq": tiny ** 2 / 2},
+              {"numel": 100, "subnormal": 2, "sumsq": tiny ** 2})
     r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
     ok, mask, frac = fired(C.headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
                            "headroom", "underflow")
     assert ok and mask == [True, True] and frac == pytest.approx(0.02)
+    # the same subnormals in a tensor whose norm dwarfs their lost precision: nothing lost
+    s = stats({"numel": 100, "subnormal": 30, "sumsq": 1e-6}, {"numel": 100, "subnormal": 30})
+    r16 = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16] * 2)
+    assert fired(C.headroom(s, r16, TH), "headroom", "underflow")[:2] == (False, [False, False])
 
 
 # -- dead --------------------------------------------------------------------------------
@@ -215,10 +221,13 @@ def test_run_checks_never_reads_the_device_and_does_not_mutate_its_inputs():
         signals, new = C.run_checks(s, PG, TH, state, found_inf=torch.zeros(1))
     assert torch.equal(s.data, before) and state.count.item() == 0 and state.dead.tolist() == [0, 0]
     assert [x.check for x in signals] == ["nonfinite"] * 3 + ["exploding"] * 3 + \
-        ["vanishing"] * 3 + ["headroom"] * 2 + ["dead"]
+        ["vanishing"] * 4 + ["headroom"] * 2 + ["dead"]
+    assert [x.severity for x in signals].count("info") == 1
     # the NaN gradient, and the all-zero gradient of "b" (vanishing: zeros)
-    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 3
+    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 4
     assert new.dead.tolist() == [0, 1]
+    # "b"'s exact zeros have no structural reason: not recognised; a NaN says nothing about "a"
+    assert new.structural.tolist() == [C.UNDECIDED, C.LEARNS]
     with pytest.raises(AssertionError, match="host read"), NoHostReads():
         bool(signals[0].fired)  # the guard itself works
 

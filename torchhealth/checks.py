@@ -6,7 +6,8 @@ the tensors (or parameters) that triggered it, the measured value and its
 threshold, all still on the device. `finding` turns one into a host-side
 `Finding` once a `Report` has been built.
 
-Checks and their defaults (every threshold lives in `Thresholds`):
+Checks and their defaults (every threshold lives in `Thresholds`), each with
+the reason for its value:
 
 ========== =========================================================== ========
 check      fires when                                                  severity
@@ -19,17 +20,79 @@ exploding  total gradient norm > ``max_norm`` (1e4); one parameter's    error
            ``spike_zscore`` (4) deviations above it (after ``warmup``
            (10) checks)
 vanishing  total gradient norm < ``min_norm`` (1e-8); a parameter whose warning
-           gradient RMS is below ``min_relative_rms`` (1e-6) x the largest
+           gradient RMS is below `relative_rms_limit` x the largest
            gradient RMS; a parameter whose gradient is more than
            ``max_zero_fraction`` (99%) zeros and subnormals (embedding
            tables and sparse gradients exempt: they are mostly zero by
            design)
+  (info)   a gradient zero by construction (`structural`): recorded      info
+           once, then left out of the vanishing and dead checks
 headroom   a float16/bfloat16 tensor with ``|x| >= headroom * dtype max`` warning
            (0.5: one bit from overflow), or more than
            ``max_subnormal_fraction`` (1%) of its nonzero values subnormal
+           with a norm below sqrt(subnormals) x the smallest normal
 dead       a trainable parameter whose gradient was None or all zero   warning
            for ``dead_after`` (3) consecutive checks
 ========== =========================================================== ========
+
+Why these values:
+
+- ``max_norm``/``max_param_norm`` 1e4: healthy gradient norms of models from
+  thousands to billions of parameters sit around 1e-2..1e2 (the loss is O(1)
+  and per-element gradients shrink as models grow); 1e4 is two orders above
+  the top of that range.
+- ``spike_factor`` 10 and ``spike_zscore`` 4 together: a factor alone fires on
+  noisy small-batch runs, a z-score alone on very steady ones; ``warmup`` 10
+  checks gives the log-norm mean and variance something to stand on.
+- ``min_norm`` 1e-8: an SGD step that small moves nothing (lr 1e-3 times
+  1e-8 is below half a float32 ulp of a weight of size 1e-3).
+- ``min_relative_rms`` 1e-6 for up to ``relative_rms_tensors`` (100) gradient
+  tensors, then divided by sqrt(tensors / 100) (`relative_rms_limit`): the
+  smallest healthy relative RMS shrinks as models grow (measured at init: tiny
+  GPT-2, 3e-3 at 28 tensors and 6e-4 at 292; tiny BERT about 1e-5 at every
+  depth, from its query biases), so a fixed ratio would cry wolf on big models.
+  The same ratio holds for float32, bfloat16 and float16 gradients: all three
+  represent 1e-6 of a typical gradient (bfloat16 and float32 share an exponent
+  range; float16 values that small are subnormal, which the headroom check
+  reports).
+- ``max_zero_fraction`` 0.99: ReLU networks legitimately zero most of a
+  layer's gradient, not all of it.
+- ``headroom`` 0.5 (one bit from overflow) and ``max_subnormal_fraction`` 1%:
+  the point where float16/bfloat16 values start to lose range or precision;
+  the underflow part also asks that the subnormals' lost precision reach
+  ordinary rounding's (see `headroom`): without that, a healthy float16
+  gradient, whose smallest few percent of values are always subnormal,
+  warned on every step.
+- ``dead_after`` 3: one all-zero gradient can be a batch that missed a
+  branch; three in a row is a pattern.
+- ``structural_rms`` 1e-2: see `structural`; the rounding bound of a
+  gradient the module structure explains. A gradient that cancels exactly in
+  real arithmetic keeps a residue of about eps x its module's gradient scale:
+  measured 1e-7..1e-5 in float32, 1e-3..3e-3 under bfloat16/float16 autocast
+  (whose parameters and gradients are float32 but whose sums are not), while a
+  real bias gradient is 0.1..10x its weight's. Without a structural reason
+  the bound is ``sqrt(eps)`` of the gradient's dtype (3e-4 for float32), at
+  most ``structural_rms``.
+
+Gradients zero by construction (`structural`): a bias that a per-channel norm
+(BatchNorm, InstanceNorm, GroupNorm with one channel per group) cancels, an
+attention key bias (softmax ignores the constant it adds to each query's
+scores), and a parameter the loss reaches only through an operation that
+cancels it (a gradient nonzero but at rounding level next to its module's). The
+module structure proposes (`torchhealth.collect.structural_facts`), the
+statistics confirm; the statistics alone recognise only the rounding-level
+case. A gradient that is None or exactly zero without a structural reason stays
+the dead check's: statistics cannot tell an output nobody uses by mistake
+(the demo's ``dead``) from one left out on purpose; freeze it
+(``requires_grad_(False)``) to say so.
+
+One cause, one finding: non-finite gradient values give no exploding finding
+(the total norm and the spike test are left out on such a step, and the
+baseline does not learn from it; rows holding NaN/Inf are left out of the
+per-parameter norm limit and from the headroom check, which warns before an
+overflow, not after it); an exploding total norm or spike gives no relative
+vanishing finding on the same step (everything is small next to it). The
+Report marks its first warning or error, in this order, as ``primary``.
 
 Norms are over finite values only (see `TensorStats.l2norm`); non-finite values
 are the nonfinite check's business.
@@ -49,6 +112,7 @@ from .stats import TensorStats
 CHECKS = ("nonfinite", "exploding", "vanishing", "headroom", "dead")
 SEVERITY = {"nonfinite": "error", "exploding": "error", "vanishing": "warning",
             "headroom": "warning", "dead": "warning"}
+INFO_KINDS = ("structural",)
 _LOWP = (torch.float16, torch.bfloat16)
 
 
@@ -69,6 +133,8 @@ class Thresholds:
     headroom: float = 0.5
     max_subnormal_fraction: float = 0.01
     dead_after: int = 3
+    relative_rms_tensors: int = 100
+    structural_rms: float = 1e-2
     # Activations (`torchhealth.watch`): sigmoid/tanh outputs near an asymptote,
     # and ReLU outputs exactly zero, as fractions of a module's output.
     max_saturated_fraction: float = 0.5
@@ -83,11 +149,12 @@ class Thresholds:
                   "max_zero_fraction": {"low_open": False, "high": 1.0},
                   "headroom": {"high": 1.0},
                   "max_subnormal_fraction": {"low_open": False, "high": 1.0},
+                  "structural_rms": {"low_open": False, "high": 1.0},
                   "max_saturated_fraction": {"low_open": False, "high": 1.0},
                   "max_dead_fraction": {"low_open": False, "high": 1.0}}
         for name, bounds in ranges.items():
             object.__setattr__(self, name, number(f"Thresholds.{name}", getattr(self, name), **bounds))
-        for name in ("warmup", "dead_after"):
+        for name in ("warmup", "dead_after", "relative_rms_tensors"):
             object.__setattr__(self, name, positive_int(f"Thresholds.{name}", getattr(self, name)))
 
 
@@ -101,7 +168,12 @@ class Layout:
     parameter ``j`` (dead-parameter counters are per parameter, since a None
     gradient has no row). ``sparse[j]`` marks a parameter whose gradient is
     mostly zero by design (an embedding table, a sparse gradient): the
-    zero-fraction part of the vanishing check skips it.
+    zero-fraction part of the vanishing check skips it. ``structural[j]`` is
+    why parameter ``j``'s gradient is zero by construction ("" when nothing in
+    the model's structure says so; see `structural`) and ``modules[j]`` the
+    module that owns it: the collector fills both from the model. Parameters
+    of one module share its output gradient; a parameter whose module is not
+    known (None, or no ``modules``) is a module of its own.
     """
 
     names: list[str]
@@ -112,6 +184,8 @@ class Layout:
     param_names: list[str] = None
     trainable: list[bool] = None
     sparse: list[bool] = None
+    structural: list[str] = None
+    modules: list[str | None] = None
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -128,6 +202,14 @@ class Layout:
             self.trainable = [True] * len(self.param_names)
         if self.sparse is None:
             self.sparse = [False] * len(self.param_names)
+        if self.structural is None:
+            self.structural = [""] * len(self.param_names)
+        if self.modules is None:
+            self.modules = [None] * len(self.param_names)
+        keys = [m if m is not None else ("param", j) for j, m in enumerate(self.modules)]
+        order = {m: k for k, m in enumerate(dict.fromkeys(keys))}
+        self.module_index = [order[m] for m in keys]
+        self.num_grads = sum(r == "grad" for r in self.roles)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -154,6 +236,12 @@ class Layout:
                 "has_grad": torch.tensor(has_grad, dtype=torch.bool),
                 "trainable": torch.tensor(self.trainable, dtype=torch.bool),
                 "sparse": torch.tensor([self.sparse[j] for j in self.param_index], dtype=torch.bool),
+                "row_param": torch.tensor(self.param_index, dtype=torch.int64),
+                "module": torch.tensor([self.module_index[j] for j in self.param_index], dtype=torch.int64),
+                "candidate": torch.tensor([bool(self.structural[j]) for j in self.param_index],
+                                          dtype=torch.bool),
+                "eps": torch.tensor([torch.finfo(d).eps for d in self.dtypes], dtype=torch.float64),
+                "tiny": torch.tensor([torch.finfo(d).tiny for d in self.dtypes], dtype=torch.float64),
             }
             cached = {k: v.to(device) for k, v in cached.items()}
             self._device_cache[device] = cached
@@ -163,7 +251,11 @@ class Layout:
 @dataclass
 class Signal:
     """One check's verdict on the device. ``mask`` is over statistics rows
-    (``axis="rows"``) or parameters (``axis="params"``)."""
+    (``axis="rows"``) or parameters (``axis="params"``).
+
+    An info signal (a kind in `INFO_KINDS`) records a fact, never an alarm: its
+    ``fired`` is always False, so no policy acts on it (no skip, no
+    escalation), and its ``mask`` says what to record (`finding`)."""
 
     check: str
     kind: str
@@ -175,25 +267,30 @@ class Signal:
 
     @property
     def severity(self) -> str:
-        return SEVERITY[self.check]
+        return "info" if self.kind in INFO_KINDS else SEVERITY[self.check]
 
 
 @dataclass
 class RunningState:
     """State kept on the device between checks: the gradient-norm baseline
     (count, mean and variance of log(total norm), an EMA after warm-up),
-    per-parameter counts of consecutive checks with a dead gradient, and the
-    number of consecutive checks whose step the policy skipped."""
+    per-parameter counts of consecutive checks with a dead gradient, the
+    number of consecutive checks whose step the policy skipped, and each
+    parameter's structural-zero status (`UNDECIDED`, `STRUCTURAL`, `LEARNS`;
+    a state saved without it starts undecided)."""
 
     count: torch.Tensor  # int64 []
     mean: torch.Tensor  # float64 []
     var: torch.Tensor  # float64 []
     dead: torch.Tensor  # int64 [params]
     skips: torch.Tensor = None  # int64 []
+    structural: torch.Tensor = None  # int64 [params]
 
     def __post_init__(self):
         if self.skips is None:
             self.skips = torch.zeros((), dtype=torch.int64, device=self.count.device)
+        if self.structural is None:
+            self.structural = torch.full_like(self.dead, UNDECIDED)
 
     @staticmethod
     def zeros(num_params: int, device="cpu") -> RunningState:
@@ -206,11 +303,17 @@ class RunningState:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead,
-                "skips": self.skips}
+                "skips": self.skips, "structural": self.structural}
 
     @staticmethod
     def from_state_dict(d: dict) -> RunningState:
-        return RunningState(d["count"], d["mean"], d["var"], d["dead"], d.get("skips"))
+        return RunningState(d["count"], d["mean"], d["var"], d["dead"], d.get("skips"),
+                            d.get("structural"))
+
+
+# A parameter's structural-zero status: no check has seen its gradient yet; its
+# gradient has been zero up to rounding at every check so far; it had a real one.
+UNDECIDED, STRUCTURAL, LEARNS = 0, 1, 2
 
 
 # -- the checks ---------------------------------------------------------------------
@@ -258,14 +361,18 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     only from finite, non-spiking norms of steps the scaler did not skip."""
     m = layout.masks(stats.device)
     total = total_grad_norm(stats, layout) if total is None else total
-    big = m["grad"] & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
+    finite = stats.nonfinite == 0
+    # A norm over the finite part of a gradient that also holds Inf/NaN says
+    # nothing the nonfinite check has not said: no finding from those values.
+    clean = ~(m["grad"] & ~finite).any()
+    big = m["grad"] & finite & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
     x = total.log()
     std = state.var.clamp(min=0).sqrt()
     warm = state.count >= th.warmup
     margin = torch.clamp(std * th.spike_zscore, min=math.log(th.spike_factor))
-    spike = warm & (x - state.mean > margin)
+    spike = warm & clean & (x - state.mean > margin)
     ratio = torch.where(warm, (x - state.mean).exp(), 0.0)
-    learn = torch.isfinite(x) & ~spike
+    learn = torch.isfinite(x) & clean & ~spike
     if found_inf is not None:
         learn = learn & ~(found_inf > 0)
     count = state.count + learn.long()
@@ -276,7 +383,7 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     mean = torch.where(learn, state.mean + alpha * delta, state.mean)
     var = torch.where(learn, (1 - alpha) * (state.var + alpha * delta * delta), state.var)
     signals = [
-        _signal("exploding", "total", (total > th.max_norm)[None], total, th.max_norm),
+        _signal("exploding", "total", (clean & (total > th.max_norm))[None], total, th.max_norm),
         _signal("exploding", "param", big, _masked_max(stats.sumsq, m["grad"]).clamp(min=0).sqrt(),
                 th.max_param_norm),
         Signal("exploding", "spike", spike, spike[None], ratio, th.spike_factor),
@@ -284,12 +391,27 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     return signals, dataclasses.replace(state, count=count, mean=mean, var=var)
 
 
+def relative_rms_limit(layout: Layout, th: Thresholds) -> float:
+    """The relative-RMS limit of the vanishing check for this model:
+    ``min_relative_rms`` up to ``relative_rms_tensors`` gradient tensors, then
+    lower by the square root of how many more there are. The gradient RMS of
+    healthy layers spreads wider as a model grows (more depth, more kinds of
+    tensor), and the largest of many RMS values sits further out."""
+    return th.min_relative_rms * min(1.0, math.sqrt(th.relative_rms_tensors / max(layout.num_grads, 1)))
+
+
 def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
-              total: torch.Tensor | None = None) -> list[Signal]:
+              total: torch.Tensor | None = None, exclude: torch.Tensor | None = None,
+              exploded: torch.Tensor | None = None) -> list[Signal]:
     """A tiny total gradient norm, a parameter whose gradient RMS is tiny next
-    to the largest one, or a gradient that is nearly all zeros/subnormals."""
+    to the largest one (below `relative_rms_limit`), or a gradient that is
+    nearly all zeros/subnormals. ``exclude``: rows whose gradient is zero by
+    construction (`structural`); ``exploded``: the total norm exploded on this
+    step, so every other gradient is small next to it: no relative finding."""
     m = layout.masks(stats.device)
     g = m["grad"] & (stats.nonfinite == 0)  # non-finite gradients are another check's
+    if exclude is not None:
+        g = g & ~exclude
     total = total_grad_norm(stats, layout) if total is None else total
     any_grad = g.any() & ~(m["grad"] & (stats.nonfinite > 0)).any()
     # Mean squares against the squared limit: the same test as on RMS values,
@@ -297,7 +419,10 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
     ms = stats.sumsq / stats.finite.clamp(min=1).double()
     top = _masked_max(ms, g)
     rel2 = ms / top.clamp(min=torch.finfo(torch.float64).tiny)
-    small = g & (rel2 < th.min_relative_rms ** 2) & (top > 0)
+    limit = relative_rms_limit(layout, th)
+    small = g & (rel2 < limit ** 2) & (top > 0)
+    if exploded is not None:
+        small = small & ~exploded
     frac = (stats.zero + stats.subnormal).double() / stats.numel.clamp(min=1).double()
     sparse = g & ~m["sparse"] & (frac > th.max_zero_fraction) & (stats.numel > 0)
     low = any_grad & (total < th.min_norm)
@@ -306,21 +431,72 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
         _signal("vanishing", "relative", small,
                 torch.where(small, rel2, math.inf).amin().sqrt() if len(layout)
                 else total.new_tensor(math.inf),
-                th.min_relative_rms),
+                limit),
         _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
     ]
 
 
+def structural(stats: TensorStats, layout: Layout, th: Thresholds,
+               state: RunningState) -> tuple[list[Signal], torch.Tensor, RunningState]:
+    """Gradients that are zero by construction: an info signal naming the
+    parameters newly recognised, the rows to exclude from the vanishing check
+    (and, through the state, parameters to exclude from the dead check), and
+    the new state.
+
+    A parameter is recognised at the first check that sees its gradient, when
+    that gradient is zero up to rounding next to its module's largest gradient
+    (the weight beside a bias: both come from the same output gradient, so a
+    bias gradient far below its weight's is a sum that cancels, not a small
+    signal): an RMS ratio at most ``structural_rms`` (1e-2) when the module
+    structure says why (``Layout.structural``: exact zeros included), else
+    nonzero and at most ``min(sqrt(eps), structural_rms)`` of its dtype. It
+    stays recognised while its gradient stays that small; once it is not, it
+    is checked like any other parameter from then on. A gradient that is
+    exactly zero without a structural reason is not recognised: a cut path (a
+    dead ReLU, an output nobody uses) is the dead and vanishing checks' fault."""
+    m = layout.masks(stats.device)
+    g = m["grad"] & (stats.nonfinite == 0)
+    ms = torch.where(g, stats.sumsq / stats.finite.clamp(min=1).double(), 0.0)
+    num_modules = max(layout.module_index, default=-1) + 1
+    ref = ms.new_zeros(num_modules).scatter_reduce(0, m["module"], ms, "amax")[m["module"]]
+    # Squared bounds (see _no_row_sqrt): structural_rms**2, or min(eps, structural_rms**2).
+    bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
+    quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
+    has = m["has_grad"]
+    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows[m["grad_rows"]])
+    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g[m["grad_rows"]])
+    old = state.structural
+    first = (old == UNDECIDED) & seen & m["trainable"]
+    keep = (old == STRUCTURAL) & (quiet | ~seen)
+    status = torch.where(first | (old == STRUCTURAL),
+                         torch.where((first & quiet) | keep, STRUCTURAL, LEARNS), old)
+    newly = first & quiet
+    ratio2 = torch.where(quiet_rows, ms / ref.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    value = (ratio2.amax() if ratio2.numel() else ratio2.new_zeros(())).sqrt()
+    info = Signal("vanishing", "structural", torch.zeros((), dtype=torch.bool, device=stats.device),
+                  newly, value, th.structural_rms, axis="params")
+    excluded = (status == STRUCTURAL)[m["row_param"]] & m["grad"]
+    return [info], excluded, dataclasses.replace(state, structural=status)
+
+
 def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]:
     """float16/bfloat16 tensors close to overflow (|x| within a factor
-    1/headroom of the dtype's maximum) or losing values to subnormals."""
+    1/headroom of the dtype's maximum) or losing values to subnormals: more
+    than ``max_subnormal_fraction`` of the nonzero values, and enough of them
+    that their lost precision counts. A subnormal value is off by up to half
+    the smallest subnormal (``tiny * eps / 2``), ordinary rounding loses
+    ``eps / 2`` of the tensor's norm, so subnormals matter only once
+    ``sqrt(subnormal) * tiny`` reaches the norm: a healthy float16 gradient
+    whose smallest few percent of values are subnormal loses nothing
+    measurable."""
     m = layout.masks(stats.device)
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
-    near = lowp & (use >= th.headroom)
+    near = lowp & (use >= th.headroom) & (stats.nonfinite == 0)  # overflowed: nonfinite's finding
     nonzero = (stats.finite - stats.zero).clamp(min=1).double()
     sub = stats.subnormal.double() / nonzero
-    under = lowp & (sub > th.max_subnormal_fraction)
+    lost = stats.sumsq < stats.subnormal.double() * m["tiny"] * m["tiny"]  # see _no_row_sqrt
+    under = lowp & (sub > th.max_subnormal_fraction) & lost
     return [_signal("headroom", "overflow", near, _masked_max(use, lowp), th.headroom),
             _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)]
 
@@ -328,12 +504,14 @@ def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]
 def dead(stats: TensorStats, layout: Layout, th: Thresholds,
          state: RunningState) -> tuple[list[Signal], RunningState]:
     """Trainable parameters whose gradient was None or exactly zero (every
-    element +-0) for ``dead_after`` consecutive checks."""
+    element +-0) for ``dead_after`` consecutive checks; parameters whose
+    gradient is zero by construction (`structural`, already in `state`) are
+    not counted."""
     m = layout.masks(stats.device)
     zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
     now = ~m["has_grad"]
     now = now.index_put((m["grad_param"],), zero_rows)
-    now = now & m["trainable"]
+    now = now & m["trainable"] & (state.structural != STRUCTURAL)
     counts = torch.where(now, state.dead + 1, 0)
     mask = counts >= th.dead_after
     value = counts.amax().double() if counts.numel() else counts.new_zeros((), dtype=torch.float64)
@@ -344,13 +522,17 @@ def dead(stats: TensorStats, layout: Layout, th: Thresholds,
 def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
                found_inf: torch.Tensor | None = None,
                total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
-    """Every check, in `CHECKS` order; the new running state. ``total``: the
-    total gradient norm if the caller already has it (`total_grad_norm`)."""
+    """Every check, in `CHECKS` order (the structural info signal after the
+    vanishing ones); the new running state. ``total``: the total gradient
+    norm if the caller already has it (`total_grad_norm`)."""
     total = total_grad_norm(stats, layout) if total is None else total
     signals = nonfinite(stats, layout, found_inf)
     ex, state = exploding(stats, layout, th, state, found_inf, total)
+    info, excluded, state = structural(stats, layout, th, state)
+    exploded = torch.stack([s.fired for s in ex if s.kind in ("total", "spike")]).any()
+    va = vanishing(stats, layout, th, total, excluded, exploded)
     dd, state = dead(stats, layout, th, state)
-    return signals + ex + vanishing(stats, layout, th, total) + headroom(stats, layout, th) + dd, state
+    return signals + ex + va + info + headroom(stats, layout, th) + dd, state
 
 
 def any_fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:
@@ -373,7 +555,12 @@ _TITLE = {
     ("headroom", "overflow"): "float16/bfloat16 values within {bits:.0f} bit(s) of overflow",
     ("headroom", "underflow"): "more than {pct:.0f}% of float16/bfloat16 values are subnormal",
     ("dead", "dead"): "no gradient (None or all zero) for {threshold:.0f}+ consecutive checks",
+    ("vanishing", "structural"): "gradient zero by construction, not a fault (excluded from the "
+                                 "vanishing and dead checks from now on)",
 }
+# Why a gradient the statistics alone found zero up to rounding is zero.
+ROUNDING_ONLY = ("zero up to rounding next to the other gradients of its module since the first "
+                 "check: the loss does not reach it in this configuration")
 
 
 def _detail(signal: Signal, row: Row) -> str:
@@ -392,11 +579,14 @@ def _detail(signal: Signal, row: Row) -> str:
 
 
 def finding(signal: Signal, fired: bool, mask: list[bool], value: float, rows: list[Row],
-            param_names: list[str], limit: int = 4) -> Finding | None:
+            param_names: list[str], limit: int = 4, notes: list[str] | None = None) -> Finding | None:
     """The host-side `Finding` of a signal whose device values were read into
     ``fired``/``mask``/``value``; ``rows`` are the Report's rows (same order as
-    the statistics). None when the signal did not fire."""
-    if not fired:
+    the statistics). None when the signal did not fire (an info signal: when
+    its mask is empty). ``notes[j]``: why parameter ``j`` is named
+    (`Layout.structural`), for info findings."""
+    info = signal.severity == "info"
+    if not (fired or (info and any(mask))):
         return None
     t = signal.threshold
     title = _TITLE[(signal.check, signal.kind)].format(
@@ -404,6 +594,10 @@ def finding(signal: Signal, fired: bool, mask: list[bool], value: float, rows: l
     if signal.axis == "params":
         names = [n for n, hit in zip(param_names, mask) if hit]
         details = names
+        if info:
+            notes = notes or [""] * len(param_names)
+            details = [f"{n} ({note or ROUNDING_ONLY})"
+                       for n, note, hit in zip(param_names, notes, mask) if hit]
     elif signal.kind in ("total", "spike"):
         names, details = [], []
     else:

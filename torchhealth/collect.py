@@ -23,6 +23,57 @@ from .checks import Layout
 
 log = logging.getLogger("torchhealth")
 _EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+# Norms that subtract each channel's mean (over the batch or the positions):
+# a constant added to one channel before them cancels. LayerNorm and RMSNorm
+# do not (LayerNorm removes only the mean over features, one number per token;
+# a per-feature bias keeps the rest), nor does GroupNorm with several channels
+# per group.
+_CHANNEL_NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm)
+_QUERY_KEY = (("query", "key"), ("q_proj", "k_proj"), ("q", "k"), ("to_q", "to_k"), ("q_lin", "k_lin"))
+
+
+def _removes_channel_mean(norm: torch.nn.Module, channels: int) -> bool:
+    if isinstance(norm, _CHANNEL_NORMS):
+        return norm.num_features == channels
+    return isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels == channels
+
+
+def structural_facts(model: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter) -> why its gradient is zero by construction``, from the
+    modules alone (the checks confirm it from the statistics):
+
+    - the bias of a Linear or Conv layer that the next module (in registration
+      order, with a matching channel count) normalises per channel: BatchNorm,
+      InstanceNorm, or GroupNorm with one channel per group;
+    - the bias of an attention key projection (a ``key``/``k_proj``/``k``/...
+      Linear beside a ``query``/``q_proj``/``q``/... one, as in BERT, ViT and
+      most Hugging Face encoders): it adds ``q . b`` to every score of a query,
+      a constant that softmax removes.
+
+    A fused input projection (``nn.MultiheadAttention.in_proj_bias``, GPT-2's
+    ``c_attn.bias``) holds its key bias as one third of a larger tensor: that
+    third gets no gradient, but the query and value thirds do, so the tensor's
+    statistics are healthy and nothing is recorded for it."""
+    facts: dict[int, str] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    for (name, layer), (norm_name, norm) in zip(leaves, leaves[1:]):
+        bias = getattr(layer, "bias", None)
+        channels = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+        if isinstance(layer, _LAYERS) and isinstance(bias, torch.nn.Parameter) \
+                and _removes_channel_mean(norm, channels):
+            facts[id(bias)] = (f"feeds {type(norm).__name__} `{norm_name}`, which subtracts "
+                               "each channel's mean: the bias cancels, so it is redundant; "
+                               "bias=False gives the same model")
+    for name, module in model.named_modules():
+        for q, k in _QUERY_KEY:
+            key = getattr(module, k, None)
+            bias = getattr(key, "bias", None)
+            if isinstance(getattr(module, q, None), torch.nn.Linear) and isinstance(key, torch.nn.Linear) \
+                    and isinstance(bias, torch.nn.Parameter):
+                facts[id(bias)] = ("attention key bias: it adds the same number to every score of a "
+                                   "query, which softmax removes, so it is redundant")
+    return facts
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -71,6 +122,9 @@ class Collector:
         # Embedding tables get mostly-zero gradients by design.
         self._sparse_ids = ({id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)}
                             if model is not None else set())
+        self._structural = structural_facts(model) if model is not None else {}
+        self._modules = ({id(p): name for name, m in model.named_modules() for p in m.parameters(recurse=False)}
+                         if model is not None else {})
         self.optimizer_state = optimizer_state
         self._key = None
         self._layout: Layout | None = None
@@ -122,7 +176,9 @@ class Collector:
                 param_index=[j for _, j, _ in entries], param_names=[n for _, n in params],
                 trainable=[p.requires_grad for p, _ in params],
                 sparse=[id(p) in self._sparse_ids or (p.grad is not None and p.grad.is_sparse)
-                        for p, _ in params])
+                        for p, _ in params],
+                structural=[self._structural.get(id(p), "") for p, _ in params],
+                modules=[self._modules.get(id(p)) for p, _ in params])
             self._key = key
         params_key = tuple(id(p) for p, _ in params)
         changed = self._params_key is not None and params_key != self._params_key

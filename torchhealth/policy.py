@@ -118,6 +118,8 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
     ``warn=False`` leaves out the warnings (ranks other than 0), never a raise."""
     to_raise = []
     for f in report.findings:
+        if f.severity == "info":  # a fact (e.g. a gradient zero by construction), not an alarm
+            continue
         action = policy.get(f.check, "warn")  # activation checks (torchhealth.watch) warn
         if callable(action):
             action(report, f)

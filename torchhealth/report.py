@@ -90,7 +90,10 @@ class Row:
 @dataclass
 class Finding:
     """One check that fired: which check, how bad, on which tensors, and the
-    measured value against its threshold."""
+    measured value against its threshold. ``primary``: the finding of its
+    Report that names the cause (the others on that step may follow from it;
+    info findings never are). Written to JSON only when true, so logs written
+    before the field existed read back unchanged."""
 
     check: str  # e.g. "nonfinite", "exploding", "vanishing", "headroom", "dead"
     severity: str  # "info", "warning" or "error"
@@ -98,19 +101,24 @@ class Finding:
     names: list[str] = field(default_factory=list)
     value: float | None = None
     threshold: float | None = None
+    primary: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "severity": self.severity, "message": self.message,
-                "names": list(self.names),
-                "value": None if self.value is None else _json_float(self.value),
-                "threshold": None if self.threshold is None else _json_float(self.threshold)}
+        d = {"check": self.check, "severity": self.severity, "message": self.message,
+             "names": list(self.names),
+             "value": None if self.value is None else _json_float(self.value),
+             "threshold": None if self.threshold is None else _json_float(self.threshold)}
+        if self.primary:
+            d["primary"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
         return cls(check=d["check"], severity=d["severity"], message=d["message"],
                    names=list(d.get("names", [])),
                    value=None if d.get("value") is None else _from_json_float(d["value"]),
-                   threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]))
+                   threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]),
+                   primary=bool(d.get("primary", False)))
 
 
 def rows_from_stats(stats: TensorStats, names: list[str], roles: list[str],
@@ -219,7 +227,7 @@ class Report:
             o = self.origin
             lines.append(f"  origin: {o['module']} ({o['pass']} pass, step {o['step']})")
         for f in self.findings:
-            lines.append(f"  [{f.severity}] {f.check}: {f.message}")
+            lines.append(f"  [{f.severity}] {f.check}{' (primary)' if f.primary else ''}: {f.message}")
         if self.actions:
             lines.append(f"  actions: {', '.join(self.actions)}")
         w = max([len(r.name) for r in self.rows] + [4])

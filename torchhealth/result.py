@@ -2,6 +2,8 @@
 function that turns its host copy into a `Report`."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .activations import PassStats, activation_findings, pass_fields
@@ -92,8 +94,11 @@ class CheckResult:
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
                  options: MonitorOptions, activations: list[PassStats] = ()) -> Report:
-    """The Report of one check from its host copy: rows, findings, the labels
-    of the actions the policy took, and the activations' rows, findings and origin."""
+    """The Report of one check from its host copy: rows, findings (the first
+    warning or error, in `CHECKS` order, marked primary: a non-finite value
+    comes before the norms it breaks, an exploding norm before what looks
+    small next to it), the labels of the actions the policy took, and the
+    activations' rows, findings and origin."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
@@ -101,10 +106,14 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     at = 0
     for s, hit, value in zip(signals, flags, values):
         mask, at = masks[at:at + s.mask.numel()], at + s.mask.numel()
-        f = finding(s, hit, mask, value, rows, layout.param_names)
+        f = finding(s, hit, mask, value, rows, layout.param_names, notes=layout.structural)
         if f is None:
             continue
+        if f.severity != "info" and not any(x.primary for x in findings):
+            f = dataclasses.replace(f, primary=True)
         findings.append(f)
+        if not hit:  # an info finding: no check fired, no action
+            continue
         action = options.policy[s.check]
         label = f"{describe(action)}: {s.check}"
         if action != "ignore" and label not in actions:
@@ -118,7 +127,8 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     grad_norm = copy.value("grad_norm")
     if options.max_grad_norm is not None and grad_norm > options.max_grad_norm:
         actions.append(f"clipped gradients: norm {grad_norm:.4g} -> {options.max_grad_norm:.4g}")
-    if "applied_norm" in copy.fields:
+    # The raw norm is over finite values: compared only when every gradient was finite.
+    if "applied_norm" in copy.fields and not any_fired(signals, flags, "nonfinite", "grad"):
         applied = copy.value("applied_norm")
         if not abs(applied - grad_norm) <= 1e-6 * max(abs(grad_norm), 1e-30):
             actions.append(f"gradients changed after backward (e.g. clipped): norm {grad_norm:.4g} "

@@ -158,7 +158,8 @@ def _finding(d: Any, where: str) -> Finding:
                    message=_str(field(d, "message", where), f"{where}.message"),
                    names=_strings(d.get("names", []), f"{where}.names"),
                    value=None if value is None else _float(value, f"{where}.value"),
-                   threshold=None if threshold is None else _float(threshold, f"{where}.threshold"))
+                   threshold=None if threshold is None else _float(threshold, f"{where}.threshold"),
+                   primary=_bool(d.get("primary", False), f"{where}.primary"))
 
 
 def _row(name: str, role: str, shape: tuple[int, ...], dtype: str, counts: dict[str, int],
