@@ -108,7 +108,7 @@ C10_HOST_DEVICE inline int hist_bin(double x) {
   const int biased = static_cast<int>((b >> 52) & 0x7ff);
   int e = biased - 1023;  // float64 subnormals land far below kExpMin anyway
   e = e < kExpMin - 1 ? kExpMin - 1 : (e > kExpMax + 1 ? kExpMax + 1 : e);
-  return (x > 0 ? kBinsPerSign : 0) + (e - (kExpMin - 1));
+  return ((b >> 63) ? 0 : kBinsPerSign) + (e - (kExpMin - 1));
 }
 
 C10_HOST_DEVICE inline int hist_bin(float x) {
@@ -192,36 +192,70 @@ struct Acc {
   }
 };
 
+// The bit layout of the type a value is classified in.
+template <typename acc_t>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  static constexpr uint32_t kAbs = 0x7fffffffu;
+  static constexpr uint32_t kInf = 0x7f800000u;
+  static constexpr uint32_t kMinNormal = 0x00800000u;
+};
+template <>
+struct FloatBits<double> {
+  static constexpr uint64_t kAbs = 0x7fffffffffffffffull;
+  static constexpr uint64_t kInf = 0x7ff0000000000000ull;
+  static constexpr uint64_t kMinNormal = 0x0010000000000000ull;
+};
+
+// x as a double, exactly, whatever the CPU's denormals-are-zero mode: a float
+// subnormal m * 2^-149 is converted from its integer mantissa (a normal double
+// times a normal double), not by a conversion instruction that DAZ would read
+// as zero.
+C10_HOST_DEVICE inline double exact_double(float x) {
+  const uint32_t b = bits_of(x);
+  const uint32_t a = b & FloatBits<float>::kAbs;
+  if (a >= FloatBits<float>::kMinNormal) return static_cast<double>(x);
+  const double m = static_cast<double>(static_cast<int32_t>(a)) * 1.4012984643248171e-45;  // 2^-149
+  return (b >> 31) ? -m : m;
+}
+C10_HOST_DEVICE inline double exact_double(double x) { return x; }
+
 // Classifies one value. Returns the histogram bin, or -1 when the value has
-// none (non-finite or zero).
+// none (non-finite or zero). Every class is decided on the value's bits (for
+// non-negative floats the bit patterns order like the values), so no
+// flush-to-zero mode can turn a subnormal into a zero.
 template <typename acc_t>
 C10_HOST_DEVICE inline int update(Acc& a, acc_t x, const Limits<acc_t>& lim) {
-  if (x != x) {
+  using B = FloatBits<acc_t>;
+  const auto b = bits_of(x);
+  const auto ab = b & B::kAbs;
+  if (ab > B::kInf) {
     a.nan++;
     return -1;
   }
-  const acc_t ax = x < 0 ? -x : x;
-  if (ax == std::numeric_limits<acc_t>::infinity()) {
-    if (x > 0) {
-      a.posinf++;
-    } else {
+  const bool negative = ab != b;
+  if (ab == B::kInf) {
+    if (negative) {
       a.neginf++;
+    } else {
+      a.posinf++;
     }
     return -1;
   }
-  const double d = x == 0 ? 0.0 : static_cast<double>(x);  // -0 -> +0
+  const double d = ab == 0 ? 0.0 : exact_double(x);  // -0 -> +0
   a.min = d < a.min ? d : a.min;
   a.max = d > a.max ? d : a.max;
-  const double ad = static_cast<double>(ax);
+  const double ad = negative ? -d : d;
   a.absmax = ad > a.absmax ? ad : a.absmax;
   a.sum += d;
   a.sumsq += d * d;
-  a.saturated += ax >= lim.saturation;
-  if (x == 0) {
+  a.saturated += ab >= bits_of(lim.saturation);
+  if (ab == 0) {
     a.zero++;
     return -1;
   }
-  a.subnormal += ax < lim.min_normal;
+  a.subnormal += ab < bits_of(lim.min_normal);
   return hist_bin(x);
 }
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchhealth
+from torchhealth import reference
 from torchhealth import stats as S
 
 from helpers import assert_matches_reference, planted, specials
@@ -247,3 +248,51 @@ def test_only_the_per_isa_kernels_contain_vector_extension_code():
                 r"torchhealth::cpu::avx(2|512)::", fn):
             leaks.add(fn)
     assert not leaks, sorted(leaks)[:10]
+
+
+# --- flush-to-zero ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def flush_denormal():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _subnormal_heavy(dtype):
+    """Subnormals alone (min, max and sum are then subnormal arithmetic), next to
+    normals, at chunk edges, and over several chunks (worker threads)."""
+    fi = torch.finfo(dtype)
+    tiny = fi.smallest_normal * fi.eps
+    g = torch.Generator().manual_seed(16)
+    mixed = torch.randn(2 * CHUNK + 37, generator=g, dtype=torch.float64) * fi.smallest_normal
+    mixed[::5] = torch.randn(mixed[::5].shape, generator=g, dtype=torch.float64)
+    vals = make(edge_values(dtype), torch.float64)
+    for i, pos in enumerate(EDGES):
+        mixed[pos] = vals[i % vals.numel()]
+    return [make([fi.smallest_normal / 4] * 10, dtype),  # the issue's ten float32 subnormals
+            make([tiny, 3 * tiny, -5 * tiny, -0.0, tiny * 7], dtype),
+            make([-tiny] * 3000, dtype), mixed.to(dtype)]
+
+
+@kernel_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_flush_to_zero_mode_changes_nothing(kernel, dtype):
+    with use_kernel(kernel):
+        ts = _subnormal_heavy(dtype)
+        want = torchhealth.tensor_stats(ts).data
+        want_ref = reference.tensor_stats(ts)
+        assert want[:, S.SUBNORMAL].tolist()[:3] == [10, 4, 3000]
+        with flush_denormal():
+            got = torchhealth.tensor_stats(ts).data
+            got_ref = reference.tensor_stats(ts)
+            assert_matches_reference(ts)
+        assert torch.equal(got, want)  # bit for bit, sums included
+        # The reference's sums of float64 subnormals are torch arithmetic, which
+        # flush-to-zero changes (by < 2^-1022 a value, within the tests' slack).
+        exact = [c for c in range(want_ref.shape[1]) if dtype != torch.float64 or
+                 c not in (S.SUM, S.SUMSQ)]
+        assert torch.equal(got_ref[:, exact], want_ref[:, exact])

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "chunk_kernel.h"
+#include "float_env.h"
 
 namespace torchhealth {
 namespace {
@@ -24,6 +25,9 @@ struct Chunk {
 at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
                             std::optional<double> saturation) {
   check_inputs(tensors, c10::DeviceType::CPU);
+  // This thread merges the chunks' results (min, max, sums of subnormals too);
+  // pool threads set their own mode in the loop below.
+  const cpu::IeeeSubnormals ieee;
   check_saturation(saturation);
   const int64_t num_tensors = static_cast<int64_t>(tensors.size());
   at::Tensor out = at::zeros({num_tensors, output_columns(histogram)},
@@ -51,6 +55,7 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
   // this thread: waking the pool would cost more than the work.
   const int64_t grain = total < kChunk ? std::max<int64_t>(num_chunks, 1) : 1;
   at::parallel_for(0, num_chunks, grain, [&](int64_t lo, int64_t hi) {
+    const cpu::IeeeSubnormals ieee_worker;
     std::vector<int64_t> local(histogram ? kBins : 0, 0);
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
