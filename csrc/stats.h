@@ -77,6 +77,16 @@ C10_HOST_DEVICE inline uint32_t bits_of(float x) {
 #endif
 }
 
+C10_HOST_DEVICE inline float float_of(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+
 C10_HOST_DEVICE inline double double_of(int64_t b) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(b);
@@ -121,9 +131,37 @@ C10_HOST_DEVICE inline int hist_bin(float x) {
   return ((b >> 31) ? 0 : kBinsPerSign) + slot;
 }
 
+// ---- float8 -> float32 --------------------------------------------------------
+// A float8 value with kE exponent bits and kM mantissa bits (bias 2^(kE-1) - 1)
+// as the float32 of the same value, exactly. kIeee: the largest exponent holds
+// Inf and NaN (float8_e5m2); otherwise only all-ones is NaN and there is no Inf
+// (float8_e4m3fn, whose largest finite value is 448). A subnormal is converted
+// as integer mantissa times a power of two, both normal floats, so no
+// flush-to-zero mode changes it.
+template <int kE, int kM, bool kIeee>
+C10_HOST_DEVICE inline float float8_to_float(uint32_t b) {
+  constexpr uint32_t kTop = (1u << kE) - 1;
+  constexpr uint32_t kManMask = (1u << kM) - 1;
+  constexpr int kBias = (1 << (kE - 1)) - 1;
+  const uint32_t sign = (b & 0x80u) << 24;
+  const uint32_t e = (b >> kM) & kTop;
+  const uint32_t m = b & kManMask;
+  if (e == kTop && (kIeee || m == kManMask)) {
+    return float_of(sign | (kIeee && m == 0 ? 0x7f800000u : 0x7fc00000u));
+  }
+  if (e == 0) {
+    // 2^(1 - kBias - kM): 2^-9 for e4m3fn, 2^-16 for e5m2.
+    const float scale = float_of(static_cast<uint32_t>(127 + 1 - kBias - kM) << 23);
+    return float_of(sign | bits_of(static_cast<float>(m) * scale));
+  }
+  return float_of(sign | ((e - kBias + 127) << 23) | (m << (23 - kM)));
+}
+C10_HOST_DEVICE inline float float8_e4m3fn_to_float(uint32_t b) { return float8_to_float<4, 3, false>(b); }
+C10_HOST_DEVICE inline float float8_e5m2_to_float(uint32_t b) { return float8_to_float<5, 2, true>(b); }
+
 // ---- Per-dtype limits -----------------------------------------------------
-// acc_t is the type a value is classified in: float for the 16- and 32-bit
-// dtypes (every such value is exact in float), double for float64.
+// acc_t is the type a value is classified in: float for the 8-, 16- and
+// 32-bit dtypes (every such value is exact in float), double for float64.
 template <typename scalar_t>
 using acc_type_t =
     std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;

@@ -296,3 +296,74 @@ def test_flush_to_zero_mode_changes_nothing(kernel, dtype):
         exact = [c for c in range(want_ref.shape[1]) if dtype != torch.float64 or
                  c not in (S.SUM, S.SUMSQ)]
         assert torch.equal(got_ref[:, exact], want_ref[:, exact])
+
+
+# --- float8 --------------------------------------------------------------------------
+
+F8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+f8_param = pytest.mark.parametrize("f8", F8, ids=["e4m3fn", "e5m2"])
+
+
+def _all_f8(f8):
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(f8)
+
+
+@kernel_param
+@f8_param
+def test_float8_every_bit_pattern(kernel, f8):
+    """All 256 values, alone, shuffled and repeated over block and chunk edges,
+    each kernel bit for bit against the reference."""
+    with use_kernel(kernel):
+        x = _all_f8(f8)
+        perm = torch.randperm(256, generator=torch.Generator().manual_seed(17))
+        big = x.repeat(2 * CHUNK // 256 + 3)[5:]  # unaligned start, several chunks
+        ts = [x, x[perm], big, x[:7], x[perm][:129]]
+        for histogram in (True, False):
+            assert_matches_reference(ts, histogram=histogram)
+        assert_matches_reference(ts, saturation=1.0)
+        assert_matches_reference(ts, saturation=1e6)
+
+
+@kernel_param
+@f8_param
+def test_float8_specials_in_normal_data(kernel, f8):
+    """Random data in the format's range (the fast vector path) with specials
+    planted at lane, block and chunk edges."""
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(18)
+        fi = torch.finfo(f8)
+        n = 2 * CHUNK + 37
+        base = torch.randn(n, generator=g, dtype=torch.float64) * 2.0
+        vals = [math.nan, 0.0, -0.0, fi.max, -fi.max, fi.max / 2, fi.smallest_normal,
+                -fi.smallest_normal, fi.smallest_normal / 2, fi.smallest_normal * fi.eps, 1.0]
+        if f8 == torch.float8_e5m2:
+            vals += [math.inf, -math.inf]
+        dense = base.clone()
+        for i, pos in enumerate(EDGES):
+            dense[pos] = vals[i % len(vals)]
+        ts = [dense.to(f8), base.to(f8), (base * 1e-3).to(f8)]
+        assert_matches_reference(ts)
+        assert_matches_reference(ts, histogram=False)
+
+
+@f8_param
+def test_float8_semantics(f8):
+    """Values that name the format's own limits: saturation at half its max,
+    subnormals below its own smallest normal, e4m3fn's NaN and e5m2's Inf."""
+    fi = torch.finfo(f8)
+    x = _all_f8(f8)
+    s = torchhealth.tensor_stats([x])
+    if f8 == torch.float8_e4m3fn:
+        assert (fi.max, fi.smallest_normal) == (448.0, 2.0**-6)
+        assert (s.nan.item(), s.posinf.item(), s.neginf.item()) == (2, 0, 0)  # 0x7f, 0xff
+        assert s.saturated.item() == 2 * 9  # 224, 240, 256, 288, ..., 448 and negatives
+    else:
+        assert (fi.max, fi.smallest_normal) == (57344.0, 2.0**-14)
+        assert (s.nan.item(), s.posinf.item(), s.neginf.item()) == (6, 1, 1)
+        assert s.saturated.item() == 2 * 5  # 28672, 32768, ..., 57344 and negatives
+    assert s.zero.item() == 2 and s.subnormal.item() == 2 * (7 if f8 == torch.float8_e4m3fn else 3)
+    assert s.max.item() == fi.max and s.min.item() == -fi.max
+    assert s.hist.sum().item() == 256 - 2 - s.nan.item() - s.posinf.item() - s.neginf.item()
+    # The histogram is on the common grid: 1.0 lands where it does for float32.
+    one = torchhealth.tensor_stats([torch.ones(3, dtype=f8)]).hist
+    assert torch.equal(one, torchhealth.tensor_stats([torch.ones(3)]).hist)

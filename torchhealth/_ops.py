@@ -11,7 +11,8 @@ import torch
 from . import reference
 from .stats import BINS, COLS, TensorStats
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORTED = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16, torch.float32,
+              torch.float64)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _name_the_bad_tensor(tensors, tracing: bool) -> None:
             raise TypeError(f"tensor_stats: tensors[{i}] is quantized ({t.dtype}); dequantize it first")
         if t.dtype not in _SUPPORTED:
             raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
-                            "float16, bfloat16, float32 and float64")
+                            "float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64")
         if t.device.type == "meta" and not tracing:
             raise ValueError(f"tensor_stats: tensors[{i}] is on the meta device and holds no data")
         if t.device != tensors[0].device:

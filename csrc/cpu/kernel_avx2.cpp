@@ -57,7 +57,8 @@ namespace torchhealth {
 namespace cpu {
 
 Kernels avx2_kernels() {
-  return {"avx2", &avx2::chunk_f32, &avx2::chunk_bf16, &avx2::chunk_f16, &avx2::chunk_f64};
+  return {"avx2", &avx2::chunk_f32, &avx2::chunk_bf16, &avx2::chunk_f16, &avx2::chunk_f64,
+          &avx2::chunk_f8e4m3, &avx2::chunk_f8e5m2};
 }
 
 }  // namespace cpu

@@ -79,7 +79,7 @@ namespace cpu {
 
 Kernels avx512_kernels() {
   return {"avx512", &avx512::chunk_f32, &avx512::chunk_bf16, &avx512::chunk_f16,
-          &avx512::chunk_f64};
+          &avx512::chunk_f64, &avx512::chunk_f8e4m3, &avx512::chunk_f8e5m2};
 }
 
 }  // namespace cpu

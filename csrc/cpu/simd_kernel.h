@@ -469,6 +469,20 @@ struct FromHalf {
   static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
 };
 
+// float8 through a table of its 256 values (built by baseline code,
+// dispatch.cpp); then the float16 path: its subnormals are counted by the fast
+// pass, as float16's are.
+template <const float* (*kTable)()>
+struct FromFloat8 {
+  using type = uint8_t;
+  static const float* widen(const uint8_t* p, int n, float* buf) {
+    const float* t = kTable();
+    for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
+    return buf;
+  }
+  static float scalar(uint8_t x) { return kTable()[x]; }
+};
+
 template <typename From>
 Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, HistOut* h) {
   alignas(64) float buf[kBlock];
@@ -548,6 +562,12 @@ Acc chunk_bf16(const c10::BFloat16* p, int64_t n, const Limits<float>& lim, Hist
 }
 Acc chunk_f16(const c10::Half* p, int64_t n, const Limits<float>& lim, HistOut* h) {
   return chunk<FromHalf>(reinterpret_cast<const uint16_t*>(p), n, lim, h);
+}
+Acc chunk_f8e4m3(const c10::Float8_e4m3fn* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromFloat8<&float8_e4m3fn_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
+}
+Acc chunk_f8e5m2(const c10::Float8_e5m2* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromFloat8<&float8_e5m2_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
 }
 
 // ---- float64 ------------------------------------------------------------------

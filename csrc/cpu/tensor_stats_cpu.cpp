@@ -63,19 +63,29 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
       const at::ScalarType dt = span.scalar_type();
       const int64_t n = ch.end - ch.begin;
       cpu::HistOut hist{histogram ? local.data() : nullptr};
-      if (dt == at::kDouble) {
-        partial[c] = kernels.f64(span.const_data_ptr<double>() + ch.begin, n,
-                                 limits_for<double>(dt, saturation), &hist);
-      } else {
-        const auto lim = limits_for<float>(dt, saturation);
-        if (dt == at::kFloat) {
+      const auto lim = limits_for<float>(dt, saturation);
+      switch (dt) {
+        case at::kDouble:
+          partial[c] = kernels.f64(span.const_data_ptr<double>() + ch.begin, n,
+                                   limits_for<double>(dt, saturation), &hist);
+          break;
+        case at::kFloat:
           partial[c] = kernels.f32(span.const_data_ptr<float>() + ch.begin, n, lim, &hist);
-        } else if (dt == at::kBFloat16) {
+          break;
+        case at::kBFloat16:
           partial[c] = kernels.bf16(span.const_data_ptr<c10::BFloat16>() + ch.begin, n, lim, &hist);
-        } else {
-          TORCH_INTERNAL_ASSERT(dt == at::kHalf);
+          break;
+        case at::kHalf:
           partial[c] = kernels.f16(span.const_data_ptr<c10::Half>() + ch.begin, n, lim, &hist);
-        }
+          break;
+        case at::kFloat8_e4m3fn:
+          partial[c] = kernels.f8e4m3(span.const_data_ptr<c10::Float8_e4m3fn>() + ch.begin, n, lim,
+                                      &hist);
+          break;
+        default:
+          TORCH_INTERNAL_ASSERT(dt == at::kFloat8_e5m2);
+          partial[c] = kernels.f8e5m2(span.const_data_ptr<c10::Float8_e5m2>() + ch.begin, n, lim,
+                                      &hist);
       }
       if (histogram) {
         // Integer counts commute, so chunks of one tensor may add concurrently.
