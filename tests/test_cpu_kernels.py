@@ -1,4 +1,4 @@
-"""Every CPU chunk kernel (scalar, avx2, avx512) against the reference.
+"""Every CPU chunk kernel (scalar, generic, avx2, avx512) against the reference.
 
 tests/test_stats.py runs the kernel the CPU picks (auto: the widest). This file
 switches kernels in-process with the private op torch.ops.torchhealth._cpu_kernel
@@ -21,7 +21,7 @@ from torchhealth import stats as S
 from helpers import assert_matches_reference, planted, specials
 
 CHUNK = 1 << 16  # csrc/checks.h kChunk
-KERNELS = ["scalar", "avx2", "avx512"]
+KERNELS = ["scalar", "generic", "avx2", "avx512"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # Lane, block and chunk edges of every kernel (kBlock = 128 lanes of float32,
 # 64 lanes of float64, simd_kernel.h).
@@ -86,7 +86,7 @@ def test_auto_picks_the_widest_runnable_kernel():
 
 
 def test_unknown_kernel_name_is_an_error():
-    with pytest.raises(RuntimeError, match="auto, scalar, avx2 or avx512"):
+    with pytest.raises(RuntimeError, match="auto, scalar, generic, avx2 or avx512"):
         _op("sse9")
 
 

@@ -5,7 +5,8 @@
 //    the path for float64 and for CPUs without AVX2, and the tail of the
 //    vector kernels.
 //  * the SIMD kernels (simd_kernel.h), compiled once per ISA (kernel_avx2.cpp,
-//    kernel_avx512.cpp) and chosen at run time by cpu_kernels().
+//    kernel_avx512.cpp) and once for any ISA with portable vector extensions
+//    (kernel_generic.cpp), and chosen at run time by cpu_kernels().
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -66,7 +67,7 @@ Acc chunk_stats(const scalar_t* p, int64_t n, const Limits<acc_type_t<scalar_t>>
 
 // One chunk kernel per dtype, all with chunk_stats' contract.
 struct Kernels {
-  const char* name;  // "scalar", "avx2" or "avx512"
+  const char* name;  // "scalar", "generic", "avx2" or "avx512"
   Acc (*f32)(const float*, int64_t, const Limits<float>&, HistOut*);
   Acc (*bf16)(const c10::BFloat16*, int64_t, const Limits<float>&, HistOut*);
   Acc (*f16)(const c10::Half*, int64_t, const Limits<float>&, HistOut*);
@@ -76,11 +77,13 @@ struct Kernels {
 };
 
 Kernels scalar_kernels();
+Kernels generic_kernels();  // any ISA: GCC/Clang vector extensions, baseline flags
 Kernels avx2_kernels();    // needs AVX2, FMA, F16C, BMI2 (x86-64-v3)
 Kernels avx512_kernels();  // needs AVX-512 F/BW/DQ/VL (x86-64-v4)
 
-// The kernels for this CPU: the widest ISA it supports, unless
-// TORCHHEALTH_CPU_KERNEL=scalar|avx2|avx512 asks for one at the first call, or
+// The kernels for this CPU: the widest x86 ISA it supports, else generic,
+// unless TORCHHEALTH_CPU_KERNEL=scalar|generic|avx2|avx512 asks for one at the
+// first call, or
 // the private op torchhealth::_cpu_kernel switches later (for tests and
 // before/after measurements; asking for an ISA the CPU lacks is an error).
 const Kernels& cpu_kernels();

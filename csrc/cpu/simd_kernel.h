@@ -59,8 +59,8 @@ typedef double vd __attribute__((vector_size(4 * kLanes)));  // kLanes / 2 doubl
 typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
 
 // ---- ISA primitives, defined by the includer -------------------------------
-// a << k per lane, 0 when k >= 32 (vpsllvd; C++ shifts leave that undefined).
-inline vu sllv(vu a, vu k);
+// 1 << k per lane, 0 when k >= 32 (vpsllvd; C++ shifts leave that undefined).
+inline vu one_bit(vu k);
 // float16 bits to float32, exactly (vcvtph2ps).
 inline vf half_to_float(vh h);
 // Whether any lane is nonzero.
@@ -237,7 +237,7 @@ inline vu one_hot(const float* p, uint32_t base, HistOut* h, int& nout) {
   const vu k0 = (bits >> 23) - base;
   const vu k1 = k0 - 240u;
   const vu k = k0 < k1 ? k0 : k1;
-  vu oh = sllv(splat(1), k);
+  vu oh = one_bit(k);
   if (kMasked == 1) {
     // a - 1 < base_bits - 1 (unsigned): nonzero and below the window.
     const vu a1 = (bits & 0x7fffffffu) - 1u;
