@@ -18,6 +18,11 @@
 //    the last slot holds |x| >= 2^(kExpMax+1) (only float64 reaches the two
 //    end slots). Negative values come first, then positive, each in
 //    ascending exponent order.
+//  * A tensor written by another thread (or stream) while it is read gives
+//    undefined statistics. Each row still classifies every element it read
+//    exactly once: nan + posinf + neginf + zero + the histogram's total is
+//    numel (the CPU kernels re-read a block only from a private copy, or
+//    derive one count from the same read as the other).
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -20,7 +20,7 @@ from torchhealth import stats as S
 
 from helpers import assert_matches_reference, planted, specials
 
-CHUNK = 1 << 16  # csrc/checks.h kChunk
+CHUNK = 1 << 16  # csrc/validation.h kChunk
 KERNELS = ["scalar", "generic", "avx2", "avx512"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # Lane, block and chunk edges of every kernel (kBlock = 128 lanes of float32,
@@ -367,3 +367,37 @@ def test_float8_semantics(f8):
     # The histogram is on the common grid: 1.0 lands where it does for float32.
     one = torchhealth.tensor_stats([torch.ones(3, dtype=f8)]).hist
     assert torch.equal(one, torchhealth.tensor_stats([torch.ones(3)]).hist)
+
+
+# --- a concurrent writer -----------------------------------------------------------------
+
+@kernel_param
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_rows_stay_self_consistent_under_a_concurrent_writer(kernel, dtype):
+    """Statistics of a tensor another thread is writing are undefined, but every
+    element is classified once: non-finite + zero + binned values == numel."""
+    import threading
+
+    with use_kernel(kernel):
+        n = 2 * CHUNK + 1000
+        x = torch.randn(n, generator=torch.Generator().manual_seed(19), dtype=torch.float64).to(dtype)
+        fills = [math.nan, 0.0, 1.0, math.inf, 1e-40, -3.0, 2.0**100, -0.0]
+        stop = threading.Event()
+
+        def writer():
+            i = 0
+            while not stop.is_set():  # torch ops release the GIL while they write
+                x[(i * 997) % 64::64].fill_(fills[i % len(fills)])
+                i += 1
+
+        w = threading.Thread(target=writer)
+        w.start()
+        try:
+            rows = [torchhealth.tensor_stats([x, x[1:]]) for _ in range(30)]
+        finally:
+            stop.set()
+            w.join()
+        for s in rows:
+            classified = s.nan + s.posinf + s.neginf + s.zero + s.hist.sum(dim=1)
+            assert classified.tolist() == [n, n - 1]
+            assert (s.subnormal <= s.hist.sum(dim=1)).all()

@@ -15,7 +15,9 @@
 // (_mm*_undefined_*); the warning is issued inside its header, so it is
 // silenced before including it.
 #pragma GCC diagnostic push
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 

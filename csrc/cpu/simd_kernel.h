@@ -38,14 +38,13 @@
 // extract is needed; the zero count costs 2 more without the histogram);
 // pass 2 another ~8 (AVX-512) to
 // ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
-// pair), plus a transpose and reduction per block. Both are compute-bound on
-// Zen 4, where the two ISAs run at about the same speed (512-bit ops are
-// split in two).
+// pair), plus a transpose and reduction per block. On CPUs that split 512-bit
+// ops in two, both ISAs then run at about the same speed.
 
 // The includer defines kLanes, the float32 lanes of its registers (8 for AVX2,
-// 16 for AVX-512), so that every GCC vector is one machine register: wider
-// vectors than the ISA has are lowered lane by lane through the stack (that
-// made the first AVX2 build 10x slower than AVX-512).
+// 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
+// machine register: wider vectors than the ISA has are lowered lane by lane
+// through the stack.
 // Registers per block: <= 255, so that a lane's count fits the 8 bit-planes of
 // pass 2; a multiple of 16 (pass 2's unrolled loop). 240 rather than 128 nearly halves
 // the per-block work (reductions, transpose, merge); 15 KB at AVX-512.
@@ -521,6 +520,14 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
       const bool clean = sums_are_finite(b) && amax < c.clean_max &&
                          (c.small_is_subnormal || anz >= c.small_bits - 1);
       if (!clean) {
+        // The careful pass and pass 2 read one private copy: were another
+        // thread writing the tensor, both still see the same values, so each
+        // value is classified exactly once (16-bit and float8 blocks already
+        // are copies).
+        if (f != buf) {
+          std::memcpy(buf, f, sizeof(float) * nv * kLanes);
+          f = buf;
+        }
         b.init();
         pass1<true, true>(f, nv, c, b);
         amax = hmax_u31(b.amax);
@@ -648,12 +655,21 @@ Acc chunk_f64(const double* p, int64_t n, const Limits<double>& lim, HistOut* h)
         b.absmax = am == 0 ? 0.0 : am;
         b.sum = sum;
         b.sumsq = sumsq;
-        a.merge(b);
         if (hist) {
+          // A clean block holds only finite values: its zeros are the values
+          // not binned, counted from this same read (a concurrent writer then
+          // cannot make zero + binned exceed the block).
+          int64_t binned = 0;
           for (int i = 0; i < nv * kDLanes; ++i) {
-            if (q[i] != 0) h->add(hist_bin(q[i]), 1);
+            const double x = q[i];
+            if ((bits_of(x) << 1) != 0) {
+              h->add(hist_bin(x), 1);
+              ++binned;
+            }
           }
+          b.zero = int64_t{nv} * kDLanes - binned;
         }
+        a.merge(b);
       }
     }
     for (int i = clean ? nv * kDLanes : 0; i < len; ++i) {

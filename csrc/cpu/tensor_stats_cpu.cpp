@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../checks.h"
+#include "../validation.h"
 #include "chunk_kernel.h"
 #include "float_env.h"
 

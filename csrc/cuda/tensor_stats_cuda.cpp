@@ -42,7 +42,7 @@
 #include <optional>
 #include <vector>
 
-#include "../checks.h"
+#include "../validation.h"
 #include "../plan.h"
 #include "launch.h"
 

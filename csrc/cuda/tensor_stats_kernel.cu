@@ -341,9 +341,8 @@ cudaError_t launch_tensor_stats(const LaunchArgs& args, cudaStream_t stream) {
     }
   }
   if (args.num_tensors > 0) {
-    constexpr int64_t kTensorsPerBlock = kThreads / 32;
-    const dim3 grid(static_cast<unsigned>((args.num_tensors + kTensorsPerBlock - 1) /
-                                          kTensorsPerBlock));
+    // stats_finish gives each tensor one warp, so a block finishes kWarps tensors.
+    const dim3 grid(static_cast<unsigned>((args.num_tensors + kWarps - 1) / kWarps));
     stats_finish<<<grid, kThreads, 0, stream>>>(args);
   }
   return cudaGetLastError();
