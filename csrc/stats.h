@@ -18,6 +18,11 @@
 //    the last slot holds |x| >= 2^(kExpMax+1) (only float64 reaches the two
 //    end slots). Negative values come first, then positive, each in
 //    ascending exponent order.
+//  * A tensor written by another thread (or stream) while it is read gives
+//    undefined statistics. Each row still classifies every element it read
+//    exactly once: nan + posinf + neginf + zero + the histogram's total is
+//    numel (the CPU kernels re-read a block only from a private copy, or
+//    derive one count from the same read as the other).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -77,6 +82,16 @@ C10_HOST_DEVICE inline uint32_t bits_of(float x) {
 #endif
 }
 
+C10_HOST_DEVICE inline float float_of(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+
 C10_HOST_DEVICE inline double double_of(int64_t b) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(b);
@@ -108,7 +123,7 @@ C10_HOST_DEVICE inline int hist_bin(double x) {
   const int biased = static_cast<int>((b >> 52) & 0x7ff);
   int e = biased - 1023;  // float64 subnormals land far below kExpMin anyway
   e = e < kExpMin - 1 ? kExpMin - 1 : (e > kExpMax + 1 ? kExpMax + 1 : e);
-  return (x > 0 ? kBinsPerSign : 0) + (e - (kExpMin - 1));
+  return ((b >> 63) ? 0 : kBinsPerSign) + (e - (kExpMin - 1));
 }
 
 C10_HOST_DEVICE inline int hist_bin(float x) {
@@ -121,9 +136,37 @@ C10_HOST_DEVICE inline int hist_bin(float x) {
   return ((b >> 31) ? 0 : kBinsPerSign) + slot;
 }
 
+// ---- float8 -> float32 --------------------------------------------------------
+// A float8 value with kE exponent bits and kM mantissa bits (bias 2^(kE-1) - 1)
+// as the float32 of the same value, exactly. kIeee: the largest exponent holds
+// Inf and NaN (float8_e5m2); otherwise only all-ones is NaN and there is no Inf
+// (float8_e4m3fn, whose largest finite value is 448). A subnormal is converted
+// as integer mantissa times a power of two, both normal floats, so no
+// flush-to-zero mode changes it.
+template <int kE, int kM, bool kIeee>
+C10_HOST_DEVICE inline float float8_to_float(uint32_t b) {
+  constexpr uint32_t kTop = (1u << kE) - 1;
+  constexpr uint32_t kManMask = (1u << kM) - 1;
+  constexpr int kBias = (1 << (kE - 1)) - 1;
+  const uint32_t sign = (b & 0x80u) << 24;
+  const uint32_t e = (b >> kM) & kTop;
+  const uint32_t m = b & kManMask;
+  if (e == kTop && (kIeee || m == kManMask)) {
+    return float_of(sign | (kIeee && m == 0 ? 0x7f800000u : 0x7fc00000u));
+  }
+  if (e == 0) {
+    // 2^(1 - kBias - kM): 2^-9 for e4m3fn, 2^-16 for e5m2.
+    const float scale = float_of(static_cast<uint32_t>(127 + 1 - kBias - kM) << 23);
+    return float_of(sign | bits_of(static_cast<float>(m) * scale));
+  }
+  return float_of(sign | ((e - kBias + 127) << 23) | (m << (23 - kM)));
+}
+C10_HOST_DEVICE inline float float8_e4m3fn_to_float(uint32_t b) { return float8_to_float<4, 3, false>(b); }
+C10_HOST_DEVICE inline float float8_e5m2_to_float(uint32_t b) { return float8_to_float<5, 2, true>(b); }
+
 // ---- Per-dtype limits -----------------------------------------------------
-// acc_t is the type a value is classified in: float for the 16- and 32-bit
-// dtypes (every such value is exact in float), double for float64.
+// acc_t is the type a value is classified in: float for the 8-, 16- and
+// 32-bit dtypes (every such value is exact in float), double for float64.
 template <typename scalar_t>
 using acc_type_t =
     std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -192,36 +235,70 @@ struct Acc {
   }
 };
 
+// The bit layout of the type a value is classified in.
+template <typename acc_t>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  static constexpr uint32_t kAbs = 0x7fffffffu;
+  static constexpr uint32_t kInf = 0x7f800000u;
+  static constexpr uint32_t kMinNormal = 0x00800000u;
+};
+template <>
+struct FloatBits<double> {
+  static constexpr uint64_t kAbs = 0x7fffffffffffffffull;
+  static constexpr uint64_t kInf = 0x7ff0000000000000ull;
+  static constexpr uint64_t kMinNormal = 0x0010000000000000ull;
+};
+
+// x as a double, exactly, whatever the CPU's denormals-are-zero mode: a float
+// subnormal m * 2^-149 is converted from its integer mantissa (a normal double
+// times a normal double), not by a conversion instruction that DAZ would read
+// as zero.
+C10_HOST_DEVICE inline double exact_double(float x) {
+  const uint32_t b = bits_of(x);
+  const uint32_t a = b & FloatBits<float>::kAbs;
+  if (a >= FloatBits<float>::kMinNormal) return static_cast<double>(x);
+  const double m = static_cast<double>(static_cast<int32_t>(a)) * 1.4012984643248171e-45;  // 2^-149
+  return (b >> 31) ? -m : m;
+}
+C10_HOST_DEVICE inline double exact_double(double x) { return x; }
+
 // Classifies one value. Returns the histogram bin, or -1 when the value has
-// none (non-finite or zero).
+// none (non-finite or zero). Every class is decided on the value's bits (for
+// non-negative floats the bit patterns order like the values), so no
+// flush-to-zero mode can turn a subnormal into a zero.
 template <typename acc_t>
 C10_HOST_DEVICE inline int update(Acc& a, acc_t x, const Limits<acc_t>& lim) {
-  if (x != x) {
+  using B = FloatBits<acc_t>;
+  const auto b = bits_of(x);
+  const auto ab = b & B::kAbs;
+  if (ab > B::kInf) {
     a.nan++;
     return -1;
   }
-  const acc_t ax = x < 0 ? -x : x;
-  if (ax == std::numeric_limits<acc_t>::infinity()) {
-    if (x > 0) {
-      a.posinf++;
-    } else {
+  const bool negative = ab != b;
+  if (ab == B::kInf) {
+    if (negative) {
       a.neginf++;
+    } else {
+      a.posinf++;
     }
     return -1;
   }
-  const double d = x == 0 ? 0.0 : static_cast<double>(x);  // -0 -> +0
+  const double d = ab == 0 ? 0.0 : exact_double(x);  // -0 -> +0
   a.min = d < a.min ? d : a.min;
   a.max = d > a.max ? d : a.max;
-  const double ad = static_cast<double>(ax);
+  const double ad = negative ? -d : d;
   a.absmax = ad > a.absmax ? ad : a.absmax;
   a.sum += d;
   a.sumsq += d * d;
-  a.saturated += ax >= lim.saturation;
-  if (x == 0) {
+  a.saturated += ab >= bits_of(lim.saturation);
+  if (ab == 0) {
     a.zero++;
     return -1;
   }
-  a.subnormal += ax < lim.min_normal;
+  a.subnormal += ab < bits_of(lim.min_normal);
   return hist_bin(x);
 }
 

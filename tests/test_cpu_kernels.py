@@ -1,4 +1,4 @@
-"""Every CPU chunk kernel (scalar, avx2, avx512) against the reference.
+"""Every CPU chunk kernel (scalar, generic, avx2, avx512) against the reference.
 
 tests/test_stats.py runs the kernel the CPU picks (auto: the widest). This file
 switches kernels in-process with the private op torch.ops.torchhealth._cpu_kernel
@@ -15,12 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchhealth
+from torchhealth import reference
 from torchhealth import stats as S
 
 from helpers import assert_matches_reference, planted, specials
 
-CHUNK = 1 << 16  # csrc/checks.h kChunk
-KERNELS = ["scalar", "avx2", "avx512"]
+CHUNK = 1 << 16  # csrc/validation.h kChunk
+KERNELS = ["scalar", "generic", "avx2", "avx512"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # Lane, block and chunk edges of every kernel (kBlock = 128 lanes of float32,
 # 64 lanes of float64, simd_kernel.h).
@@ -85,7 +86,7 @@ def test_auto_picks_the_widest_runnable_kernel():
 
 
 def test_unknown_kernel_name_is_an_error():
-    with pytest.raises(RuntimeError, match="auto, scalar, avx2 or avx512"):
+    with pytest.raises(RuntimeError, match="auto, scalar, generic, avx2 or avx512"):
         _op("sse9")
 
 
@@ -247,3 +248,156 @@ def test_only_the_per_isa_kernels_contain_vector_extension_code():
                 r"torchhealth::cpu::avx(2|512)::", fn):
             leaks.add(fn)
     assert not leaks, sorted(leaks)[:10]
+
+
+# --- flush-to-zero ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def flush_denormal():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _subnormal_heavy(dtype):
+    """Subnormals alone (min, max and sum are then subnormal arithmetic), next to
+    normals, at chunk edges, and over several chunks (worker threads)."""
+    fi = torch.finfo(dtype)
+    tiny = fi.smallest_normal * fi.eps
+    g = torch.Generator().manual_seed(16)
+    mixed = torch.randn(2 * CHUNK + 37, generator=g, dtype=torch.float64) * fi.smallest_normal
+    mixed[::5] = torch.randn(mixed[::5].shape, generator=g, dtype=torch.float64)
+    vals = make(edge_values(dtype), torch.float64)
+    for i, pos in enumerate(EDGES):
+        mixed[pos] = vals[i % vals.numel()]
+    return [make([fi.smallest_normal / 4] * 10, dtype),  # the issue's ten float32 subnormals
+            make([tiny, 3 * tiny, -5 * tiny, -0.0, tiny * 7], dtype),
+            make([-tiny] * 3000, dtype), mixed.to(dtype)]
+
+
+@kernel_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_flush_to_zero_mode_changes_nothing(kernel, dtype):
+    with use_kernel(kernel):
+        ts = _subnormal_heavy(dtype)
+        want = torchhealth.tensor_stats(ts).data
+        want_ref = reference.tensor_stats(ts)
+        assert want[:, S.SUBNORMAL].tolist()[:3] == [10, 4, 3000]
+        with flush_denormal():
+            got = torchhealth.tensor_stats(ts).data
+            got_ref = reference.tensor_stats(ts)
+            assert_matches_reference(ts)
+        assert torch.equal(got, want)  # bit for bit, sums included
+        # The reference's sums of float64 subnormals are torch arithmetic, which
+        # flush-to-zero changes (by < 2^-1022 a value, within the tests' slack).
+        exact = [c for c in range(want_ref.shape[1]) if dtype != torch.float64 or
+                 c not in (S.SUM, S.SUMSQ)]
+        assert torch.equal(got_ref[:, exact], want_ref[:, exact])
+
+
+# --- float8 --------------------------------------------------------------------------
+
+F8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+f8_param = pytest.mark.parametrize("f8", F8, ids=["e4m3fn", "e5m2"])
+
+
+def _all_f8(f8):
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(f8)
+
+
+@kernel_param
+@f8_param
+def test_float8_every_bit_pattern(kernel, f8):
+    """All 256 values, alone, shuffled and repeated over block and chunk edges,
+    each kernel bit for bit against the reference."""
+    with use_kernel(kernel):
+        x = _all_f8(f8)
+        perm = torch.randperm(256, generator=torch.Generator().manual_seed(17))
+        big = x.repeat(2 * CHUNK // 256 + 3)[5:]  # unaligned start, several chunks
+        ts = [x, x[perm], big, x[:7], x[perm][:129]]
+        for histogram in (True, False):
+            assert_matches_reference(ts, histogram=histogram)
+        assert_matches_reference(ts, saturation=1.0)
+        assert_matches_reference(ts, saturation=1e6)
+
+
+@kernel_param
+@f8_param
+def test_float8_specials_in_normal_data(kernel, f8):
+    """Random data in the format's range (the fast vector path) with specials
+    planted at lane, block and chunk edges."""
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(18)
+        fi = torch.finfo(f8)
+        n = 2 * CHUNK + 37
+        base = torch.randn(n, generator=g, dtype=torch.float64) * 2.0
+        vals = [math.nan, 0.0, -0.0, fi.max, -fi.max, fi.max / 2, fi.smallest_normal,
+                -fi.smallest_normal, fi.smallest_normal / 2, fi.smallest_normal * fi.eps, 1.0]
+        if f8 == torch.float8_e5m2:
+            vals += [math.inf, -math.inf]
+        dense = base.clone()
+        for i, pos in enumerate(EDGES):
+            dense[pos] = vals[i % len(vals)]
+        ts = [dense.to(f8), base.to(f8), (base * 1e-3).to(f8)]
+        assert_matches_reference(ts)
+        assert_matches_reference(ts, histogram=False)
+
+
+@f8_param
+def test_float8_semantics(f8):
+    """Values that name the format's own limits: saturation at half its max,
+    subnormals below its own smallest normal, e4m3fn's NaN and e5m2's Inf."""
+    fi = torch.finfo(f8)
+    x = _all_f8(f8)
+    s = torchhealth.tensor_stats([x])
+    if f8 == torch.float8_e4m3fn:
+        assert (fi.max, fi.smallest_normal) == (448.0, 2.0**-6)
+        assert (s.nan.item(), s.posinf.item(), s.neginf.item()) == (2, 0, 0)  # 0x7f, 0xff
+        assert s.saturated.item() == 2 * 9  # 224, 240, 256, 288, ..., 448 and negatives
+    else:
+        assert (fi.max, fi.smallest_normal) == (57344.0, 2.0**-14)
+        assert (s.nan.item(), s.posinf.item(), s.neginf.item()) == (6, 1, 1)
+        assert s.saturated.item() == 2 * 5  # 28672, 32768, ..., 57344 and negatives
+    assert s.zero.item() == 2 and s.subnormal.item() == 2 * (7 if f8 == torch.float8_e4m3fn else 3)
+    assert s.max.item() == fi.max and s.min.item() == -fi.max
+    assert s.hist.sum().item() == 256 - 2 - s.nan.item() - s.posinf.item() - s.neginf.item()
+    # The histogram is on the common grid: 1.0 lands where it does for float32.
+    one = torchhealth.tensor_stats([torch.ones(3, dtype=f8)]).hist
+    assert torch.equal(one, torchhealth.tensor_stats([torch.ones(3)]).hist)
+
+
+# --- a concurrent writer -----------------------------------------------------------------
+
+@kernel_param
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_rows_stay_self_consistent_under_a_concurrent_writer(kernel, dtype):
+    """Statistics of a tensor another thread is writing are undefined, but every
+    element is classified once: non-finite + zero + binned values == numel."""
+    import threading
+
+    with use_kernel(kernel):
+        n = 2 * CHUNK + 1000
+        x = torch.randn(n, generator=torch.Generator().manual_seed(19), dtype=torch.float64).to(dtype)
+        fills = [math.nan, 0.0, 1.0, math.inf, 1e-40, -3.0, 2.0**100, -0.0]
+        stop = threading.Event()
+
+        def writer():
+            i = 0
+            while not stop.is_set():  # torch ops release the GIL while they write
+                x[(i * 997) % 64::64].fill_(fills[i % len(fills)])
+                i += 1
+
+        w = threading.Thread(target=writer)
+        w.start()
+        try:
+            rows = [torchhealth.tensor_stats([x, x[1:]]) for _ in range(30)]
+        finally:
+            stop.set()
+            w.join()
+        for s in rows:
+            classified = s.nan + s.posinf + s.neginf + s.zero + s.hist.sum(dim=1)
+            assert classified.tolist() == [n, n - 1]
+            assert (s.subnormal <= s.hist.sum(dim=1)).all()

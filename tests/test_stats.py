@@ -12,7 +12,7 @@ from torchhealth.stats import TensorStats
 
 from helpers import assert_matches_reference, planted, specials
 
-CHUNK = 1 << 16  # csrc/checks.h kChunk: where parallel partial results meet
+CHUNK = 1 << 16  # csrc/validation.h kChunk: where parallel partial results meet
 
 
 def make(values, dtype, device="cpu"):

@@ -12,7 +12,8 @@ from . import reference
 from ._args import number
 from .stats import BINS, COLS, TensorStats
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16, torch.float32,
+                    torch.float64)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _name_the_bad_tensor(tensors, tracing: bool) -> None:
             raise TypeError(f"tensor_stats: tensors[{i}] is quantized ({t.dtype}); dequantize it first")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
-                            "float16, bfloat16, float32 and float64")
+                            "float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64")
         if t.device.type == "meta" and not tracing:
             raise ValueError(f"tensor_stats: tensors[{i}] is on the meta device and holds no data")
         if t.device != tensors[0].device:
@@ -113,7 +114,9 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
         saturation: absolute magnitude at or above which a finite value counts as
             saturated; default: half of each tensor's dtype maximum.
 
-    Results stay on the tensors' device; the call does not synchronise.
+    Results stay on the tensors' device; the call does not synchronise. A tensor
+    that another thread (or stream) writes during the call gives undefined
+    statistics; each row is still self-consistent (every element classified once).
     Raises TypeError/ValueError naming the index of an unusable tensor.
 
     DTensors (all on one mesh) give the rows of the global tensors, the same on

@@ -122,7 +122,7 @@ def runnable_kernels() -> list[str]:
     op = torch.ops.torchhealth._cpu_kernel
     current = op("")
     kernels = []
-    for name in ["avx512", "avx2", "scalar"]:
+    for name in ["avx512", "avx2", "generic", "scalar"]:
         try:
             op(name)
         except RuntimeError:

@@ -13,11 +13,13 @@ Semantics of every field:
   the finite values only.
 - ``zero``: values equal to +0 or -0.
 - ``subnormal``: nonzero values whose magnitude is below the smallest normal of
-  the tensor's own dtype (2^-14 for float16, 2^-126 for bfloat16 and float32,
-  2^-1022 for float64).
+  the tensor's own dtype (2^-6 for float8_e4m3fn, 2^-14 for float8_e5m2 and
+  float16, 2^-126 for bfloat16 and float32, 2^-1022 for float64).
 - ``saturated``: finite values with ``|x| >= threshold``. The threshold is half
   the dtype's largest finite value (32752 for float16, i.e. within a factor of 2
-  of 65504) unless ``saturation=`` gives an absolute one.
+  of 65504; 224 for float8_e4m3fn, 28672 for float8_e5m2) unless
+  ``saturation=`` gives an absolute one. float8_e4m3fn has no infinities: its
+  bit patterns 0x7f and 0xff are NaN.
 - ``min``, ``max``, ``absmax``: exact, as float64. A zero of either sign is
   reported as +0.0. With no finite value: ``min=+inf``, ``max=-inf``,
   ``absmax=0`` (the identities of `merge`, so rows combine exactly).

@@ -1,13 +1,14 @@
 // Run-time choice of the chunk kernels: one build runs on any x86-64 CPU, and
 // no file is compiled with -march beyond the baseline.
 //
-// TORCHHEALTH_CPU_KERNEL=auto|scalar|avx2|avx512 chooses at the first call
-// (auto: the widest ISA this CPU runs). The private op
+// TORCHHEALTH_CPU_KERNEL=auto|scalar|generic|avx2|avx512 chooses at the first
+// call (auto: the widest x86 kernel this CPU runs, else the portable one). The private op
 // torch.ops.torchhealth._cpu_kernel(name) switches at run time, so that the
 // tests run every kernel this CPU supports in one process and the benchmark
 // compares them side by side; it is not part of the API.
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -20,29 +21,45 @@ namespace cpu {
 namespace {
 
 bool cpu_has(const std::string& isa) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  // The same features the kernels are compiled for (kernel_avx2.cpp,
+  // kernel_avx512.cpp); the runtime (libgcc, compiler-rt) also checks that the
+  // OS saves the wider registers (XCR0).
+#if defined(__x86_64__) && defined(__clang__)
   __builtin_cpu_init();
-  // The same levels the kernels are compiled for (kernel_avx2.cpp, kernel_avx512.cpp);
-  // libgcc also checks that the OS saves the wider registers (XCR0).
+  if (isa == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        cpu_has("avx2");
+  }
+  if (isa == "avx2") {
+    // Clang's builtin cannot ask for F16C; every CPU with AVX2 and FMA has it.
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("bmi2");
+  }
+#elif defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
   if (isa == "avx512") return __builtin_cpu_supports("x86-64-v4");
   if (isa == "avx2") return __builtin_cpu_supports("x86-64-v3");
 #endif
-  return isa == "scalar";
+  return isa == "scalar" || isa == "generic";
 }
 
 const Kernels* by_name(const std::string& want) {
   static const Kernels scalar = scalar_kernels();
   static const Kernels avx2 = avx2_kernels();
   static const Kernels avx512 = avx512_kernels();
-  TORCH_CHECK(want == "auto" || want == "scalar" || want == "avx2" || want == "avx512",
-              "TORCHHEALTH_CPU_KERNEL must be auto, scalar, avx2 or avx512, not '", want, "'");
+  static const Kernels generic = generic_kernels();
+  TORCH_CHECK(want == "auto" || want == "scalar" || want == "generic" || want == "avx2" ||
+                  want == "avx512",
+              "TORCHHEALTH_CPU_KERNEL must be auto, scalar, generic, avx2 or avx512, not '", want,
+              "'");
   if (want != "auto") {
     TORCH_CHECK(cpu_has(want), "TORCHHEALTH_CPU_KERNEL=", want, " but this CPU cannot run it");
   }
   const bool is_auto = want == "auto";
   if (want == "avx512" || (is_auto && cpu_has("avx512"))) return &avx512;
   if (want == "avx2" || (is_auto && cpu_has("avx2"))) return &avx2;
-  return &scalar;
+  return want == "scalar" ? &scalar : &generic;
 }
 
 std::atomic<const Kernels*> g_active{nullptr};
@@ -63,8 +80,23 @@ std::string select_cpu_kernel(std::string name) {
 
 Kernels scalar_kernels() {
   return {"scalar", &chunk_stats<float>, &chunk_stats<c10::BFloat16>, &chunk_stats<c10::Half>,
-          &chunk_stats<double>};
+          &chunk_stats<double>, &chunk_stats<c10::Float8_e4m3fn>, &chunk_stats<c10::Float8_e5m2>};
 }
+
+namespace {
+template <float (*kDecode)(uint32_t)>
+const float* float8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (uint32_t b = 0; b < 256; ++b) t[b] = kDecode(b);
+    return t;
+  }();
+  return table.data();
+}
+}  // namespace
+
+const float* float8_e4m3fn_table() { return float8_table<&float8_e4m3fn_to_float>(); }
+const float* float8_e5m2_table() { return float8_table<&float8_e5m2_to_float>(); }
 
 const Kernels& cpu_kernels() {
   const Kernels* k = g_active.load(std::memory_order_acquire);

@@ -6,12 +6,17 @@
 
 #include "chunk_kernel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)  // GCC or Clang
 #include <immintrin.h>
 
 // Everything above is compiled for the baseline ISA; only what follows is v3.
+// (Clang ignores GCC's target pragma; its own applies the same features.)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe,sse4.2"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
+#endif
 
 namespace torchhealth {
 namespace cpu {
@@ -21,7 +26,7 @@ constexpr int kLanes = 8;
 
 #include "simd_kernel.h"
 
-inline vu sllv(vu a, vu k) { return (vu)_mm256_sllv_epi32((__m256i)a, (__m256i)k); }
+inline vu one_bit(vu k) { return (vu)_mm256_sllv_epi32((__m256i)splat(1), (__m256i)k); }
 
 inline vf half_to_float(vh h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
 
@@ -51,19 +56,24 @@ inline vu xor3(vu a, vu b, vu c) { return a ^ b ^ c; }
 }  // namespace cpu
 }  // namespace torchhealth
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace torchhealth {
 namespace cpu {
 
 Kernels avx2_kernels() {
-  return {"avx2", &avx2::chunk_f32, &avx2::chunk_bf16, &avx2::chunk_f16, &avx2::chunk_f64};
+  return {"avx2", &avx2::chunk_f32, &avx2::chunk_bf16, &avx2::chunk_f16, &avx2::chunk_f64,
+          &avx2::chunk_f8e4m3, &avx2::chunk_f8e5m2};
 }
 
 }  // namespace cpu
 }  // namespace torchhealth
 
-#else  // not GCC on x86-64: cpu_kernels() never asks for these
+#else  // not x86-64 or no GCC/Clang: cpu_kernels() never asks for these
 
 namespace torchhealth {
 namespace cpu {

@@ -1,28 +1,34 @@
 // The SIMD chunk kernel for x86-64-v4 (AVX-512 F/BW/DQ/VL/CD): 16 float32
 // lanes, one 512-bit register per GCC vector. Chosen by cpu_kernels() (auto)
-// only when __builtin_cpu_supports("x86-64-v4"); tests/test_cpu_kernels.py
-// runs it wherever the CPU has it and skips it elsewhere. Compiled and run
-// (tests and benchmark) on an AMD EPYC Zen 4 KVM guest (family 25, model 17),
-// not yet run on an Intel AVX-512 CPU.
+// only on CPUs with those features; tests/test_cpu_kernels.py runs it wherever
+// the CPU has them and skips it elsewhere (benchmarks/RESULTS.md names the CPUs
+// it was measured on).
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 #include "chunk_kernel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)  // GCC or Clang
 // GCC 12 warns about the deliberately undefined source register of
 // _mm512_sllv_epi32, _mm512_cvtph_ps and _mm512_reduce_add_epi32
 // (_mm*_undefined_*); the warning is issued inside its header, so it is
 // silenced before including it.
 #pragma GCC diagnostic push
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 // Everything above is compiled for the baseline ISA; only what follows is v4.
+// (Clang ignores GCC's target pragma; its own applies the same features.)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,movbe,sse4.2,avx512f,avx512bw,avx512dq,avx512vl,avx512cd"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#endif
 
 namespace torchhealth {
 namespace cpu {
@@ -32,7 +38,7 @@ constexpr int kLanes = 16;
 
 #include "simd_kernel.h"
 
-inline vu sllv(vu a, vu k) { return (vu)_mm512_sllv_epi32((__m512i)a, (__m512i)k); }
+inline vu one_bit(vu k) { return (vu)_mm512_sllv_epi32((__m512i)splat(1), (__m512i)k); }
 
 inline vf half_to_float(vh h) { return (vf)_mm512_cvtph_ps((__m256i)h); }
 
@@ -71,7 +77,11 @@ inline vu xor3(vu a, vu b, vu c) {
 }  // namespace cpu
 }  // namespace torchhealth
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #pragma GCC diagnostic pop
 
 namespace torchhealth {
@@ -79,13 +89,13 @@ namespace cpu {
 
 Kernels avx512_kernels() {
   return {"avx512", &avx512::chunk_f32, &avx512::chunk_bf16, &avx512::chunk_f16,
-          &avx512::chunk_f64};
+          &avx512::chunk_f64, &avx512::chunk_f8e4m3, &avx512::chunk_f8e5m2};
 }
 
 }  // namespace cpu
 }  // namespace torchhealth
 
-#else  // not GCC on x86-64: cpu_kernels() never asks for these
+#else  // not x86-64 or no GCC/Clang: cpu_kernels() never asks for these
 
 namespace torchhealth {
 namespace cpu {

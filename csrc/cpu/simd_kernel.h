@@ -38,14 +38,13 @@
 // extract is needed; the zero count costs 2 more without the histogram);
 // pass 2 another ~8 (AVX-512) to
 // ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
-// pair), plus a transpose and reduction per block. Both are compute-bound on
-// Zen 4, where the two ISAs run at about the same speed (512-bit ops are
-// split in two).
+// pair), plus a transpose and reduction per block. On CPUs that split 512-bit
+// ops in two, both ISAs then run at about the same speed.
 
 // The includer defines kLanes, the float32 lanes of its registers (8 for AVX2,
-// 16 for AVX-512), so that every GCC vector is one machine register: wider
-// vectors than the ISA has are lowered lane by lane through the stack (that
-// made the first AVX2 build 10x slower than AVX-512).
+// 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
+// machine register: wider vectors than the ISA has are lowered lane by lane
+// through the stack.
 // Registers per block: <= 255, so that a lane's count fits the 8 bit-planes of
 // pass 2; a multiple of 16 (pass 2's unrolled loop). 240 rather than 128 nearly halves
 // the per-block work (reductions, transpose, merge); 15 KB at AVX-512.
@@ -59,8 +58,8 @@ typedef double vd __attribute__((vector_size(4 * kLanes)));  // kLanes / 2 doubl
 typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
 
 // ---- ISA primitives, defined by the includer -------------------------------
-// a << k per lane, 0 when k >= 32 (vpsllvd; C++ shifts leave that undefined).
-inline vu sllv(vu a, vu k);
+// 1 << k per lane, 0 when k >= 32 (vpsllvd; C++ shifts leave that undefined).
+inline vu one_bit(vu k);
 // float16 bits to float32, exactly (vcvtph2ps).
 inline vf half_to_float(vh h);
 // Whether any lane is nonzero.
@@ -237,7 +236,7 @@ inline vu one_hot(const float* p, uint32_t base, HistOut* h, int& nout) {
   const vu k0 = (bits >> 23) - base;
   const vu k1 = k0 - 240u;
   const vu k = k0 < k1 ? k0 : k1;
-  vu oh = sllv(splat(1), k);
+  vu oh = one_bit(k);
   if (kMasked == 1) {
     // a - 1 < base_bits - 1 (unsigned): nonzero and below the window.
     const vu a1 = (bits & 0x7fffffffu) - 1u;
@@ -469,6 +468,20 @@ struct FromHalf {
   static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
 };
 
+// float8 through a table of its 256 values (built by baseline code,
+// dispatch.cpp); then the float16 path: its subnormals are counted by the fast
+// pass, as float16's are.
+template <const float* (*kTable)()>
+struct FromFloat8 {
+  using type = uint8_t;
+  static const float* widen(const uint8_t* p, int n, float* buf) {
+    const float* t = kTable();
+    for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
+    return buf;
+  }
+  static float scalar(uint8_t x) { return kTable()[x]; }
+};
+
 template <typename From>
 Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, HistOut* h) {
   alignas(64) float buf[kBlock];
@@ -507,6 +520,14 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
       const bool clean = sums_are_finite(b) && amax < c.clean_max &&
                          (c.small_is_subnormal || anz >= c.small_bits - 1);
       if (!clean) {
+        // The careful pass and pass 2 read one private copy: were another
+        // thread writing the tensor, both still see the same values, so each
+        // value is classified exactly once (16-bit and float8 blocks already
+        // are copies).
+        if (f != buf) {
+          std::memcpy(buf, f, sizeof(float) * nv * kLanes);
+          f = buf;
+        }
         b.init();
         pass1<true, true>(f, nv, c, b);
         amax = hmax_u31(b.amax);
@@ -548,6 +569,12 @@ Acc chunk_bf16(const c10::BFloat16* p, int64_t n, const Limits<float>& lim, Hist
 }
 Acc chunk_f16(const c10::Half* p, int64_t n, const Limits<float>& lim, HistOut* h) {
   return chunk<FromHalf>(reinterpret_cast<const uint16_t*>(p), n, lim, h);
+}
+Acc chunk_f8e4m3(const c10::Float8_e4m3fn* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromFloat8<&float8_e4m3fn_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
+}
+Acc chunk_f8e5m2(const c10::Float8_e5m2* p, int64_t n, const Limits<float>& lim, HistOut* h) {
+  return chunk<FromFloat8<&float8_e5m2_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
 }
 
 // ---- float64 ------------------------------------------------------------------
@@ -628,12 +655,21 @@ Acc chunk_f64(const double* p, int64_t n, const Limits<double>& lim, HistOut* h)
         b.absmax = am == 0 ? 0.0 : am;
         b.sum = sum;
         b.sumsq = sumsq;
-        a.merge(b);
         if (hist) {
+          // A clean block holds only finite values: its zeros are the values
+          // not binned, counted from this same read (a concurrent writer then
+          // cannot make zero + binned exceed the block).
+          int64_t binned = 0;
           for (int i = 0; i < nv * kDLanes; ++i) {
-            if (q[i] != 0) h->add(hist_bin(q[i]), 1);
+            const double x = q[i];
+            if ((bits_of(x) << 1) != 0) {
+              h->add(hist_bin(x), 1);
+              ++binned;
+            }
           }
+          b.zero = int64_t{nv} * kDLanes - binned;
         }
+        a.merge(b);
       }
     }
     for (int i = clean ? nv * kDLanes : 0; i < len; ++i) {

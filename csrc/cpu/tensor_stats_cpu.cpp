@@ -9,8 +9,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../checks.h"
+#include "../validation.h"
 #include "chunk_kernel.h"
+#include "float_env.h"
 
 namespace torchhealth {
 namespace {
@@ -24,6 +25,9 @@ struct Chunk {
 at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
                             std::optional<double> saturation) {
   check_inputs(tensors, c10::DeviceType::CPU);
+  // This thread merges the chunks' results (min, max, sums of subnormals too);
+  // pool threads set their own mode in the loop below.
+  const cpu::IeeeSubnormals ieee;
   check_saturation(saturation);
   const int64_t num_tensors = static_cast<int64_t>(tensors.size());
   at::Tensor out = at::zeros({num_tensors, output_columns(histogram)},
@@ -51,6 +55,7 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
   // this thread: waking the pool would cost more than the work.
   const int64_t grain = total < kChunk ? std::max<int64_t>(num_chunks, 1) : 1;
   at::parallel_for(0, num_chunks, grain, [&](int64_t lo, int64_t hi) {
+    const cpu::IeeeSubnormals ieee_worker;
     std::vector<int64_t> local(histogram ? kBins : 0, 0);
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
@@ -58,19 +63,29 @@ at::Tensor tensor_stats_cpu(at::TensorList tensors, bool histogram,
       const at::ScalarType dt = span.scalar_type();
       const int64_t n = ch.end - ch.begin;
       cpu::HistOut hist{histogram ? local.data() : nullptr};
-      if (dt == at::kDouble) {
-        partial[c] = kernels.f64(span.const_data_ptr<double>() + ch.begin, n,
-                                 limits_for<double>(dt, saturation), &hist);
-      } else {
-        const auto lim = limits_for<float>(dt, saturation);
-        if (dt == at::kFloat) {
+      const auto lim = limits_for<float>(dt, saturation);
+      switch (dt) {
+        case at::kDouble:
+          partial[c] = kernels.f64(span.const_data_ptr<double>() + ch.begin, n,
+                                   limits_for<double>(dt, saturation), &hist);
+          break;
+        case at::kFloat:
           partial[c] = kernels.f32(span.const_data_ptr<float>() + ch.begin, n, lim, &hist);
-        } else if (dt == at::kBFloat16) {
+          break;
+        case at::kBFloat16:
           partial[c] = kernels.bf16(span.const_data_ptr<c10::BFloat16>() + ch.begin, n, lim, &hist);
-        } else {
-          TORCH_INTERNAL_ASSERT(dt == at::kHalf);
+          break;
+        case at::kHalf:
           partial[c] = kernels.f16(span.const_data_ptr<c10::Half>() + ch.begin, n, lim, &hist);
-        }
+          break;
+        case at::kFloat8_e4m3fn:
+          partial[c] = kernels.f8e4m3(span.const_data_ptr<c10::Float8_e4m3fn>() + ch.begin, n, lim,
+                                      &hist);
+          break;
+        default:
+          TORCH_INTERNAL_ASSERT(dt == at::kFloat8_e5m2);
+          partial[c] = kernels.f8e5m2(span.const_data_ptr<c10::Float8_e5m2>() + ch.begin, n, lim,
+                                      &hist);
       }
       if (histogram) {
         // Integer counts commute, so chunks of one tensor may add concurrently.

@@ -16,7 +16,14 @@
 namespace torchhealth {
 namespace cuda {
 
-enum ElemType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+enum ElemType : int32_t {
+  kHalf = 0,
+  kBFloat16 = 1,
+  kFloat = 2,
+  kDouble = 3,
+  kFloat8E4M3 = 4,  // float8_e4m3fn
+  kFloat8E5M2 = 5,
+};
 
 // One row of the device-resident tensor table.
 struct TensorEntry {
@@ -24,7 +31,7 @@ struct TensorEntry {
   int64_t numel;
   int32_t type;          // ElemType
   int32_t aligned;       // data is 16-byte aligned: vector loads allowed
-  Limits<float> lim_f;   // used for float16, bfloat16, float32
+  Limits<float> lim_f;   // used for float8, float16, bfloat16, float32
   Limits<double> lim_d;  // used for float64
 };
 

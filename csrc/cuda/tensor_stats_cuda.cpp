@@ -42,7 +42,7 @@
 #include <optional>
 #include <vector>
 
-#include "../checks.h"
+#include "../validation.h"
 #include "../plan.h"
 #include "launch.h"
 
@@ -58,7 +58,9 @@ ElemType elem_type(at::ScalarType dt) {
     case at::kHalf: return kHalf;
     case at::kBFloat16: return kBFloat16;
     case at::kFloat: return kFloat;
-    default: return kDouble;  // check_inputs admitted only these four
+    case at::kFloat8_e4m3fn: return kFloat8E4M3;
+    case at::kFloat8_e5m2: return kFloat8E5M2;
+    default: return kDouble;  // check_inputs admitted only these six
   }
 }
 

@@ -63,6 +63,15 @@ struct FloatT {
   __device__ static float to_acc(raw_t b) { return __uint_as_float(b); }
   __device__ static Limits<float> limits(const TensorEntry& e) { return e.lim_f; }
 };
+template <bool kE4M3>  // float8_e4m3fn, else float8_e5m2
+struct Float8T {
+  using raw_t = unsigned char;
+  using acc_t = float;
+  __device__ static float to_acc(raw_t b) {
+    return kE4M3 ? float8_e4m3fn_to_float(b) : float8_e5m2_to_float(b);
+  }
+  __device__ static Limits<float> limits(const TensorEntry& e) { return e.lim_f; }
+};
 struct DoubleT {
   using raw_t = unsigned long long;
   using acc_t = double;
@@ -71,7 +80,7 @@ struct DoubleT {
 };
 
 __host__ __device__ inline int64_t itemsize_of(int32_t type) {
-  return type == kDouble ? 8 : (type == kFloat ? 4 : 2);
+  return type == kDouble ? 8 : type == kFloat ? 4 : (type == kFloat8E4M3 || type == kFloat8E5M2) ? 1 : 2;
 }
 
 // ---- Where histogram bins go ----------------------------------------------
@@ -149,6 +158,8 @@ __device__ __forceinline__ void read_any(const TensorEntry& e, plan::Segment s, 
     case kHalf: read_segment<HalfT>(e, s, acc, sink); break;
     case kBFloat16: read_segment<BFloat16T>(e, s, acc, sink); break;
     case kFloat: read_segment<FloatT>(e, s, acc, sink); break;
+    case kFloat8E4M3: read_segment<Float8T<true>>(e, s, acc, sink); break;
+    case kFloat8E5M2: read_segment<Float8T<false>>(e, s, acc, sink); break;
     default: read_segment<DoubleT>(e, s, acc, sink); break;
   }
 }
@@ -330,9 +341,8 @@ cudaError_t launch_tensor_stats(const LaunchArgs& args, cudaStream_t stream) {
     }
   }
   if (args.num_tensors > 0) {
-    constexpr int64_t kTensorsPerBlock = kThreads / 32;
-    const dim3 grid(static_cast<unsigned>((args.num_tensors + kTensorsPerBlock - 1) /
-                                          kTensorsPerBlock));
+    // stats_finish gives each tensor one warp, so a block finishes kWarps tensors.
+    const dim3 grid(static_cast<unsigned>((args.num_tensors + kWarps - 1) / kWarps));
     stats_finish<<<grid, kThreads, 0, stream>>>(args);
   }
   return cudaGetLastError();

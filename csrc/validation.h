@@ -16,7 +16,7 @@ constexpr int64_t kChunk = int64_t{1} << 16;
 
 inline bool is_supported_dtype(at::ScalarType dt) {
   return dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat ||
-      dt == at::kDouble;
+      dt == at::kDouble || dt == at::kFloat8_e4m3fn || dt == at::kFloat8_e5m2;
 }
 
 // Every tensor must be a strided floating-point tensor on `device_type`.
@@ -30,7 +30,7 @@ inline void check_inputs(at::TensorList tensors, c10::DeviceType device_type) {
         "] is quantized; dequantize it first");
     TORCH_CHECK(is_supported_dtype(t.scalar_type()), "tensor_stats: tensors[", i,
         "] has dtype ", t.scalar_type(),
-        "; torchhealth reads float16, bfloat16, float32 and float64");
+        "; torchhealth reads float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64");
     TORCH_CHECK(t.device().type() == device_type && t.device() == tensors[0].device(),
         "tensor_stats: tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
         tensors[0].device(), "; call tensor_stats once per device");
@@ -44,9 +44,11 @@ inline void check_saturation(std::optional<double> saturation) {
 }
 
 // Default saturation threshold: half the dtype's largest finite value, i.e.
-// within a factor of 2 of overflow (32752 for float16).
+// within a factor of 2 of overflow (32752 for float16, 224 for float8_e4m3fn).
 inline double default_saturation(at::ScalarType dt) {
   switch (dt) {
+    case at::kFloat8_e4m3fn: return 448.0 / 2;
+    case at::kFloat8_e5m2: return 57344.0 / 2;
     case at::kHalf: return 65504.0 / 2;
     case at::kBFloat16: return 3.3895313892515355e38 / 2;
     case at::kFloat: return static_cast<double>(std::numeric_limits<float>::max()) / 2;
@@ -56,6 +58,8 @@ inline double default_saturation(at::ScalarType dt) {
 
 inline double smallest_normal(at::ScalarType dt) {
   switch (dt) {
+    case at::kFloat8_e4m3fn: return 0.015625;  // 2^-6
+    case at::kFloat8_e5m2:
     case at::kHalf: return 6.103515625e-05;  // 2^-14
     case at::kBFloat16:
     case at::kFloat: return static_cast<double>(std::numeric_limits<float>::min());

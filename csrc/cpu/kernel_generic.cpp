@@ -1,0 +1,125 @@
+// The portable chunk kernel: simd_kernel.h compiled with GCC/Clang vector
+// extensions and no ISA intrinsic, at the build's baseline ISA (SSE2 on x86-64,
+// NEON on aarch64, VSX on ppc64le, ...). It is what cpu_kernels() picks where
+// no x86 kernel applies, with the same exact columns as the others; its sums
+// add in the same lane order as the avx2 kernel (8 float32 lanes), so they are
+// within the documented bound of the others and usually the same bits as avx2.
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "chunk_kernel.h"
+
+#if defined(__GNUC__)  // GCC and Clang
+
+// Two conversions compilers do not find from portable code (they convert a
+// 2-float vector lane by lane): float -> double of a register half, and a
+// per-lane variable shift, which SSE2 lacks.
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+// The vectors are wider than the baseline registers (two SSE2 or NEON
+// registers each): GCC notes that passing them by value would differ from a
+// build with wider registers. Every function taking one is internal to this
+// file and inlined, so no such call crosses a boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace torchhealth {
+namespace cpu {
+namespace generic {
+
+constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
+
+#include "simd_kernel.h"
+
+#if defined(__SSE2__)
+// 2^k as a float, truncated to int32: 1 << k for k <= 30, and for k = 31 the
+// overflow result 0x80000000, which is 1 << 31.
+inline vu one_bit(vu k) {
+  return (vu)(k < 32u) & (vu)_mm_cvttps_epi32((__m128)((k + 127u) << 23));
+}
+inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
+inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }
+#elif defined(__aarch64__)
+inline vu one_bit(vu k) { return (vu)(k < 32u) & (splat(1) << (k & 31u)); }
+inline vd lo_double(vf x) { return (vd)vcvt_f64_f32(vget_low_f32((float32x4_t)x)); }
+inline vd hi_double(vf x) { return (vd)vcvt_high_f64_f32((float32x4_t)x); }
+#else
+typedef float vf_half __attribute__((vector_size(2 * kLanes)));  // kLanes / 2 floats
+inline vu one_bit(vu k) { return (vu)(k < 32u) & (splat(1) << (k & 31u)); }
+inline vd lo_double(vf x) {
+  vf_half h;
+  std::memcpy(&h, &x, sizeof h);
+  return __builtin_convertvector(h, vd);
+}
+inline vd hi_double(vf x) {
+  vf_half h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&x) + sizeof h, sizeof h);
+  return __builtin_convertvector(h, vd);
+}
+#endif
+
+// float16 bits to float32 by integer arithmetic: normals by moving the fields,
+// subnormals as mantissa * 2^-24 (an exact int -> float conversion; no
+// subnormal float is ever an operand).
+inline vf half_to_float(vh h) {
+  const vu w = __builtin_convertvector(h, vu);
+  const vu sign = (w & 0x8000u) << 16;
+  const vu em = w & 0x7fffu;
+  const vf sub = __builtin_convertvector((vi)em, vf) * 5.9604644775390625e-08f;  // 2^-24
+  vu r = (em << 13) + ((127u - 15u) << 23);
+  r = em < 0x0400u ? (vu)sub : r;
+  r = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : r;
+  return (vf)(r | sign);
+}
+
+inline bool any_lane(vu m) {
+  uint32_t r = 0;
+  for (int l = 0; l < kLanes; ++l) r |= m[l];
+  return r != 0;
+}
+
+inline vd lo_double_at(const float* p) { return lo_double(load(p)); }
+inline vd hi_double_at(const float* p) { return hi_double(load(p)); }
+
+inline uint32_t reduce_add(vu v) {
+  uint32_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+inline vu count_zero(vu acc, vu a) { return acc - (vu)(a == 0u); }
+inline vu count_lt(vu acc, vi a, vi lim) { return acc - (vu)(a < lim); }
+
+inline vu maj3(vu a, vu b, vu c) { return (a & b) | ((a ^ b) & c); }
+inline vu xor3(vu a, vu b, vu c) { return a ^ b ^ c; }
+
+}  // namespace generic
+
+#pragma GCC diagnostic pop
+
+Kernels generic_kernels() {
+  return {"generic", &generic::chunk_f32, &generic::chunk_bf16, &generic::chunk_f16,
+          &generic::chunk_f64, &generic::chunk_f8e4m3, &generic::chunk_f8e5m2};
+}
+
+}  // namespace cpu
+}  // namespace torchhealth
+
+#else  // a compiler without vector extensions: the scalar loop
+
+namespace torchhealth {
+namespace cpu {
+Kernels generic_kernels() {
+  Kernels k = scalar_kernels();
+  k.name = "generic";
+  return k;
+}
+}  // namespace cpu
+}  // namespace torchhealth
+
+#endif
