@@ -65,7 +65,6 @@ def extension():
         extra_link_args=["-fopenmp"],
     )
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         # The host side (csrc/cuda/*.cpp) is built by the C++ compiler with
         # the flags above; nvcc builds only the kernels (csrc/cuda/*.cu), which
         # include no ATen header, so -Werror there covers our code, not torch's.
@@ -77,7 +76,12 @@ def extension():
             "--Werror=all-warnings",  # nvcc's own and ptxas warnings
             "-Xcompiler=-Werror",  # the host compiler's, on our .cu files
         ]
-        kwargs["define_macros"] = [("TORCHHEALTH_WITH_CUDA", "1")]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # The default architectures, as nvcc flags: torch adds its own only
+            # when no -gencode/-arch flag is given (torch 2.13-2.14.1).
+            kwargs["extra_compile_args"]["nvcc"] += [
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]
         return CUDAExtension(**kwargs)
     return CppExtension(**kwargs)
 

@@ -27,7 +27,7 @@ import sys
 import torch
 from torch.utils import benchmark
 
-from torchhealth.bench import gpt2_small_shapes
+from torchhealth.bench import gpt2_shapes
 
 GOAL = 0.90
 
@@ -123,18 +123,18 @@ def main(argv=None) -> int:
           f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; {torchhealth.backend()}")
 
     cases = [
-        ("GPT-2 small (124M) float32 params + grads", gpt2_small_shapes(n_layer=12, d=768),
+        ("GPT-2 small (124M) float32 params + grads", gpt2_shapes(n_layer=12, d=768),
          torch.float32, torch.float32),
         ("10,000 tiny float32 tensors (1,024 elements each)", [(1024,)] * 5000,
          torch.float32, torch.float32),
     ]
     if not args.quick:
         cases += [
-            ("GPT-2 medium (355M) bfloat16 params + grads", gpt2_small_shapes(n_layer=24, d=1024),
+            ("GPT-2 medium (355M) bfloat16 params + grads", gpt2_shapes(n_layer=24, d=1024),
              torch.bfloat16, torch.bfloat16),
             ("GPT-2 medium (355M) float32 master params + bfloat16 grads",
-             gpt2_small_shapes(n_layer=24, d=1024), torch.float32, torch.bfloat16),
-            ("GPT-2 XL (1.5B) bfloat16 params + grads", gpt2_small_shapes(n_layer=48, d=1600),
+             gpt2_shapes(n_layer=24, d=1024), torch.float32, torch.bfloat16),
+            ("GPT-2 XL (1.5B) bfloat16 params + grads", gpt2_shapes(n_layer=48, d=1600),
              torch.bfloat16, torch.bfloat16),
         ]
     for name, shapes, pdt, gdt in cases:

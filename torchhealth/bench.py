@@ -16,6 +16,10 @@ Models: GPT-2 small's 148 parameter tensors and as many gradients (float32,
 ~1 GB; and bfloat16), and 10,000 tensors of 1-4k elements.
 
     python -m torchhealth.bench [--quick] [--repeat N] [--progress]
+
+It lives in the package, not only under benchmarks/, because it is the
+`torchhealth bench` command: users measure on their own machine what the
+README claims. benchmarks/bench_stats.py runs the same from a checkout.
 """
 from __future__ import annotations
 
@@ -34,9 +38,9 @@ Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 # --- models --------------------------------------------------------------------
 
-def gpt2_small_shapes(n_layer: int = 12, d: int = 768, vocab: int = 50257,
+def gpt2_shapes(n_layer: int = 12, d: int = 768, vocab: int = 50257,
                       ctx: int = 1024) -> list[tuple[int, ...]]:
-    """The 148 parameter tensors of GPT-2 small (lm_head is tied to wte)."""
+    """The parameter tensors of a GPT-2 (defaults: GPT-2 small, 148 tensors; lm_head is tied to wte)."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(n_layer):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
@@ -70,7 +74,7 @@ def _as_views(name: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
 
 
 def make_models(quick: bool, dtypes: Sequence[str]) -> list[Model]:
-    shapes = gpt2_small_shapes(n_layer=2, vocab=8192) if quick else gpt2_small_shapes()
+    shapes = gpt2_shapes(n_layer=2, vocab=8192) if quick else gpt2_shapes()
     both = shapes + shapes  # parameters, then gradients
     scales = [0.02] * len(shapes) + [1e-4] * len(shapes)  # weights, then gradients
     models = []
