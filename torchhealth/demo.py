@@ -1,5 +1,6 @@
 """The demo: train a small model on synthetic data with `HealthCheckedOptimizer`,
 inject one of the failures people actually hit, and show what torchhealth saw.
+(Over 300 lines: the six scenarios are data, a small model and an injected fault each.)
 
     python -m torchhealth.demo --scenario nan          # or: bash scripts/demo.sh
 

@@ -1,0 +1,217 @@
+"""The data the health checks read and return: `Thresholds` (every limit),
+`Layout` (what each statistics row is), `Signal` (one check's verdict on the
+device) and `RunningState` (what the checks keep on the device between steps).
+The checks themselves, and what each default means, are in `torchhealth.checks`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._args import number, positive_int
+
+CHECKS = ("nonfinite", "exploding", "vanishing", "headroom", "dead")
+SEVERITY = {"nonfinite": "error", "exploding": "error", "vanishing": "warning",
+            "headroom": "warning", "dead": "warning"}
+INFO_KINDS = ("structural",)
+_LOWP = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of every check. Defaults are in the module docstring;
+    set a limit to ``math.inf`` (or ``0`` for lower limits) to disable it."""
+
+    max_norm: float = 1e4
+    max_param_norm: float = 1e4
+    spike_factor: float = 10.0
+    spike_zscore: float = 4.0
+    spike_decay: float = 0.95  # EMA decay of the baseline, after warm-up
+    warmup: int = 10
+    min_norm: float = 1e-8
+    min_relative_rms: float = 1e-6
+    max_zero_fraction: float = 0.99
+    headroom: float = 0.5
+    max_subnormal_fraction: float = 0.01
+    dead_after: int = 3
+    relative_rms_tensors: int = 100
+    structural_rms: float = 1e-2
+    # Activations (`torchhealth.watch`): sigmoid/tanh outputs near an asymptote,
+    # and ReLU outputs exactly zero, as fractions of a module's output.
+    max_saturated_fraction: float = 0.5
+    max_dead_fraction: float = 0.95
+
+    def __post_init__(self):
+        # Upper limits must be positive (math.inf disables them); lower limits and
+        # fractions may be 0 (which disables them).
+        ranges = {"max_norm": {}, "max_param_norm": {}, "spike_factor": {"low": 1.0},
+                  "spike_zscore": {}, "spike_decay": {"high": 1.0, "high_open": True},
+                  "min_norm": {"low_open": False}, "min_relative_rms": {"low_open": False},
+                  "max_zero_fraction": {"low_open": False, "high": 1.0},
+                  "headroom": {"high": 1.0},
+                  "max_subnormal_fraction": {"low_open": False, "high": 1.0},
+                  "structural_rms": {"low_open": False, "high": 1.0},
+                  "max_saturated_fraction": {"low_open": False, "high": 1.0},
+                  "max_dead_fraction": {"low_open": False, "high": 1.0}}
+        for name, bounds in ranges.items():
+            object.__setattr__(self, name, number(f"Thresholds.{name}", getattr(self, name), **bounds))
+        for name in ("warmup", "dead_after", "relative_rms_tensors"):
+            object.__setattr__(self, name, positive_int(f"Thresholds.{name}", getattr(self, name)))
+
+
+@dataclass
+class Layout:
+    """What each statistics row describes (its tensor's name, role, dtype and
+    shape), on the host, plus the parameters the rows belong to.
+
+    ``roles[i]`` is "param", "grad" or "state.<key>"; ``param_index[i]`` is the
+    parameter row ``i`` belongs to. ``trainable[j]``/``param_names[j]`` describe
+    parameter ``j`` (dead-parameter counters are per parameter, since a None
+    gradient has no row). ``sparse[j]`` marks a parameter whose gradient is
+    mostly zero by design (an embedding table, a sparse gradient): the
+    zero-fraction part of the vanishing check skips it. ``structural[j]`` is
+    why parameter ``j``'s gradient is zero by construction ("" when nothing in
+    the model's structure says so; see `structural`) and ``modules[j]`` the
+    module that owns it: the collector fills both from the model. Parameters
+    of one module share its output gradient; a parameter whose module is not
+    known (None, or no ``modules``) is a module of its own.
+    """
+
+    names: list[str]
+    roles: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[tuple[int, ...]] = None
+    param_index: list[int] = None
+    param_names: list[str] = None
+    trainable: list[bool] = None
+    sparse: list[bool] = None
+    structural: list[str] = None
+    modules: list[str | None] = None
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        n = len(self.names)
+        if self.shapes is None:
+            self.shapes = [()] * n
+        if self.param_index is None:  # one parameter per distinct name
+            order = list(dict.fromkeys(self.names))
+            self.param_index = [order.index(x) for x in self.names]
+            self.param_names = self.param_names or order
+        if self.param_names is None:
+            raise ValueError("Layout: param_names is required with param_index")
+        if self.trainable is None:
+            self.trainable = [True] * len(self.param_names)
+        if self.sparse is None:
+            self.sparse = [False] * len(self.param_names)
+        if self.structural is None:
+            self.structural = [""] * len(self.param_names)
+        if self.modules is None:
+            self.modules = [None] * len(self.param_names)
+        keys = [m if m is not None else ("param", j) for j, m in enumerate(self.modules)]
+        order = {m: k for k, m in enumerate(dict.fromkeys(keys))}
+        self.module_index = [order[m] for m in keys]
+        self.num_grads = sum(r == "grad" for r in self.roles)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def masks(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-row and per-parameter constants on `device`, made once."""
+        cached = self._device_cache.get(device)
+        if cached is None:
+            grad = [r == "grad" for r in self.roles]
+            has_grad = [False] * len(self.param_names)
+            for i, g in enumerate(grad):
+                if g:
+                    has_grad[self.param_index[i]] = True
+            dmax = [torch.finfo(d).max for d in self.dtypes]
+            cached = {
+                "grad": torch.tensor(grad, dtype=torch.bool),
+                "param": torch.tensor([r == "param" for r in self.roles], dtype=torch.bool),
+                "state": torch.tensor([r.startswith("state") for r in self.roles], dtype=torch.bool),
+                "lowp": torch.tensor([d in _LOWP for d in self.dtypes], dtype=torch.bool),
+                "dtype_max": torch.tensor(dmax, dtype=torch.float64),
+                "grad_param": torch.tensor([self.param_index[i] for i, g in enumerate(grad) if g],
+                                           dtype=torch.int64),
+                "grad_rows": torch.tensor([i for i, g in enumerate(grad) if g], dtype=torch.int64),
+                "has_grad": torch.tensor(has_grad, dtype=torch.bool),
+                "trainable": torch.tensor(self.trainable, dtype=torch.bool),
+                "sparse": torch.tensor([self.sparse[j] for j in self.param_index], dtype=torch.bool),
+                "row_param": torch.tensor(self.param_index, dtype=torch.int64),
+                "module": torch.tensor([self.module_index[j] for j in self.param_index], dtype=torch.int64),
+                "candidate": torch.tensor([bool(self.structural[j]) for j in self.param_index],
+                                          dtype=torch.bool),
+                "eps": torch.tensor([torch.finfo(d).eps for d in self.dtypes], dtype=torch.float64),
+                "tiny": torch.tensor([torch.finfo(d).tiny for d in self.dtypes], dtype=torch.float64),
+            }
+            cached = {k: v.to(device) for k, v in cached.items()}
+            self._device_cache[device] = cached
+        return cached
+
+
+@dataclass
+class Signal:
+    """One check's verdict on the device. ``mask`` is over statistics rows
+    (``axis="rows"``) or parameters (``axis="params"``).
+
+    An info signal (a kind in `INFO_KINDS`) records a fact, never an alarm: its
+    ``fired`` is always False, so no policy acts on it (no skip, no
+    escalation), and its ``mask`` says what to record (`finding`)."""
+
+    check: str
+    kind: str
+    fired: torch.Tensor  # bool []
+    mask: torch.Tensor  # bool [rows] or [params]
+    value: torch.Tensor  # float64 []: the measured value (the worst one)
+    threshold: float
+    axis: str = "rows"
+
+    @property
+    def severity(self) -> str:
+        return "info" if self.kind in INFO_KINDS else SEVERITY[self.check]
+
+
+@dataclass
+class RunningState:
+    """State kept on the device between checks: the gradient-norm baseline
+    (count, mean and variance of log(total norm), an EMA after warm-up),
+    per-parameter counts of consecutive checks with a dead gradient, the
+    number of consecutive checks whose step the policy skipped, and each
+    parameter's structural-zero status (`UNDECIDED`, `STRUCTURAL`, `LEARNS`;
+    a state saved without it starts undecided)."""
+
+    count: torch.Tensor  # int64 []
+    mean: torch.Tensor  # float64 []
+    var: torch.Tensor  # float64 []
+    dead: torch.Tensor  # int64 [params]
+    skips: torch.Tensor = None  # int64 []
+    structural: torch.Tensor = None  # int64 [params]
+
+    def __post_init__(self):
+        if self.skips is None:
+            self.skips = torch.zeros((), dtype=torch.int64, device=self.count.device)
+        if self.structural is None:
+            self.structural = torch.full_like(self.dead, UNDECIDED)
+
+    @staticmethod
+    def zeros(num_params: int, device="cpu") -> RunningState:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return RunningState(torch.zeros((), dtype=torch.int64, device=device), z, z.clone(),
+                            torch.zeros(num_params, dtype=torch.int64, device=device))
+
+    def to(self, device) -> RunningState:
+        return RunningState(**{k: v.to(device) for k, v in self.state_dict().items()})
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead,
+                "skips": self.skips, "structural": self.structural}
+
+    @staticmethod
+    def from_state_dict(d: dict) -> RunningState:
+        return RunningState(d["count"], d["mean"], d["var"], d["dead"], d.get("skips"),
+                            d.get("structural"))
+
+
+# A parameter's structural-zero status: no check has seen its gradient yet; its
+# gradient has been zero up to rounding at every check so far; it had a real one.
+UNDECIDED, STRUCTURAL, LEARNS = 0, 1, 2
