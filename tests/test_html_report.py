@@ -270,3 +270,18 @@ def test_no_text_overlaps_another_in_any_figure(monkeypatch, curves, logged):
             clash = [(a, b) for i, (a, ba) in enumerate(drawn) for b, bb in drawn[i + 1:]
                      if ba.shrunk(0.98, 0.9).overlaps(bb.shrunk(0.98, 0.9))]
             assert clash == [], clash
+
+
+def test_heatmap_of_an_all_zero_tensor_says_so_instead_of_empty_axes():
+    mpl = pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import matplotlib.figure
+    from torchhealth.html_report import _heatmap, _params
+    reports = train_with_scalars(steps=3, nan_at=None)
+    dead = [dataclasses.replace(r, rows=[dataclasses.replace(w, hist={}, zero=w.numel) for w in r.rows])
+            for r in reports]  # histograms measured: every value zero
+    ax = matplotlib.figure.Figure().subplots()
+    assert _heatmap(mpl, ax, _params(dead)["0.weight"].rows["grad"], "0.weight: gradient") is None
+    assert [t.get_text() for t in ax.texts] == ["no finite nonzero values\n(all zero or non-finite at every step)"]
+    assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []

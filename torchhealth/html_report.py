@@ -199,8 +199,13 @@ def _heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
     pts = [(s, r) for s, r in pts if r.hist is not None]  # checks without a histogram: gaps
     counts = [magnitude_counts(r) for _, r in pts]
     exps = [e for c in counts for e in c]
-    if not exps:
-        ax.set_title(f"{title}: no finite nonzero values", fontsize=9)
+    if not exps:  # measured, and nothing to place on a log2 scale: say so instead of empty axes
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite nonzero values\n(all zero or non-finite at every step)"
+                if pts else "no histogram recorded", transform=ax.transAxes, ha="center",
+                va="center", color="#d62728", fontsize=9)
         return None
     lo = min(min(exps), -24) - 6
     hi = max(max(exps), 16) + 3
