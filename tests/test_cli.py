@@ -104,12 +104,19 @@ def test_help_exits_0(capsys):
     assert all(c in out for c in ("demo", "bench", "report", "doctor"))
 
 
+def test_version(capsys):
+    import torchhealth
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"torchhealth {torchhealth.__version__}"
+
+
 # -- demo ---------------------------------------------------------------------------------------------
 def test_demo_runs_with_a_progress_bar_and_says_where_its_output_went(tmp_path):
     pytest.importorskip("matplotlib")
     p = run_cli("demo", "--scenario", "nan", "--steps", "15", "--log-dir", tmp_path / "demo", timeout=300)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and "15/15" in p.stderr  # the bar, on stderr
+    assert "\r" not in p.stderr  # not a terminal: the final state only, no redrawn lines
     assert f"Log   : {tmp_path / 'demo' / 'run.jsonl'}" in p.stdout
     assert f"Report: {tmp_path / 'demo' / 'report.html'}" in p.stdout
     assert "nonfinite  first fired at step" in p.stdout
@@ -125,7 +132,7 @@ def test_demo_list(capsys):
 
 def test_plain_progress_bar():
     out = io.StringIO()
-    bar = cli.Progress("training", out, use_tqdm=False, width=10)
+    bar = cli.Progress("training", out, use_tqdm=False, width=10, live=True)
     for i in range(1, 11):
         bar(i, 10)
     bar.close()
@@ -134,21 +141,44 @@ def test_plain_progress_bar():
     assert "[##########] 10/10 steps" in text.splitlines()[-1].split("\r")[-1]
 
 
+@pytest.mark.parametrize("use_tqdm", [None, False])
+def test_progress_bar_off_a_terminal_writes_one_final_line(use_tqdm):
+    out = io.StringIO()  # not a terminal, like a log file or a CI job
+    bar = cli.Progress("benchmark", out, use_tqdm=use_tqdm, width=10, unit="run")
+    for i in range(1, 101):
+        bar(i, 100, "some method")
+    bar.close()
+    assert "\r" not in out.getvalue() and out.getvalue().count("\n") == 1
+    assert out.getvalue().startswith("benchmark [##########] 100/100 runs")
+
+
 # -- bench --------------------------------------------------------------------------------------------
 def test_bench_passes_its_arguments_on(monkeypatch):
     seen = []
-    monkeypatch.setitem(sys.modules, "torchhealth.bench",
-                        types.SimpleNamespace(main=lambda argv: seen.append(argv) or 3))
+
+    def main(argv, progress, prog):
+        seen.append((argv, prog))
+        progress(1, 2, "a method")
+        return 3
+    monkeypatch.setitem(sys.modules, "torchhealth.bench", types.SimpleNamespace(main=main))
     assert cli.main(["bench", "--quick", "-n", "5"]) == 3
-    assert seen == [["--quick", "-n", "5", "--progress"]]  # the command line shows a bar
+    assert seen == [(["--quick", "-n", "5"], "torchhealth bench")]
 
 
-def test_bench_quick_prints_the_comparison_table():
+def test_bench_help_names_the_command():
+    p = run_cli("bench", "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: torchhealth bench ") and "torchhealth.bench" not in p.stdout
+
+
+def test_bench_quick_prints_the_comparison_table_and_its_noise_caveat():
     p = run_cli("bench", "--quick", timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "Traceback" not in p.stderr and re.search(r"\b(\d+)/\1\b", p.stderr)  # the finished bar
+    assert "Traceback" not in p.stderr and re.search(r"\b(\d+)/\1 runs\b", p.stderr)  # the finished bar
+    assert "\r" not in p.stderr  # stderr is a pipe here: no bar redrawn into it
     for text in ("floor: torch.sum(flat buffer)", "pure-Python checks + .item()", "x floor"):
         assert text in p.stdout, text
+    assert "within timing noise" in p.stdout
 
 
 def test_bench_missing_is_one_line(monkeypatch, capsys):

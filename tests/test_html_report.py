@@ -10,6 +10,7 @@ import pytest
 from torchhealth.html_report import LIMITS, render, write_report
 from torchhealth.sinks import JsonlSink, read_jsonl
 
+from curves_run import train_with_scalars
 from logged_run import train
 
 
@@ -176,3 +177,111 @@ def test_failed_write_leaves_the_previous_report(tmp_path, logged):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["report.html", "run.jsonl"]  # no temporary left
     out = write_report(logged[:5], path)  # and without the limit it is replaced
     assert out.read_text().startswith("<!DOCTYPE html>")
+
+
+# -- what is drawn: only what was measured, named, and not on top of each other ------------------
+@pytest.fixture(scope="module")
+def curves():
+    """A real run whose Reports carry loss and learning rate, 14 parameters."""
+    return train_with_scalars(steps=30, nan_at=20, depth=6)
+
+
+def _figures(monkeypatch, reports) -> tuple[str, list]:
+    from torchhealth import html_report
+    figures = []
+    real = html_report._png
+    monkeypatch.setattr(html_report, "_png", lambda fig: figures.append(fig) or real(fig))
+    return render(reports), figures
+
+
+def test_no_histograms_no_heatmaps_but_one_note_on_how_to_record_them(monkeypatch):
+    pytest.importorskip("matplotlib")
+    reports = train_with_scalars(steps=12, nan_at=8, histogram=False)
+    assert all(r.hist is None for rep in reports for r in rep.rows)
+    page, figures = _figures(monkeypatch, reports)
+    assert page.count("Histograms were not recorded") == 1 and "histogram=True" in page
+    assert "no finite nonzero values" not in page
+    titles = [ax.get_title() for f in figures for ax in f.axes]
+    assert not any(t.endswith((": gradient", ": weight")) for t in titles), titles
+    assert len(_images(page)) == 3  # curves, norms, timeline: no empty heatmap panels
+
+
+def test_heatmaps_leave_the_checks_without_a_histogram_out():
+    mpl = pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import matplotlib.figure
+    from torchhealth.html_report import _heatmap, _params
+    reports = train_with_scalars(steps=6, nan_at=None)
+    # a histogram every other check, as a cadence gives it
+    reports = [r if r.step % 2 == 0 else dataclasses.replace(
+        r, rows=[dataclasses.replace(w, hist=None) for w in r.rows]) for r in reports]
+    ax = matplotlib.figure.Figure().subplots()
+    mesh = _heatmap(mpl, ax, _params(reports)["0.weight"].rows["grad"], "0.weight: gradient")
+    data = mesh.get_array()
+    assert data.shape[1] == 3  # steps 0, 2, 4: no column of zeros for the steps in between
+    assert not data.mask.all(axis=0).any()
+
+
+def test_user_scalars_are_drawn_as_training_curves(monkeypatch, curves, logged):
+    pytest.importorskip("matplotlib")
+    page, figures = _figures(monkeypatch, curves)
+    assert "<h2>Training curves</h2>" in page
+    panels = {ax.get_title(): ax for f in figures for ax in f.axes if ax.get_title() in ("loss", "lr")}
+    assert set(panels) == {"loss", "lr"}
+    x, y = panels["lr"].lines[0].get_data()
+    assert list(x) == [r.step for r in curves] and list(y) == [r.scalars["lr"] for r in curves]
+    assert list(panels["loss"].lines[0].get_ydata()) == pytest.approx([r.scalars["loss"] for r in curves], nan_ok=True)
+    assert "<h2>Training curves</h2>" not in render(logged)  # nothing logged, nothing drawn
+
+
+def test_colour_scale_names_the_parameters(monkeypatch, curves):
+    pytest.importorskip("matplotlib")
+    _, figures = _figures(monkeypatch, curves)
+    norms = figures[1]  # after the curves
+    texts = [t.get_text() for t in norms.findobj(mpl_text()) if t.get_text()]
+    assert not any("index" in t for t in texts)
+    names = {r.name for r in curves[0].rows}
+    assert len(names) > 10  # no legend: the colour bar carries the names
+    assert len(names & set(texts)) >= 8 and {"0.weight", "12.bias"} <= set(texts)
+
+
+def mpl_text():
+    from matplotlib.text import Text
+    return Text
+
+
+def test_no_text_overlaps_another_in_any_figure(monkeypatch, curves, logged):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    drawn = []  # (text, its box) of every text drawn: ticks outside the view are not
+    real_draw = mpl_text().draw
+
+    def draw(self, renderer):
+        real_draw(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            drawn.append((self.get_text(), self.get_window_extent(renderer)))
+    monkeypatch.setattr(mpl_text(), "draw", draw)
+    for reports in (curves, logged):
+        _, figures = _figures(monkeypatch, reports)
+        for fig in figures:
+            drawn.clear()
+            fig.draw(FigureCanvasAgg(fig).get_renderer())  # laid out as savefig does
+            clash = [(a, b) for i, (a, ba) in enumerate(drawn) for b, bb in drawn[i + 1:]
+                     if ba.shrunk(0.98, 0.9).overlaps(bb.shrunk(0.98, 0.9))]
+            assert clash == [], clash
+
+
+def test_heatmap_of_an_all_zero_tensor_says_so_instead_of_empty_axes():
+    mpl = pytest.importorskip("matplotlib")
+    import dataclasses
+
+    import matplotlib.figure
+    from torchhealth.html_report import _heatmap, _params
+    reports = train_with_scalars(steps=3, nan_at=None)
+    dead = [dataclasses.replace(r, rows=[dataclasses.replace(w, hist={}, zero=w.numel) for w in r.rows])
+            for r in reports]  # histograms measured: every value zero
+    ax = matplotlib.figure.Figure().subplots()
+    assert _heatmap(mpl, ax, _params(dead)["0.weight"].rows["grad"], "0.weight: gradient") is None
+    assert [t.get_text() for t in ax.texts] == ["no finite nonzero values\n(all zero or non-finite at every step)"]
+    assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []

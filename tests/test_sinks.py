@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import math
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import torch
 
 import torchhealth
 from torchhealth.report import Finding, Report
-from torchhealth.sinks import FlightRecorder, JsonlSink, Sink, TruncatedLogError, read_jsonl
+from torchhealth.sinks import FlightRecorder, JsonlSink, Sink, TruncatedLogError, read_jsonl, scalars
 from torchhealth.histogram_view import magnitude_counts, value_histogram
 
 from logged_run import train
@@ -287,9 +289,9 @@ def test_tensorboard_sink_read_back_with_tensorboards_reader(tmp_path, run):
     tags = acc.Tags()
     assert [e.value for e in acc.Scalars("health/grad_norm")] == pytest.approx(
         [r.grad_norm for r in run[:3] + run[30:31]], nan_ok=True)  # NaN at the NaN step
-    assert [e.step for e in acc.Scalars("grad_norm/2.weight")] == [0, 1, 2, 30]
+    assert [e.step for e in acc.Scalars("health_tensors/grad_norm/2.weight")] == [0, 1, 2, 30]
     assert acc.Scalars("health/findings")[-1].value == 1
-    h = acc.Histograms("grad_hist/2.weight")[0].histogram_value
+    h = acc.Histograms("health_histograms/grad/2.weight")[0].histogram_value
     row = next(r for r in run[0].rows if r.role == "grad" and r.name == "2.weight")
     edges, counts = value_histogram(row)
     assert list(h.bucket) == counts and list(h.bucket_limit) == pytest.approx(edges[1:])
@@ -316,6 +318,106 @@ def test_wandb_sink_offline(tmp_path, run, monkeypatch):
     assert len(hist.bins) == len(hist.histogram) + 1
     assert data["health/grad_norm"] == pytest.approx(run[0].grad_norm)
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def _without_histograms(reports: list[Report]) -> list[Report]:
+    """The Reports as a check without histograms makes them (``hist`` None)."""
+    return [dataclasses.replace(r, rows=[dataclasses.replace(w, hist=None) for w in r.rows])
+            for r in reports]
+
+
+def _tensorboard(tmp_path, reports, **kwargs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torchhealth.sinks import TensorBoardSink
+    with TensorBoardSink(tmp_path, **kwargs) as sink:
+        for r in reports:
+            sink(r)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_tensorboard_writes_no_histogram_that_was_not_measured(tmp_path, run):
+    pytest.importorskip("tensorboard")
+    tags = _tensorboard(tmp_path, _without_histograms(run[:3]))
+    assert tags["histograms"] == []  # not one made of the zero count alone
+    assert "health/grad_norm" in tags["scalars"]
+
+
+def test_tensorboard_groups_per_tensor_metrics_in_one_section(tmp_path, run):
+    pytest.importorskip("tensorboard")
+    tags = _tensorboard(tmp_path, run[:2])
+    sections = {t.split("/")[0] for t in tags["scalars"] + tags["histograms"]}
+    assert sections == {"health", "health_tensors", "health_histograms"}
+    assert "health_tensors/param_absmax/0.bias" in tags["scalars"]
+
+
+def test_tensorboard_per_tensor_off_writes_the_totals_only(tmp_path, run):
+    pytest.importorskip("tensorboard")
+    tags = _tensorboard(tmp_path, run[:2], per_tensor=False, histograms=False)
+    assert sorted(tags["scalars"]) == sorted(scalars(run[0], per_tensor=False))
+    assert all(t.startswith("health/") for t in tags["scalars"]) and tags["histograms"] == []
+
+
+def _wandb_records(tmp_path) -> list:
+    """The records of the finished offline run in `tmp_path`. ``run.finish()`` can
+    return before W&B's writer process has written the file: read it again until
+    it ends with the run's exit record."""
+    path = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 30
+    while True:
+        records = _wandb_file(path.read_bytes())
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _wandb_file(data: bytes) -> list:
+    """Records of a .wandb file as W&B stores them (LevelDB-style log: a 7-byte
+    file header, then 32 KiB blocks of chunks each with a 7-byte header: CRC,
+    little-endian length, type FULL=1/FIRST/MIDDLE/LAST=4)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    out, pos, buf, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block is padding
+            pos += block - pos % block
+            continue
+        n, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            out.append(pb.Record.FromString(buf))
+            buf = b""
+    return out
+
+
+@pytest.mark.parametrize("alerts", [False, True])
+def test_wandb_gets_the_findings_text_and_opt_in_alerts(tmp_path, run, monkeypatch, alerts):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from torchhealth.sinks import WandbSink
+    fault = run[30]
+    assert [f.severity for f in fault.findings] == ["error"]
+    with WandbSink(project="torchhealth-test", dir=str(tmp_path), alerts=alerts, per_tensor=False,
+                   histograms=False) as sink:
+        for r in _without_histograms(run[29:31]):
+            sink(r)
+    records = _wandb_records(tmp_path)
+    history = [{i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json)
+                for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == [29, 30]
+    assert "health/findings_text" not in history[0]
+    assert fault.findings[0].message in history[1]["health/findings_text"]
+    assert not any("/" in k and not k.startswith("health/") for h in history for k in h)  # per_tensor=False
+    sent = [r.alert for r in records if r.WhichOneof("record_type") == "alert"]
+    if alerts:
+        assert [(a.title, a.level) for a in sent] == [("torchhealth: nonfinite", "ERROR")]
+        assert fault.findings[0].message in sent[0].text and "step 30" in sent[0].text
+    else:
+        assert sent == []
 
 
 def test_optional_sinks_say_how_to_install(monkeypatch):

@@ -240,8 +240,14 @@ def _print_progress(done: int, total: int, what: str) -> None:
     sys.stderr.flush()
 
 
-def main(argv: list[str] | None = None, progress: Progress | None = None) -> int:
-    p = argparse.ArgumentParser(prog="torchhealth.bench", description=__doc__.split("\n\n")[0])
+QUICK_CAVEAT = ("Note: --quick times small models over 2 rounds, so its rows are within timing noise "
+                "of each other (even the histogram can look free or negative); compare rows of a full "
+                "run only.")
+
+
+def main(argv: list[str] | None = None, progress: Progress | None = None,
+         prog: str = "python -m torchhealth.bench") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small models, 2 rounds (a smoke test)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds per method (default 5)")
     p.add_argument("--dtypes", default="float32,bfloat16",
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
     p.add_argument("--kernels", default=None,
                    help="CPU kernels to time, comma-separated, widest first (default: every "
                         "vector kernel this CPU runs)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr (even when it is not a terminal)")
     args = p.parse_args(argv)
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
     if repeat < 1:
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
     kernels = args.kernels.split(",") if args.kernels else None
     print(run(quick=args.quick, repeat=repeat, dtypes=args.dtypes.split(","), kernels=kernels,
               progress=progress))
+    if args.quick:
+        print(f"\n{QUICK_CAVEAT}")
     return 0
 
 

@@ -4,6 +4,7 @@
     torchhealth bench [ARGS...]
     torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N]
     torchhealth doctor
+    torchhealth --version
 
 Results go to stdout, progress bars and errors to stderr. An error is one line
 on stderr and a nonzero exit status (2 for bad arguments, 1 otherwise), never
@@ -36,17 +37,22 @@ class _Parser(argparse.ArgumentParser):
 
 # -- progress ----------------------------------------------------------------------------
 class Progress:
-    """``progress(i, total)`` callback drawing a bar on `stream` (stderr): tqdm
-    when it is installed, else a plain one redrawn at most 10 times a second.
-    Call `close` at the end."""
+    """``progress(i, total[, what])`` callback drawing one bar style for every
+    command on `stream` (stderr): tqdm when it is installed, else a plain bar
+    redrawn at most 10 times a second. On a stream that is not a terminal (a
+    log file, a CI job) nothing is redrawn: `close` writes the final state as
+    one line; `live` forces either way. Call `close` at the end."""
 
-    def __init__(self, label: str, stream=None, *, use_tqdm: bool | None = None, width: int = 30):
-        self.label, self.stream, self.width = label, stream or sys.stderr, width
+    def __init__(self, label: str, stream=None, *, use_tqdm: bool | None = None, width: int = 30,
+                 unit: str = "step", live: bool | None = None):
+        self.label, self.stream, self.width, self.unit = label, stream or sys.stderr, width, unit
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = live if live is not None else bool(isatty and isatty())
         self._tqdm = None
-        if use_tqdm is not False:
+        if use_tqdm is not False and self.live:
             try:
                 from tqdm import tqdm
-                self._tqdm = tqdm(desc=label, unit="step", file=self.stream, leave=True)
+                self._tqdm = tqdm(desc=label, unit=unit, file=self.stream, leave=True)
             except ImportError:
                 if use_tqdm:
                     raise
@@ -54,28 +60,33 @@ class Progress:
         self._drawn = 0.0
         self._last = (0, 0)
 
-    def __call__(self, i: int, total: int) -> None:
+    def __call__(self, i: int, total: int, what: str = "") -> None:
         self._last = (i, total)
+        if not self.live:
+            return
         if self._tqdm is not None:
             self._tqdm.total = total
+            self._tqdm.set_postfix_str(what[:40], refresh=False)
             self._tqdm.update(i - self._tqdm.n)
             return
         now = time.perf_counter()
         if i < total and now - self._drawn < 0.1:
             return
         self._drawn = now
-        done = int(self.width * i / total) if total else self.width
-        self.stream.write(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] "
-                          f"{i}/{total} steps {now - self._t0:5.1f} s")
+        self.stream.write("\r" + self._line(i, total, now))
         self.stream.flush()
+
+    def _line(self, i: int, total: int, now: float) -> str:
+        done = int(self.width * i / total) if total else self.width
+        return (f"{self.label} [{'#' * done}{'.' * (self.width - done)}] "
+                f"{i}/{total} {self.unit}s {now - self._t0:5.1f} s")
 
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
         elif self._last != (0, 0):
-            self._drawn = 0.0
-            self(self._last[0], self._last[0])  # the final state
-            self.stream.write("\n")
+            i = self._last[0]
+            self.stream.write(("\r" if self.live else "") + self._line(i, i, time.perf_counter()) + "\n")
             self.stream.flush()
 
 
@@ -97,9 +108,13 @@ def _bench(argv: list[str]) -> int:
         from . import bench
     except ImportError as e:
         raise CommandError(f"torchhealth bench: the benchmark is not available ({e})") from e
-    if "--progress" not in argv and not {"-h", "--help"} & set(argv):
-        argv = [*argv, "--progress"]  # the command line shows a bar; the script does not
-    status = bench.main(argv)
+    # The bar of every command: live on a terminal, else one final line (and
+    # live with --progress, which asks for it).
+    bar = Progress("benchmark", unit="run", live=True if "--progress" in argv else None)
+    try:
+        status = bench.main(argv, progress=bar, prog="torchhealth bench")
+    finally:
+        bar.close()
     return int(status or 0)
 
 
@@ -259,6 +274,8 @@ def _doctor(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="torchhealth", description="Health statistics for PyTorch training: demo, "
                 "benchmark, HTML report of a logged run, installation check.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"torchhealth {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     d = sub.add_parser("demo", help="train a small model, inject a fault, show what torchhealth saw",
                        prog="torchhealth demo")

@@ -39,8 +39,10 @@ def value_histogram(row: Row, max_bins: int | None = None) -> tuple[list[float],
     underflow and overflow bins are the row's min and max. With `max_bins`,
     neighbouring buckets are merged pairwise until there are at most that many.
     Empty lists when the row holds no finite value or no histogram."""
+    if row.hist is None:  # measured without histograms: the zero count alone is no histogram
+        return [], []
     _, lo, hi = _grid()
-    hist = row.hist or {}
+    hist = row.hist
     neg = sorted(c for c in hist if c < S.BINS_PER_SIGN)
     pos = sorted(c for c in hist if c >= S.BINS_PER_SIGN)
     buckets: list[tuple[float, float, int]] = []  # (left, right, count)

@@ -1,7 +1,8 @@
 """The HTML report of a logged run: one self-contained file (plots embedded as
 base64 PNGs, nothing fetched from the network), built from Reports only.
 
-Sections: a summary; gradient and weight norms per parameter over steps; for
+Sections: a summary; the user's scalars (loss, learning rate) when the
+Reports carry any; gradient and weight norms per parameter over steps; for
 the worst parameters a heatmap of the log2-magnitude histogram over steps with
 the float16 and bfloat16 limits marked; a timeline of the checks that fired;
 a table of the worst parameters. Plots need matplotlib (the optional extra
@@ -36,6 +37,9 @@ LIMITS = [  # (log2 magnitude, label, dtype)
     (-133.0, "bf16 subnormal floor 2^-133", "bfloat16"),
 ]
 INSTALL_HINT = "pip install torchhealth[report]"
+NO_HISTOGRAMS = ("Histograms were not recorded in this run, so there is nothing to draw here. "
+                 "Turn them on with <code>histogram=True</code> (e.g. "
+                 "<code>HealthCheckedOptimizer(opt, model=model, histogram=True)</code>).")
 _SEVERITIES = ("error", "warning", "info")  # the ones with a style
 
 
@@ -128,18 +132,63 @@ def _norms_plot(mpl, reports: list[Report], params: dict[str, _Param]) -> str:
         for s in _fault_steps(reports):
             ax.axvline(s, color="#d62728", alpha=0.5, lw=1.5, zorder=0)
         if drawn:
-            ax.set_yscale("log")
+            _log_y(mpl, ax)
         else:
             ax.text(0.5, 0.5, f"no finite nonzero {title} in this run", transform=ax.transAxes,
                     ha="center", va="center", color="#d62728")
-        ax.set_title(f"{title} per parameter (red: a check fired; gaps: non-finite values)")
+        ax.set_title(f"{title} per parameter")
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", ncol=2)
-    if len(names) > 10:
+    if len(names) > 10:  # too many for a legend: the colour scale names some of them
         sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(0, len(names) - 1))
-        fig.colorbar(sm, ax=axes, label="parameter index (first to last layer)", shrink=0.8)
+        bar = fig.colorbar(sm, ax=axes, label="parameter (first to last)", shrink=0.9)
+        ticks = sorted({round(i * (len(names) - 1) / 11) for i in range(12)})
+        bar.set_ticks(ticks, labels=[_short(names[i]) for i in ticks], fontsize=7)
+    return _png(fig)
+
+
+def _log_y(mpl, ax) -> None:
+    """A log y axis labelled in plain text ("1e-05"): the default labels are
+    mathtext, which the report turns off so that names from the log draw as they are."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(mpl.ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(mpl.ticker.LogFormatter(labelOnlyBase=False))
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "\u2026" + name[-(width - 1):]
+
+
+def _scalars_plot(mpl, reports: list[Report]) -> str | None:
+    """The user's scalars (loss, learning rate, ...) over steps, one panel each;
+    None when no Report carries any."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in reports:
+        for k, v in (getattr(r, "scalars", None) or {}).items():
+            steps, values = series.setdefault(k, ([], []))
+            steps.append(r.step)
+            values.append(float(v))
+    if not series:
+        return None
+    cols = min(len(series), 3)
+    rows = -(-len(series) // cols)
+    fig = mpl.figure.Figure(figsize=(13, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, (steps, values)) in zip(axes, series.items()):
+        ax.plot(steps, values, lw=1.2, color="#1f77b4", marker="." if len(steps) < 50 else None)
+        for s in _fault_steps(reports):
+            ax.axvline(s, color="#d62728", alpha=0.5, lw=1.5, zorder=0)
+        finite = [v for v in values if math.isfinite(v)]
+        if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
+            _log_y(mpl, ax)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
     return _png(fig)
 
 
@@ -147,10 +196,16 @@ def _heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
     """Fraction of a tensor's values per binary exponent of |x|, over steps."""
     import numpy as np  # a dependency of matplotlib
 
+    pts = [(s, r) for s, r in pts if r.hist is not None]  # checks without a histogram: gaps
     counts = [magnitude_counts(r) for _, r in pts]
     exps = [e for c in counts for e in c]
-    if not exps:
-        ax.set_title(f"{title}: no finite nonzero values", fontsize=9)
+    if not exps:  # measured, and nothing to place on a log2 scale: say so instead of empty axes
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite nonzero values\n(all zero or non-finite at every step)"
+                if pts else "no histogram recorded", transform=ax.transAxes, ha="center",
+                va="center", color="#d62728", fontsize=9)
         return None
     lo = min(min(exps), -24) - 6
     hi = max(max(exps), 16) + 3
@@ -172,14 +227,15 @@ def _heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
         color = "#1f77b4" if dtype == "float16" else "#2ca02c"
         if lo <= y <= hi + 1:
             ax.axhline(y, color=color, lw=1, ls="--")
-            ax.text(0.99, y, label, transform=ax.get_yaxis_transform(), va="center", ha="right",
-                    fontsize=7, color=color, bbox=box)
+            # beside the chart, not over the values; constrained layout makes room for it
+            ax.text(1.01, y, label, transform=ax.get_yaxis_transform(), va="center", ha="left",
+                    fontsize=7, color=color, clip_on=False)
         else:
             off["top" if y > hi else "bottom"].append(label)
     for where, labels in off.items():  # limits beyond the chart, marked at its edge
         if labels:
             ax.text(0.01, 0.98 if where == "top" else 0.02,
-                    ("\u2191 " if where == "top" else "\u2193 ") + ", ".join(labels) + " (off the chart)",
+                    ("\u2191 " if where == "top" else "\u2193 ") + "\n".join(labels) + " (off the chart)",
                     transform=ax.transAxes, va="top" if where == "top" else "bottom", ha="left",
                     fontsize=7, color="#2ca02c", bbox=box)
     ax.set_ylim(lo, hi + 1)
@@ -191,14 +247,16 @@ def _heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
 
 
 def _heatmaps_plot(mpl, selected: list[_Param]) -> str:
-    fig = mpl.figure.Figure(figsize=(13, 3.6 * len(selected)), layout="constrained")
+    fig = mpl.figure.Figure(figsize=(13, 3.8 * len(selected)), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.12, w_pad=0.1)  # inches between a panel's labels and the next title
     axes = fig.subplots(len(selected), 2, squeeze=False)
     meshes = [_heatmap(mpl, ax, p.rows.get(role, []), f"{p.name}: {what}")
               for row, p in zip(axes, selected)
               for ax, role, what in zip(row, ("grad", "param"), ("gradient", "weight"))]
     mesh = next((m for m in meshes if m is not None), None)
     if mesh is not None:  # one scale for all: LogNorm(1e-6, 1)
-        fig.colorbar(mesh, ax=axes, label="fraction of the tensor's values", shrink=0.6, aspect=40)
+        bar = fig.colorbar(mesh, ax=axes, label="fraction of the tensor's values", shrink=0.6, aspect=40)
+        bar.ax.yaxis.set_major_formatter(mpl.ticker.LogFormatter())
     return _png(fig)
 
 
@@ -288,28 +346,36 @@ img{max-width:100%}.note{background:#f4f4f4;padding:8px 12px;border-left:4px sol
 def _sections(mpl, reports: list[Report], params: dict[str, _Param], selected: list[_Param],
               fired: bool, findings: int) -> list[str]:
     """The plots and the findings table. Names, checks and messages come from the
-    log: matplotlib draws them as they are (no $...$ mathtext)."""
+    log: `render` has matplotlib draw them as they are (no $...$ mathtext)."""
     parts = []
-    with mpl.rc_context({"text.parse_math": False}) if mpl else contextlib.nullcontext():
-        parts.append("<h2>Gradient and weight norms</h2>")
-        if mpl:
-            parts.append(_norms_plot(mpl, reports, params))
-        parts.append("<h2>Log2-magnitude histograms over steps</h2>"
-                     "<p>The fraction of each tensor's values in every binade [2^e, 2^(e+1)) at each "
-                     "logged step, for the worst parameters. Values drifting toward the top line "
-                     "overflow float16; below the float16 smallest normal they lose precision and "
-                     "under its subnormal floor they flush to zero. bfloat16 has float32's exponent "
-                     "range, so it overflows and underflows only far outside these charts.</p>")
+    curves = _scalars_plot(mpl, reports) if mpl else None
+    if curves:
+        parts += ["<h2>Training curves</h2>", "<p>The scalars logged with the checks "
+                  "(loss, learning rate, ...); red: a check fired.</p>", curves]
+    parts.append("<h2>Gradient and weight norms</h2><p>Red lines: a check fired on that step; "
+                 "gaps: non-finite values.</p>")
+    if mpl:
+        parts.append(_norms_plot(mpl, reports, params))
+    parts.append("<h2>Log2-magnitude histograms over steps</h2>")
+    if not selected:
+        parts.append(f'<p class="note">{NO_HISTOGRAMS}</p>')
+    else:
+        parts.append("<p>The fraction of each tensor's values in every binade [2^e, 2^(e+1)) at "
+                     "each step with a histogram, for the worst parameters. Values drifting toward "
+                     "the top line overflow float16; below the float16 smallest normal they lose "
+                     "precision and under its subnormal floor they flush to zero. bfloat16 has "
+                     "float32's exponent range, so it overflows and underflows only far outside "
+                     "these charts.</p>")
         if mpl:
             parts.append(_heatmaps_plot(mpl, selected))
-        parts.append("<h2>Checks that fired</h2>")
-        parts += _origins(reports)
-        if fired:
-            if mpl:
-                parts.append(_timeline_plot(mpl, reports))
-            parts.append(_findings_table(reports, findings))
-        else:
-            parts.append("<p>No check fired in this run.</p>")
+    parts.append("<h2>Checks that fired</h2>")
+    parts += _origins(reports)
+    if fired:
+        if mpl:
+            parts.append(_timeline_plot(mpl, reports))
+        parts.append(_findings_table(reports, findings))
+    else:
+        parts.append("<p>No check fired in this run.</p>")
     return parts
 
 
@@ -343,7 +409,9 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
         mpl = None
         parts.append(f'<p class="note">The plots need matplotlib, which is not installed: '
                      f"<code>{INSTALL_HINT}</code>, then run <code>torchhealth report</code> again.</p>")
-    parts += _sections(mpl, reports, params, [p for p, _ in ranked[:heatmaps]], fired or skipped, findings)
+    measured = [p for p, _ in ranked if any(r.hist is not None for rows in p.rows.values() for _, r in rows)]
+    with mpl.rc_context({"text.parse_math": False}) if mpl else contextlib.nullcontext():
+        parts += _sections(mpl, reports, params, measured[:heatmaps], fired or skipped, findings)
     parts.append("<h2>Worst parameters</h2>" + _worst_table(ranked, worst))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -42,3 +42,8 @@ def scalars(report: Report, per_tensor: bool = True) -> dict[str, float]:
             out[f"{r.role}_absmax/{r.name}"] = r.absmax
             out[f"{r.role}_nonfinite/{r.name}"] = float(r.nonfinite)
     return out
+
+
+def findings_text(report: Report) -> str:
+    """The Report's findings as Markdown, one paragraph each (empty if none)."""
+    return "\n\n".join(f"**{f.severity}** {f.check}: {f.message}" for f in report.findings)
