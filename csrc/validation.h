@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cctype>
 #include <optional>
+#include <string>
 
 #include "stats.h"
 
@@ -19,26 +21,49 @@ inline bool is_supported_dtype(at::ScalarType dt) {
       dt == at::kDouble || dt == at::kFloat8_e4m3fn || dt == at::kFloat8_e5m2;
 }
 
-// Every tensor must be a strided floating-point tensor on `device_type`.
+// The op's own checks, for every caller (the Python API, torch.ops, C++). The
+// pure-PyTorch reference makes the same checks with the same words
+// (reference.check_op_inputs; tests/test_stats.py compares the two). What
+// never reaches a kernel (non-tensors, sparse or quantized layouts, the meta
+// device) is refused by the Python API before dispatch.
+
+// The dtype as Python spells it, so that messages read the same from both sides.
+inline std::string dtype_name(at::ScalarType dt) {
+  switch (dt) {
+    case at::kBool: return "torch.bool";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // e.g. UInt16 -> torch.uint16, Float8_e4m3fnuz -> torch.float8_e4m3fnuz
+      std::string name = c10::toString(dt);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
+  }
+}
+
+// Every tensor must have a supported dtype and sit on `device_type`, all on one
+// device.
 inline void check_inputs(at::TensorList tensors, c10::DeviceType device_type) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), "tensor_stats: tensors[", i, "] is undefined");
-    TORCH_CHECK(t.layout() == at::kStrided, "tensor_stats: tensors[", i,
-        "] has layout ", t.layout(), "; torchhealth reads strided (dense) tensors");
-    TORCH_CHECK(!t.is_quantized(), "tensor_stats: tensors[", i,
-        "] is quantized; dequantize it first");
-    TORCH_CHECK(is_supported_dtype(t.scalar_type()), "tensor_stats: tensors[", i,
-        "] has dtype ", t.scalar_type(),
+    TORCH_CHECK_VALUE(t.defined(), "tensor_stats: tensors[", i, "] is undefined");
+    TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "tensor_stats: tensors[", i,
+        "] has dtype ", dtype_name(t.scalar_type()),
         "; torchhealth reads float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64");
-    TORCH_CHECK(t.device().type() == device_type && t.device() == tensors[0].device(),
+    TORCH_CHECK_VALUE(t.device().type() == device_type && t.device() == tensors[0].device(),
         "tensor_stats: tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
         tensors[0].device(), "; call tensor_stats once per device");
   }
 }
 
 inline void check_saturation(std::optional<double> saturation) {
-  TORCH_CHECK(!saturation.has_value() || *saturation > 0,
+  TORCH_CHECK_VALUE(!saturation.has_value() || *saturation > 0,
       "tensor_stats: saturation must be a positive magnitude, got ",
       saturation.value_or(0.0));
 }

@@ -39,6 +39,13 @@ assert torchhealth.backend().name == "reference", torchhealth.backend()
 msgs = [str(x.message) for x in w if "torchhealth" in str(x.message)]
 assert len(msgs) == 1 and "pure-PyTorch reference" in msgs[0] and "pip install" in msgs[0], msgs
 x = torch.tensor([1.0, float("nan"), -3.0, 0.0]).half()
+for bad, saturation, words in [(torch.arange(3), None, "tensors[1] has dtype torch.int64"),
+                                (torch.ones(1), 0.0, "saturation must be a positive magnitude")]:
+    try:
+        torchhealth.tensor_stats([x, bad], saturation=saturation)
+        raise SystemExit(f"no error for {words}")
+    except (TypeError, ValueError) as e:
+        assert words in str(e), e
 print(torchhealth.tensor_stats([x, torch.ones(2, 2).t()]).data.tolist())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

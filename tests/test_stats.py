@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchhealth
+from torchhealth import reference
 from torchhealth import stats as S
 from torchhealth.stats import TensorStats
 
@@ -304,10 +305,33 @@ def test_bad_options():
 
 
 def test_op_itself_checks_its_inputs():
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype Int"):
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int32"):
         torch.ops.torchhealth.tensor_stats([torch.ones(2), torch.ones(2, dtype=torch.int32)])
-    with pytest.raises(RuntimeError, match="saturation must be a positive"):
+    with pytest.raises(ValueError, match="saturation must be a positive"):
         torch.ops.torchhealth.tensor_stats([torch.ones(2)], True, -1.0)
+
+
+@pytest.mark.parametrize("tensors, saturation", [
+    ([torch.ones(2), torch.arange(3)], None),
+    ([torch.ones(2), torch.ones(2, dtype=torch.bool)], None),
+    ([torch.ones(2), torch.ones(2, dtype=torch.uint16)], None),
+    ([torch.ones(2), torch.ones(2, dtype=torch.float8_e4m3fnuz)], None),
+    ([torch.ones(2), torch.ones(2, dtype=torch.complex128)], None),
+    ([torch.ones(2)], -1.0),
+    ([torch.ones(2)], 0.0),
+    ([torch.ones(2)], float("nan")),
+])
+def test_both_backends_refuse_in_the_same_words(tensors, saturation):
+    """The op's checks live once per language (csrc/validation.h and
+    reference.check_op_inputs); both raise the same error with the same text."""
+    if torchhealth.backend().name != "extension":
+        pytest.skip("the compiled extension is not built")
+    with pytest.raises((TypeError, ValueError)) as from_cpp:
+        torch.ops.torchhealth.tensor_stats(tensors, True, saturation)
+    with pytest.raises((TypeError, ValueError)) as from_python:
+        reference.tensor_stats(tensors, True, saturation)
+    assert type(from_cpp.value) is type(from_python.value)
+    assert str(from_cpp.value).splitlines()[0] == str(from_python.value)
 
 
 def test_tuple_and_empty_list():

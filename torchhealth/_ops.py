@@ -2,6 +2,7 @@
 once at import (the compiled extension, or the pure-PyTorch reference)."""
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,11 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from ._args import number
+from .reference import SUPPORTED_DTYPES  # noqa: F401  (the dtypes collect and watch pass on)
 from .stats import BINS, COLS, TensorStats
 
-SUPPORTED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16, torch.float32,
-                    torch.float64)
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,12 @@ def backend() -> Backend:
     return _BACKEND
 
 
+# Validation is split at the language boundary. Here: what Python must check
+# because it never reaches a kernel (the argument types, non-tensors, sparse
+# and quantized layouts, which the dispatcher would refuse without naming the
+# tensor, and the meta device outside tracing). The op itself (C++ in
+# csrc/validation.h, or `reference.check_op_inputs` when the extension is not
+# built) checks dtypes, devices and the saturation value, in the same words.
 def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float | None]:
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensor_stats: tensors must be a list or tuple of tensors, got "
@@ -62,24 +67,28 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
     if not isinstance(histogram, bool):
         raise TypeError(f"tensor_stats: histogram must be a bool, got {type(histogram).__name__}")
     if saturation is not None:
-        saturation = number("tensor_stats: saturation", saturation)
+        if isinstance(saturation, bool) or not isinstance(saturation, numbers.Real):
+            raise TypeError(f"tensor_stats: saturation must be a number, got "
+                            f"{type(saturation).__name__} {saturation!r}")
+        try:
+            saturation = float(saturation)
+        except OverflowError:
+            raise ValueError(f"tensor_stats: saturation = {saturation!r} is too large for a float") from None
     tracing = torch.compiler.is_compiling()
     # The common case in one sweep (a model's worth of tensors costs ~1 us each
     # in the loop below, as much as the op itself for many small tensors); the
     # loop runs only to name the tensor that fails. The op records no
     # autograd, so nothing needs detaching.
-    if not _all_usable(tensors, tracing):
+    if not _all_reach_the_op(tensors, tracing):
         _name_the_bad_tensor(tensors, tracing)
     return list(tensors), saturation
 
 
-def _all_usable(tensors, tracing: bool) -> bool:
+def _all_reach_the_op(tensors, tracing: bool) -> bool:
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return False
-    kinds = {(t.dtype, t.layout, t.device, t.is_quantized) for t in tensors}
-    return len({k[2] for k in kinds}) <= 1 and all(
-        d in SUPPORTED_DTYPES and lay == torch.strided and not q and (dev.type != "meta" or tracing)
-        for d, lay, dev, q in kinds)
+    kinds = {(t.layout, t.is_quantized, t.device.type) for t in tensors}
+    return all(lay == torch.strided and not q and (dev != "meta" or tracing) for lay, q, dev in kinds)
 
 
 def _name_the_bad_tensor(tensors, tracing: bool) -> None:
@@ -91,14 +100,8 @@ def _name_the_bad_tensor(tensors, tracing: bool) -> None:
                              "strided (dense) tensors; call .to_dense() first")
         if t.is_quantized:
             raise TypeError(f"tensor_stats: tensors[{i}] is quantized ({t.dtype}); dequantize it first")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
-                            "float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64")
         if t.device.type == "meta" and not tracing:
             raise ValueError(f"tensor_stats: tensors[{i}] is on the meta device and holds no data")
-        if t.device != tensors[0].device:
-            raise ValueError(f"tensor_stats: tensors[{i}] is on {t.device} but tensors[0] is on "
-                             f"{tensors[0].device}; call tensor_stats once per device")
 
 
 def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
@@ -126,8 +129,6 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
     if distributed.holds_dtensor(tensors):
         return distributed.dtensor_stats(tensors, histogram=histogram, saturation=saturation)
     tensors, saturation = _validate(tensors, histogram, saturation)
-    if not tensors:
-        return TensorStats(reference.tensor_stats([], histogram))
-    if _BACKEND.name == "extension":
+    if _BACKEND.name == "extension" and tensors:
         return TensorStats(torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation))
     return TensorStats(reference.tensor_stats(tensors, histogram, saturation))

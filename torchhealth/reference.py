@@ -123,10 +123,28 @@ def _hist(mag: torch.Tensor, neg: torch.Tensor, binned: torch.Tensor) -> torch.T
     return counts[:BINS]
 
 
+SUPPORTED_DTYPES = tuple(_FORMATS)
+
+
+def check_op_inputs(tensors: Sequence[torch.Tensor], saturation: float | None) -> None:
+    """The op's own checks, in the words of the C++ op (csrc/validation.h):
+    a supported dtype, one device, a positive saturation."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in _FORMATS:
+            raise TypeError(f"tensor_stats: tensors[{i}] has dtype {t.dtype}; torchhealth reads "
+                            "float8_e4m3fn, float8_e5m2, float16, bfloat16, float32 and float64")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensor_stats: tensors[{i}] is on {t.device} but tensors[0] is on "
+                             f"{tensors[0].device}; call tensor_stats once per device")
+    if saturation is not None and not saturation > 0:
+        raise ValueError(f"tensor_stats: saturation must be a positive magnitude, got {saturation:g}")
+
+
 def tensor_stats(tensors: Sequence[torch.Tensor], histogram: bool = True,
                  saturation: float | None = None) -> torch.Tensor:
     """The packed int64 ``[T, COLS (+ BINS)]`` rows the kernels return, computed
-    with ordinary torch ops. Inputs are assumed validated."""
+    with ordinary torch ops, after the op's own checks."""
+    check_op_inputs(tensors, saturation)
     if not tensors:
         return torch.zeros(0, COLS + (BINS if histogram else 0), dtype=torch.int64)
     return torch.stack([_row(t, histogram, saturation) for t in tensors])
