@@ -142,6 +142,20 @@ class MoE(nn.Module):
         return (torch.stack([e(x) for e in self.experts], -1) * w[:, None, :]).sum(-1)
 
 
+class TwoHeads(nn.Module):
+    """A two-task model trained on one task: the second head's output is
+    computed but the loss never reaches it (grad None at every step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.other = mlp(depth=1)[:2], nn.Linear(64, 1), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        self.aux_out = self.other(h)
+        return self.head(h)
+
+
 def frozen():
     m = mlp(depth=3)
     for p in m[0].parameters():
@@ -182,6 +196,7 @@ def healthy() -> dict[str, Callable[[], Case]]:
         "HF T5 (seq2seq)": lambda: Case(hf("t5"), tokens, hf_loss),
         "MoE, softmax gating (4 experts)": lambda: Case(MoE(), regression, mse),
         "MLP, first layer frozen": lambda: Case(frozen(), regression, mse),
+        "MLP, a second head the loss does not use": lambda: Case(TwoHeads(), regression, mse),
         "CNN, bfloat16 autocast": lambda: Case(cnn_bias_bn(), images, ce, autocast=torch.bfloat16),
         "HF BERT, bfloat16 autocast": lambda: Case(hf("bert"), tokens, hf_loss, autocast=torch.bfloat16),
         "MLP, float16 autocast + GradScaler": lambda: Case(mlp(), regression, mse, autocast=torch.float16,

@@ -1,5 +1,6 @@
 """The checks as pure functions: hand-made `TensorStats` in, `Signal`s out,
 without a model, an optimizer or a host read."""
+import dataclasses
 import math
 import sys
 
@@ -57,6 +58,11 @@ def rows(*spec, dtype=torch.float32, **kw) -> C.Layout:
 
 PG = rows(("a", "param"), ("a", "grad"), ("b", "param"), ("b", "grad"))
 TH = C.Thresholds()
+
+
+def headroom(s, r, th=TH):
+    """The headroom signals of a first check (no earlier peak)."""
+    return C.headroom(s, r, th, C.RunningState.zeros(len(r.param_names)))[0]
 
 
 def fired(signals, check, kind):
@@ -170,11 +176,11 @@ def test_vanishing_zero_fraction_skips_embedding_tables():
 def test_headroom_only_in_low_precision():
     s = stats({"absmax": 40000.0, "saturated": 3}, {"absmax": 100.0})
     r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16, torch.float16])
-    ok, mask, use = fired(C.headroom(s, r, TH), "headroom", "overflow")
+    ok, mask, use = fired(headroom(s, r, TH), "headroom", "overflow")
     assert ok and mask == [True, False] and use == pytest.approx(40000 / 65504)
     r32 = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float32] * 2)
-    assert not any(x.fired for x in C.headroom(s, r32, TH))
-    assert fired(C.headroom(s, r, C.Thresholds(headroom=0.75)), "headroom", "overflow")[0] is False
+    assert not any(x.fired for x in headroom(s, r32, TH))
+    assert fired(headroom(s, r, C.Thresholds(headroom=0.75)), "headroom", "overflow")[0] is False
 
 
 def test_headroom_underflow_bfloat16():
@@ -182,34 +188,85 @@ def test_headroom_underflow_bfloat16():
     s = stats({"numel": 100, "zero": 50, "subnormal": 1, "sumsq": tiny ** 2 / 2},
               {"numel": 100, "subnormal": 2, "sumsq": tiny ** 2})
     r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.bfloat16] * 2)
-    ok, mask, frac = fired(C.headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
+    ok, mask, frac = fired(headroom(s, r, C.Thresholds(max_subnormal_fraction=0.015)),
                            "headroom", "underflow")
     assert ok and mask == [True, True] and frac == pytest.approx(0.02)
     # the same subnormals in a tensor whose norm dwarfs their lost precision: nothing lost
     s = stats({"numel": 100, "subnormal": 30, "sumsq": 1e-6}, {"numel": 100, "subnormal": 30})
     r16 = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[torch.float16] * 2)
-    assert fired(C.headroom(s, r16, TH), "headroom", "underflow")[:2] == (False, [False, False])
+    assert fired(headroom(s, r16, TH), "headroom", "underflow")[:2] == (False, [False, False])
+
+
+def test_a_float16_parameter_on_course_to_overflow_is_caught_before_it_gets_near():
+    r = C.Layout(names=["w", "w"], roles=["param", "grad"], dtypes=[torch.float16] * 2)
+    state, courses = C.RunningState.zeros(1), []
+    for absmax in (0.5, 4000.0, 8000.0, 12000.0):  # +4000 per check: 65504 in ~14 more
+        (sigs, state) = C.headroom(stats({"absmax": absmax}, {"absmax": 1.0}), r, TH, state)
+        courses.append(fired(sigs, "headroom", "course"))
+        assert not fired(sigs, "headroom", "overflow")[0]
+    assert [c[0] for c in courses] == [False, True, True, True]
+    assert courses[1][1] == [True, False] and courses[1][2] == pytest.approx((65504 - 4000) / 3999.5, rel=1e-3)
+    assert state.peak.item() == pytest.approx(12000 / 65504)
+    # slow growth (or large values that stay put, or float32) is no course to overflow
+    for grow, dtype in ((10.0, torch.float16), (0.0, torch.float16), (4000.0, torch.float32)):
+        rr = C.Layout(names=["w", "w"], roles=["param", "grad"], dtypes=[dtype] * 2)
+        st = C.RunningState.zeros(1)
+        for k in range(4):
+            sigs, st = C.headroom(stats({"absmax": 2000.0 + grow * k}, {}), rr, TH, st)
+            assert not fired(sigs, "headroom", "course")[0], (grow, dtype, k)
+    # the horizon is a threshold: 0 disables it
+    st = C.RunningState.zeros(1)
+    for absmax in (0.5, 4000.0, 8000.0):
+        sigs, st = C.headroom(stats({"absmax": absmax}, {}), r, C.Thresholds(overflow_horizon=0), st)
+        assert not fired(sigs, "headroom", "course")[0]
 
 
 # -- dead --------------------------------------------------------------------------------
-def test_dead_after_k_consecutive_checks_of_none_or_zero_grads():
-    th = C.Thresholds(dead_after=3)
+def _dead_layout():
     # "b" has no gradient row at all (grad None); "c" is frozen; "a" is alive.
-    r = C.Layout(names=["a", "a", "b", "c"], roles=["param", "grad", "param", "param"],
-               dtypes=[torch.float32] * 4, param_index=[0, 0, 1, 2], param_names=["a", "b", "c"],
-               trainable=[True, True, False])
-    state = C.RunningState.zeros(3)
+    return C.Layout(names=["a", "a", "b", "c"], roles=["param", "grad", "param", "param"],
+                    dtypes=[torch.float32] * 4, param_index=[0, 0, 1, 2], param_names=["a", "b", "c"],
+                    trainable=[True, True, False])
+
+
+def test_dead_after_k_consecutive_checks_of_none_or_zero_grads():
+    th, r = C.Thresholds(dead_after=3), _dead_layout()
+    # "a" and "b" have had gradients before (the structural check said so).
+    state = dataclasses.replace(C.RunningState.zeros(3),
+                                structural=torch.tensor([C.LEARNS, C.LEARNS, C.UNDECIDED]))
     for k in range(1, 4):
-        (sig,), state = C.dead(stats({}, {}, {}, {}), r, th, state)
+        (sig, info), state = C.dead(stats({}, {}, {}, {}), r, th, state)
         assert state.dead.tolist() == [0, k, 0] and bool(sig.fired) == (k >= 3)
+        assert not info.mask.any() and info.severity == "info"
     assert sig.mask.tolist() == [False, True, False] and sig.axis == "params"
     # An all-zero gradient counts too; a nonzero one resets the counter.
     zero = stats({}, {"zero": 10, "sumsq": 0.0}, {}, {})
     for _ in range(3):
-        (sig,), state = C.dead(zero, r, th, state)
+        (sig, _), state = C.dead(zero, r, th, state)
     assert state.dead.tolist() == [3, 6, 0] and sig.mask.tolist() == [True, True, False]
-    (sig,), state = C.dead(stats({}, {}, {}, {}), r, th, state)
+    (sig, _), state = C.dead(stats({}, {}, {}, {}), r, th, state)
     assert state.dead.tolist() == [0, 7, 0]
+
+
+def test_a_parameter_never_reached_is_info_once_and_not_dead():
+    th, r = C.Thresholds(dead_after=3), _dead_layout()
+    state = C.RunningState.zeros(3)
+    infos = []
+    for k in range(1, 7):
+        (sig, info), state = C.dead(stats({}, {}, {}, {}), r, th, state)
+        assert not bool(sig.fired), k
+        infos.append(info.mask.tolist())
+    assert infos[2] == [False, True, False] and sum(map(any, infos)) == 1  # once, at check 3
+    assert state.structural[1] == C.UNREACHED and state.dead[1] == 0
+    f = C.finding(info, False, [False, True, False], 3.0, [], ["a", "b", "c"])
+    assert f.severity == "info" and f.names == ["b"] and "does not reach it" in f.message
+    # Nobody has a gradient (no backward at all): that is not a configuration, it is dead.
+    lone = C.Layout(names=["b"], roles=["param"], dtypes=[torch.float32], param_index=[0],
+                    param_names=["b"], trainable=[True])
+    state = C.RunningState.zeros(1)
+    for _ in range(3):
+        (sig, info), state = C.dead(stats({}), lone, th, state)
+    assert bool(sig.fired) and not info.mask.any()
 
 
 # -- all together, on the device ---------------------------------------------------------------
@@ -221,10 +278,10 @@ def test_run_checks_never_reads_the_device_and_does_not_mutate_its_inputs():
         signals, new = C.run_checks(s, PG, TH, state, found_inf=torch.zeros(1))
     assert torch.equal(s.data, before) and state.count.item() == 0 and state.dead.tolist() == [0, 0]
     assert [x.check for x in signals] == ["nonfinite"] * 3 + ["exploding"] * 3 + \
-        ["vanishing"] * 4 + ["headroom"] * 2 + ["dead"]
-    assert [x.severity for x in signals].count("info") == 1
+        ["vanishing"] * 4 + ["headroom"] * 3 + ["dead"] * 2
+    assert [x.severity for x in signals].count("info") == 2
     # the NaN gradient, and the all-zero gradient of "b" (vanishing: zeros)
-    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 4
+    assert [bool(x.fired) for x in signals] == [True] + [False] * 7 + [True] + [False] * 6
     assert new.dead.tolist() == [0, 1]
     # "b"'s exact zeros have no structural reason: not recognised; a NaN says nothing about "a"
     assert new.structural.tolist() == [C.UNDECIDED, C.LEARNS]

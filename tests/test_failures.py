@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchhealth as th
-from torchhealth import demo
+from torchhealth import HealthCheckedOptimizer, demo
 
 
 def _faulty(name, **options):
@@ -22,7 +22,8 @@ def _faulty(name, **options):
     first: dict[str, int] = {}
     for r in reports:
         for f in r.findings:
-            first.setdefault(f.check, r.step)
+            if f.severity != "info":
+                first.setdefault(f.check, r.step)
     return s, reports, first, caught
 
 
@@ -92,22 +93,45 @@ def test_nan_with_raise_policy_raises_before_stepping():
 
 def test_float16_headroom_warns_before_overflow():
     s, reports, first, _ = _faulty("fp16")
-    assert first["headroom"] < first["nonfinite"] - 3  # several steps of warning
-    r = reports[first["headroom"]]
-    (f,) = r.findings
-    assert f.names == ["bias"] and 0.5 <= f.value < 1.0
+    # first the course (growing ~4000 per step toward 65504), soon after the drift starts
+    assert first["headroom"] <= 2 and first["headroom"] < first["nonfinite"] - 5
+    (f,) = reports[first["headroom"]].findings
+    assert f.names == ["bias"] and "growing toward overflow" in f.message and 0 < f.value <= 20
+    # then, one bit from the maximum, the nearness itself
+    r = [x for x in reports if any("of overflow" in g.message for g in x.findings)][0]
+    (f,) = [g for g in r.findings if "of overflow" in g.message]
+    assert f.names == ["bias"] and 0.5 <= f.value < 1.0 and r.step < first["nonfinite"] - 3
     assert all(x.nonfinite() == 0 for x in reports[:first["nonfinite"]])
     bias = [row for row in r.rows if row.name == "bias" and row.role == "param"][0]
     assert 32752 <= bias.absmax < 65504 and bias.saturated == 1
     assert math.isinf(reports[first["nonfinite"]].rows[-2].max)  # then it did overflow
 
 
-def test_unused_layer_is_dead_after_k_checks():
+def test_a_layer_cut_off_mid_run_is_dead_after_k_checks():
     s, reports, first, _ = _faulty("dead", thresholds=th.Thresholds(dead_after=4))
-    assert first == {"dead": 3}
-    (f,) = reports[3].findings
-    assert f.names == ["aux.weight", "aux.bias"]
-    assert {r.name for r in reports[3].rows if r.role == "grad"}.isdisjoint(f.names)
+    assert s.inject_step == 3 and first == {"dead": 3 + 3}
+    (f,) = reports[6].findings
+    assert f.severity == "warning" and f.names == ["aux.weight", "aux.bias"]
+    assert {r.name for r in reports[6].rows if r.role == "grad"}.isdisjoint(f.names)
+    assert all(not r.findings for r in reports[:6])
+
+
+def test_a_branch_the_loss_never_reaches_is_one_info_finding_not_a_warning():
+    torch.manual_seed(0)
+    model = demo._MLP([16, 64, 1], aux=True, detach_aux_from=0)  # `aux` never reaches the loss
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    reports = []
+    opt = HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model=model,
+                                 on_report=reports.append, policy="raise")
+    for _ in range(12):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    found = [(r.step, f) for r in reports for f in r.findings]
+    ((step, f),) = found
+    assert step == th.Thresholds().dead_after - 1 and f.severity == "info" and f.check == "dead"
+    assert f.names == ["aux.weight", "aux.bias"] and "does not reach it" in f.message
+    assert all(r.ok for r in reports)
 
 
 def test_relu_with_large_negative_bias_is_dead_and_vanishing():

@@ -87,8 +87,11 @@ def test_running_state_round_trips_and_old_checkpoints_load():
     _, state = check(*layer(1e-10), C.RunningState.zeros(3))
     d = state.state_dict()
     assert torch.equal(C.RunningState.from_state_dict(d).structural, state.structural)
-    old = {k: v for k, v in d.items() if k != "structural"}
-    assert C.RunningState.from_state_dict(old).structural.tolist() == [C.UNDECIDED] * 3
+    d["peak"] = torch.tensor([0.0, 0.25, 0.5], dtype=torch.float64)
+    assert torch.equal(C.RunningState.from_state_dict(d).peak, d["peak"])
+    old = {k: v for k, v in d.items() if k not in ("structural", "peak")}
+    back = C.RunningState.from_state_dict(old)
+    assert back.structural.tolist() == [C.UNDECIDED] * 3 and back.peak.tolist() == [0.0] * 3
 
 
 def _pg(*norms, nan=()):
@@ -120,7 +123,7 @@ def test_non_finite_gradients_give_no_exploding_finding_and_teach_no_baseline():
 def test_an_overflowed_float16_tensor_is_the_nonfinite_checks_not_a_headroom_warning():
     s = stats({"absmax": 60000.0, "posinf": 1}, {"absmax": 60000.0})
     layout = C.Layout(names=["a", "b"], roles=["grad", "grad"], dtypes=[torch.float16] * 2)
-    assert fired(C.headroom(s, layout, TH), "headroom", "overflow")[:2] == (True, [False, True])
+    assert fired(C.headroom(s, layout, TH, C.RunningState.zeros(2))[0], "headroom", "overflow")[:2] == (True, [False, True])
 
 
 def test_relative_limit_scales_with_the_number_of_gradient_tensors():

@@ -13,7 +13,7 @@ from ._args import number, positive_int
 CHECKS = ("nonfinite", "exploding", "vanishing", "headroom", "dead")
 SEVERITY = {"nonfinite": "error", "exploding": "error", "vanishing": "warning",
             "headroom": "warning", "dead": "warning"}
-INFO_KINDS = ("structural",)
+INFO_KINDS = ("structural", "unreached")
 _LOWP = (torch.float16, torch.bfloat16)
 
 
@@ -32,6 +32,7 @@ class Thresholds:
     min_relative_rms: float = 1e-6
     max_zero_fraction: float = 0.99
     headroom: float = 0.5
+    overflow_horizon: float = 20.0
     max_subnormal_fraction: float = 0.01
     dead_after: int = 3
     relative_rms_tensors: int = 100
@@ -48,7 +49,7 @@ class Thresholds:
                   "spike_zscore": {}, "spike_decay": {"high": 1.0, "high_open": True},
                   "min_norm": {"low_open": False}, "min_relative_rms": {"low_open": False},
                   "max_zero_fraction": {"low_open": False, "high": 1.0},
-                  "headroom": {"high": 1.0},
+                  "headroom": {"high": 1.0}, "overflow_horizon": {"low_open": False},
                   "max_subnormal_fraction": {"low_open": False, "high": 1.0},
                   "structural_rms": {"low_open": False, "high": 1.0},
                   "max_saturated_fraction": {"low_open": False, "high": 1.0},
@@ -134,6 +135,8 @@ class Layout:
                 "grad_param": torch.tensor([self.param_index[i] for i, g in enumerate(grad) if g],
                                            dtype=torch.int64),
                 "grad_rows": torch.tensor([i for i, g in enumerate(grad) if g], dtype=torch.int64),
+                "param_rows": torch.tensor([i for i, r in enumerate(self.roles) if r == "param"],
+                                           dtype=torch.int64),
                 "has_grad": torch.tensor(has_grad, dtype=torch.bool),
                 "trainable": torch.tensor(self.trainable, dtype=torch.bool),
                 "sparse": torch.tensor([self.sparse[j] for j in self.param_index], dtype=torch.bool),
@@ -176,9 +179,13 @@ class RunningState:
     """State kept on the device between checks: the gradient-norm baseline
     (count, mean and variance of log(total norm), an EMA after warm-up),
     per-parameter counts of consecutive checks with a dead gradient, the
-    number of consecutive checks whose step the policy skipped, and each
-    parameter's structural-zero status (`UNDECIDED`, `STRUCTURAL`, `LEARNS`;
-    a state saved without it starts undecided)."""
+    number of consecutive checks whose step the policy skipped, each
+    float16/bfloat16 parameter's largest magnitude at the last check (as a
+    fraction of its dtype's maximum; 0: not seen), and each parameter's
+    gradient status (`UNDECIDED`: no gradient seen yet,
+    `STRUCTURAL`: zero by construction, `LEARNS`, `UNREACHED`: no gradient in
+    any check so far while others had one; a state saved without it starts
+    undecided)."""
 
     count: torch.Tensor  # int64 []
     mean: torch.Tensor  # float64 []
@@ -186,12 +193,15 @@ class RunningState:
     dead: torch.Tensor  # int64 [params]
     skips: torch.Tensor = None  # int64 []
     structural: torch.Tensor = None  # int64 [params]
+    peak: torch.Tensor = None  # float64 [params]
 
     def __post_init__(self):
         if self.skips is None:
             self.skips = torch.zeros((), dtype=torch.int64, device=self.count.device)
         if self.structural is None:
             self.structural = torch.full_like(self.dead, UNDECIDED)
+        if self.peak is None:
+            self.peak = torch.zeros_like(self.dead, dtype=torch.float64)
 
     @staticmethod
     def zeros(num_params: int, device="cpu") -> RunningState:
@@ -204,14 +214,15 @@ class RunningState:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "var": self.var, "dead": self.dead,
-                "skips": self.skips, "structural": self.structural}
+                "skips": self.skips, "structural": self.structural, "peak": self.peak}
 
     @staticmethod
     def from_state_dict(d: dict) -> RunningState:
         return RunningState(d["count"], d["mean"], d["var"], d["dead"], d.get("skips"),
-                            d.get("structural"))
+                            d.get("structural"), d.get("peak"))
 
 
-# A parameter's structural-zero status: no check has seen its gradient yet; its
-# gradient has been zero up to rounding at every check so far; it had a real one.
-UNDECIDED, STRUCTURAL, LEARNS = 0, 1, 2
+# A parameter's gradient status: no check has seen its gradient yet; its
+# gradient has been zero up to rounding at every check so far; it had a real
+# one; it has had none at any check while other parameters had one.
+UNDECIDED, STRUCTURAL, LEARNS, UNREACHED = 0, 1, 2, 3

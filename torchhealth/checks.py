@@ -30,11 +30,16 @@ vanishing  total gradient norm < ``min_norm`` (1e-8); a parameter whose warning
   (info)   a gradient zero by construction (`structural`): recorded      info
            once, then left out of the vanishing and dead checks
 headroom   a float16/bfloat16 tensor with ``|x| >= headroom * dtype max`` warning
-           (0.5: one bit from overflow), or more than
+           (0.5: one bit from overflow); a float16/bfloat16 parameter
+           growing toward the maximum fast enough to reach it within
+           ``overflow_horizon`` (20) checks at its last rate; or more than
            ``max_subnormal_fraction`` (1%) of its nonzero values subnormal
            with a norm below sqrt(subnormals) x the smallest normal
 dead       a trainable parameter whose gradient was None or all zero   warning
            for ``dead_after`` (3) consecutive checks
+  (info)   a trainable parameter with no gradient (None) in its first    info
+           ``dead_after`` checks while others had one (`unreached`):
+           recorded once, left out of the dead check until it gets one
 ========== =========================================================== ========
 
 Why these values:
@@ -65,6 +70,13 @@ Why these values:
   ordinary rounding's (see `headroom`): without that, a healthy float16
   gradient, whose smallest few percent of values are always subnormal,
   warned on every step.
+- ``overflow_horizon`` 20 (checks): a float16 drift pushed by a too-large
+  update (the demo's ``fp16``) crosses half the maximum only a few steps
+  before it overflows; extrapolating its growth warns about ten steps
+  earlier, when the values pass 1/64 of the maximum (1024 in float16, the
+  least a parameter must reach to be watched: healthy weights are far below
+  it), while a healthy parameter's largest value does not grow by 5% of the
+  dtype's range per step.
 - ``dead_after`` 3: one all-zero gradient can be a batch that missed a
   branch; three in a row is a pattern.
 - ``structural_rms`` 1e-2: see `structural`; the rounding bound of a
@@ -83,10 +95,18 @@ scores), and a parameter the loss reaches only through an operation that
 cancels it (a gradient nonzero but at rounding level next to its module's). The
 module structure proposes (`torchhealth.collect.structural_facts`), the
 statistics confirm; the statistics alone recognise only the rounding-level
-case. A gradient that is None or exactly zero without a structural reason stays
-the dead check's: statistics cannot tell an output nobody uses by mistake
-(the demo's ``dead``) from one left out on purpose; freeze it
-(``requires_grad_(False)``) to say so.
+case.
+
+Parameters the loss does not reach (`unreached`): a gradient that has been
+None at every check from the first on, while other parameters had one (a
+branch this configuration does not take, a head this loss does not use, an
+expert never routed to), is recorded once as info after ``dead_after`` checks
+and left out of the dead check; once it gets a gradient it is checked like any
+other, so a layer that stops learning later (detached by mistake, a dead
+ReLU) is the dead check's. An all-zero gradient is not None: with
+``zero_grad(set_to_none=False)`` an unused parameter keeps zeros and the
+dead check fires (statistics cannot tell it from a cut path); freeze it
+(``requires_grad_(False)``) to say it is meant.
 
 One cause, one finding: non-finite gradient values give no exploding finding
 (the total norm and the spike test are left out on such a step, and the
@@ -109,7 +129,7 @@ import torch
 from .report import Finding, Row
 from .stats import TensorStats
 
-from .check_types import (CHECKS, INFO_KINDS, LEARNS, SEVERITY, STRUCTURAL, UNDECIDED, Layout,  # noqa: F401
+from .check_types import (CHECKS, INFO_KINDS, LEARNS, SEVERITY, STRUCTURAL, UNDECIDED, UNREACHED, Layout,  # noqa: F401
                           RunningState, Signal, Thresholds)
 
 
@@ -264,7 +284,7 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows[m["grad_rows"]])
     seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g[m["grad_rows"]])
     old = state.structural
-    first = (old == UNDECIDED) & seen & m["trainable"]
+    first = ((old == UNDECIDED) | (old == UNREACHED)) & seen & m["trainable"]
     keep = (old == STRUCTURAL) & (quiet | ~seen)
     status = torch.where(first | (old == STRUCTURAL),
                          torch.where((first & quiet) | keep, STRUCTURAL, LEARNS), old)
@@ -277,44 +297,71 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     return [info], excluded, dataclasses.replace(state, structural=status)
 
 
-def headroom(stats: TensorStats, layout: Layout, th: Thresholds) -> list[Signal]:
+def headroom(stats: TensorStats, layout: Layout, th: Thresholds,
+             state: RunningState) -> tuple[list[Signal], RunningState]:
     """float16/bfloat16 tensors close to overflow (|x| within a factor
-    1/headroom of the dtype's maximum) or losing values to subnormals: more
+    1/headroom of the dtype's maximum), parameters on course to reach it
+    (`overflow_horizon`), or tensors losing values to subnormals: more
     than ``max_subnormal_fraction`` of the nonzero values, and enough of them
     that their lost precision counts. A subnormal value is off by up to half
     the smallest subnormal (``tiny * eps / 2``), ordinary rounding loses
     ``eps / 2`` of the tensor's norm, so subnormals matter only once
     ``sqrt(subnormal) * tiny`` reaches the norm: a healthy float16 gradient
     whose smallest few percent of values are subnormal loses nothing
-    measurable."""
+    measurable.
+
+    On course to overflow: a parameter whose largest magnitude, already at
+    least ``2**-6`` of the dtype's maximum (1024 in float16), grew since the
+    last check fast enough to reach the maximum within ``overflow_horizon``
+    checks at that rate (a linear extrapolation: weights pushed by a constant
+    too-large update, the usual float16 drift, grow about linearly)."""
     m = layout.masks(stats.device)
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
-    near = lowp & (use >= th.headroom) & (stats.nonfinite == 0)  # overflowed: nonfinite's finding
+    finite = stats.nonfinite == 0
+    near = lowp & (use >= th.headroom) & finite  # overflowed: nonfinite's finding
     nonzero = (stats.finite - stats.zero).clamp(min=1).double()
     sub = stats.subnormal.double() / nonzero
     lost = stats.sumsq < stats.subnormal.double() * m["tiny"] * m["tiny"]  # see _no_row_sqrt
     under = lowp & (sub > th.max_subnormal_fraction) & lost
+    prev = state.peak[m["row_param"]]
+    growth = use - prev
+    left = torch.where(growth > 0, (1 - use) / growth.clamp(min=torch.finfo(torch.float64).tiny), math.inf)
+    course = lowp & m["param"] & finite & ~near & (prev > 0) & (use >= 2.0 ** -6) & (left <= th.overflow_horizon)
+    rows = m["param_rows"]
+    seen = torch.where(lowp & finite, use, 0.0)[rows]
+    peak = state.peak.index_put((m["row_param"][rows],), seen)
+    soonest = torch.where(course, left, math.inf)
+    soonest = soonest.amin() if soonest.numel() else soonest.new_full((), math.inf)
     return [_signal("headroom", "overflow", near, _masked_max(use, lowp), th.headroom),
-            _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)]
+            _signal("headroom", "course", course, soonest, th.overflow_horizon),
+            _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)], \
+        dataclasses.replace(state, peak=peak)
 
 
 def dead(stats: TensorStats, layout: Layout, th: Thresholds,
          state: RunningState) -> tuple[list[Signal], RunningState]:
     """Trainable parameters whose gradient was None or exactly zero (every
-    element +-0) for ``dead_after`` consecutive checks; parameters whose
-    gradient is zero by construction (`structural`, already in `state`) are
-    not counted."""
+    element +-0) for ``dead_after`` consecutive checks, and an info signal
+    naming the parameters newly found unreached (`UNREACHED`: None at every
+    check so far while others had a gradient). Parameters whose gradient is
+    zero by construction (`structural`) or that are unreached are not counted."""
     m = layout.masks(stats.device)
     zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
-    now = ~m["has_grad"]
-    now = now.index_put((m["grad_param"],), zero_rows)
-    now = now & m["trainable"] & (state.structural != STRUCTURAL)
-    counts = torch.where(now, state.dead + 1, 0)
+    missing = ~m["has_grad"] & m["trainable"]
+    now = missing.index_put((m["grad_param"],), zero_rows)
+    counts = torch.where(now & m["trainable"], state.dead + 1, 0)
+    others_learn = (m["has_grad"] & m["trainable"]).any()
+    newly = (state.structural == UNDECIDED) & missing & (counts >= th.dead_after) & others_learn
+    status = torch.where(newly, UNREACHED, state.structural)
+    counts = torch.where((status == STRUCTURAL) | (status == UNREACHED), 0, counts)
     mask = counts >= th.dead_after
     value = counts.amax().double() if counts.numel() else counts.new_zeros((), dtype=torch.float64)
+    info = Signal("dead", "unreached", torch.zeros((), dtype=torch.bool, device=stats.device),
+                  newly, torch.tensor(float(th.dead_after), dtype=torch.float64, device=stats.device),
+                  th.dead_after, axis="params")
     signal = _signal("dead", "dead", mask, value, th.dead_after, axis="params")
-    return [signal], dataclasses.replace(state, dead=counts)
+    return [signal, info], dataclasses.replace(state, dead=counts, structural=status)
 
 
 def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
@@ -330,7 +377,8 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
     exploded = torch.stack([s.fired for s in ex if s.kind in ("total", "spike")]).any()
     va = vanishing(stats, layout, th, total, excluded, exploded)
     dd, state = dead(stats, layout, th, state)
-    return signals + ex + va + info + headroom(stats, layout, th) + dd, state
+    hr, state = headroom(stats, layout, th, state)
+    return signals + ex + va + info + hr + dd, state
 
 
 def any_fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:
@@ -351,10 +399,15 @@ _TITLE = {
     ("vanishing", "relative"): "gradient RMS below {threshold:.3g}x the largest one",
     ("vanishing", "zeros"): "more than {pct:.0f}% of gradient values are zero or subnormal",
     ("headroom", "overflow"): "float16/bfloat16 values within {bits:.0f} bit(s) of overflow",
+    ("headroom", "course"): "float16/bfloat16 parameters growing toward overflow: at this rate they "
+                            "reach the dtype's maximum in {value:.0f} checks",
     ("headroom", "underflow"): "more than {pct:.0f}% of float16/bfloat16 values are subnormal",
     ("dead", "dead"): "no gradient (None or all zero) for {threshold:.0f}+ consecutive checks",
     ("vanishing", "structural"): "gradient zero by construction, not a fault (excluded from the "
                                  "vanishing and dead checks from now on)",
+    ("dead", "unreached"): "no gradient in any of the first {threshold:.0f} checks while the rest of the "
+                           "model had one: the loss does not reach it in this configuration (not a "
+                           "fault if that is meant; left out of the dead check until it gets a gradient)",
 }
 # Why a gradient the statistics alone found zero up to rounding is zero.
 ROUNDING_ONLY = ("zero up to rounding next to the other gradients of its module since the first "
@@ -392,7 +445,7 @@ def finding(signal: Signal, fired: bool, mask: list[bool], value: float, rows: l
     if signal.axis == "params":
         names = [n for n, hit in zip(param_names, mask) if hit]
         details = names
-        if info:
+        if info and signal.kind == "structural":
             notes = notes or [""] * len(param_names)
             details = [f"{n} ({note or ROUNDING_ONLY})"
                        for n, note, hit in zip(param_names, notes, mask) if hit]

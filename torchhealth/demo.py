@@ -35,7 +35,7 @@ SCENARIOS: dict[str, str] = {
     "lr": "Adam with lr=1000 on a small MLP: exploding, then non-finite gradients",
     "vanishing": "a deep stack of Linear + Sigmoid layers: vanishing gradients",
     "fp16": "float16 weights growing toward 65504: headroom warning before they overflow",
-    "dead": "a layer whose output is never used: dead parameters",
+    "dead": "a layer cut off from the loss mid-run (detached by mistake): dead parameters",
     "relu": "a ReLU network with a large negative bias: dead units, vanishing gradients",
 }
 
@@ -56,22 +56,27 @@ class Setup:
 
 
 class _MLP(nn.Module):
-    def __init__(self, sizes, act=nn.Tanh, unused: bool = False, use_unused: bool = False):
+    def __init__(self, sizes, act=nn.Tanh, aux: bool = False, detach_aux_from: int | None = None):
         super().__init__()
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), act()]
         self.net = nn.Sequential(*layers[:-1])
-        # A side branch: computed, but (unless use_unused) its output goes nowhere.
-        self.aux = nn.Linear(sizes[0], sizes[-1]) if unused else None
-        self.use_unused = use_unused
+        # A side branch added to the output; from training forward number
+        # `detach_aux_from` on (0: always) it is detached, so the loss stops
+        # reaching it.
+        self.aux = nn.Linear(sizes[0], sizes[-1]) if aux else None
+        self.detach_aux_from = detach_aux_from
+        self.calls = 0
 
     def forward(self, x):
         out = self.net(x)
         if self.aux is not None:
             side = self.aux(x)
-            if self.use_unused:
-                out = out + side
+            if self.detach_aux_from is not None and self.calls >= self.detach_aux_from:
+                side = side.detach()
+            out = out + side
+            self.calls += self.training
         return out
 
 
@@ -143,12 +148,15 @@ def setup(scenario: str = "nan", *, healthy: bool = False, seed: int = 0,
                      "~4000 per step (the bias; the weights ~400), toward float16's maximum 65504", None,
                      ("headroom", "nonfinite"))
     if scenario == "dead":
-        model = _MLP([16, 64, 1], unused=True, use_unused=healthy)
+        at = None if healthy else 3
+        model = _MLP([16, 64, 1], aux=True, detach_aux_from=at)
         return Setup(model, torch.optim.SGD(model.parameters(), lr=0.05),
                      _regression(seed, 16), _mse, 10,
-                     "an MLP 16-64-1 with a side branch `aux` (Linear 16-1), SGD lr=0.05",
-                     "" if healthy else "the output of `aux` is computed but never used",
-                     None, ("dead",))
+                     "an MLP 16-64-1 with a side branch `aux` (Linear 16-1) added to its output, "
+                     "SGD lr=0.05",
+                     "" if healthy else f"from step {at} on, the output of `aux` is detached (a freeze "
+                     "meant for another layer): its parameters stop getting gradients",
+                     at, ("dead",))
     # relu
     model = _MLP([16, 64, 64, 1], act=nn.ReLU)
     if not healthy:
