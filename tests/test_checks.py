@@ -183,6 +183,15 @@ def test_headroom_only_in_low_precision():
     assert fired(headroom(s, r, C.Thresholds(headroom=0.75)), "headroom", "overflow")[0] is False
 
 
+@pytest.mark.parametrize("dtype, near, far", [(torch.float8_e4m3fn, 300.0, 100.0),
+                                              (torch.float8_e5m2, 40000.0, 20000.0)])
+def test_headroom_of_float8_against_the_formats_own_maximum(dtype, near, far):
+    s = stats({"absmax": near}, {"absmax": far})
+    r = C.Layout(names=["a", "a"], roles=["param", "grad"], dtypes=[dtype, dtype])
+    ok, mask, use = fired(headroom(s, r), "headroom", "overflow")
+    assert ok and mask == [True, False] and use == pytest.approx(near / torch.finfo(dtype).max)
+
+
 def test_headroom_underflow_bfloat16():
     tiny = torch.finfo(torch.bfloat16).tiny
     s = stats({"numel": 100, "zero": 50, "subnormal": 1, "sumsq": tiny ** 2 / 2},

@@ -14,7 +14,8 @@ CHECKS = ("nonfinite", "exploding", "vanishing", "headroom", "dead")
 SEVERITY = {"nonfinite": "error", "exploding": "error", "vanishing": "warning",
             "headroom": "warning", "dead": "warning"}
 INFO_KINDS = ("structural", "unreached")
-_LOWP = (torch.float16, torch.bfloat16)
+# Formats whose range a training run can exhaust: the headroom check watches them.
+_LOWP = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class RunningState:
     (count, mean and variance of log(total norm), an EMA after warm-up),
     per-parameter counts of consecutive checks with a dead gradient, the
     number of consecutive checks whose step the policy skipped, each
-    float16/bfloat16 parameter's largest magnitude at the last check (as a
+    low-precision (16- or 8-bit float) parameter's largest magnitude at the last check (as a
     fraction of its dtype's maximum; 0: not seen), and each parameter's
     gradient status (`UNDECIDED`: no gradient seen yet,
     `STRUCTURAL`: zero by construction, `LEARNS`, `UNREACHED`: no gradient in

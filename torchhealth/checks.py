@@ -29,8 +29,9 @@ vanishing  total gradient norm < ``min_norm`` (1e-8); a parameter whose warning
            design)
   (info)   a gradient zero by construction (`structural`): recorded      info
            once, then left out of the vanishing and dead checks
-headroom   a float16/bfloat16 tensor with ``|x| >= headroom * dtype max`` warning
-           (0.5: one bit from overflow); a float16/bfloat16 parameter
+headroom   a float16/bfloat16/float8 tensor with                       warning
+           ``|x| >= headroom * dtype max`` (0.5: one bit from overflow;
+           448 for float8_e4m3fn); such a parameter
            growing toward the maximum fast enough to reach it within
            ``overflow_horizon`` (20) checks at its last rate; or more than
            ``max_subnormal_fraction`` (1%) of its nonzero values subnormal
@@ -299,7 +300,7 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
 
 def headroom(stats: TensorStats, layout: Layout, th: Thresholds,
              state: RunningState) -> tuple[list[Signal], RunningState]:
-    """float16/bfloat16 tensors close to overflow (|x| within a factor
+    """Low-precision tensors (float16, bfloat16, float8) close to overflow (|x| within a factor
     1/headroom of the dtype's maximum), parameters on course to reach it
     (`overflow_horizon`), or tensors losing values to subnormals: more
     than ``max_subnormal_fraction`` of the nonzero values, and enough of them
@@ -398,10 +399,10 @@ _TITLE = {
     ("vanishing", "total"): "total gradient norm {value:.3g} below {threshold:.3g}",
     ("vanishing", "relative"): "gradient RMS below {threshold:.3g}x the largest one",
     ("vanishing", "zeros"): "more than {pct:.0f}% of gradient values are zero or subnormal",
-    ("headroom", "overflow"): "float16/bfloat16 values within {bits:.0f} bit(s) of overflow",
-    ("headroom", "course"): "float16/bfloat16 parameters growing toward overflow: at this rate they "
+    ("headroom", "overflow"): "float16/bfloat16/float8 values within {bits:.0f} bit(s) of overflow",
+    ("headroom", "course"): "float16/bfloat16/float8 parameters growing toward overflow: at this rate they "
                             "reach the dtype's maximum in {value:.0f} checks",
-    ("headroom", "underflow"): "more than {pct:.0f}% of float16/bfloat16 values are subnormal",
+    ("headroom", "underflow"): "more than {pct:.0f}% of float16/bfloat16/float8 values are subnormal",
     ("dead", "dead"): "no gradient (None or all zero) for {threshold:.0f}+ consecutive checks",
     ("vanishing", "structural"): "gradient zero by construction, not a fault (excluded from the "
                                  "vanishing and dead checks from now on)",
