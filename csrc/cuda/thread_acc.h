@@ -1,6 +1,7 @@
 // The CUDA kernel's per-thread accumulator: what one thread keeps while it
 // reads its share of a segment, turned into a stats.h Acc once, before the
-// block reduction. Host and device code, so it can be checked on the CPU.
+// block reduction. Host and device code, so it can be checked on the CPU
+// (tests/test_thread_acc.py); on a GPU it has been compiled, never run.
 //
 // Classification is update()'s (stats.h), decided on the same bits, so counts,
 // extremes and histogram bins are the same as every other kernel's. What
