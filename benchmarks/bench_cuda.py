@@ -5,7 +5,8 @@ foreach ops PyTorch offers.
     python benchmarks/bench_cuda.py [--quick] [--min-run-time SECONDS]
 
 The CUDA kernel was compiled and linked on the development machine but NEVER
-run there (no GPU): this script has not produced a number yet. Without a CUDA
+run there (no GPU): this script has not produced a number yet, and its GPU
+code paths (everything past the "no CUDA device" check) have never run. Without a CUDA
 device, or with an extension built without CUDA, it says so and exits.
 
 Goal: the fused op reads every byte once, so it should reach at least 90% of the
@@ -17,6 +18,13 @@ H100 (HBM3, ~3.35 TB/s).
 Bandwidths are bytes read per second (GB = 1e9 bytes); the device-to-device copy
 counts its read and its write. "of read" is the fraction of the plain read's
 bandwidth.
+
+First, one table per dtype (float32, bfloat16, float16, float8_e4m3fn: GPT-2
+small's parameters and gradients in that dtype): the op's achieved bandwidth
+against the device's peak, computed from `torch.cuda.get_device_properties`
+(2 transfers per memory clock x bus width; HBM and GDDR report their effective
+clock so), and against the measured roofline (the faster of a plain read and a
+device-to-device copy of the same bytes).
 """
 from __future__ import annotations
 
@@ -102,6 +110,51 @@ def run_case(name, ts, min_run_time, with_python=True):
           f"{fused / read_bw:.1%}, {verdict} it")
 
 
+PER_DTYPE = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+
+
+def peak_bandwidth(props) -> float | None:
+    """Bytes per second the device's memory can move, from its properties: two
+    transfers per memory clock over the bus. None when torch does not report
+    them (memory_clock_rate is in kHz, memory_bus_width in bits)."""
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz <= 0 or bus_bits <= 0:
+        return None
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8
+
+
+def per_dtype_table(shapes, min_run_time, peak) -> None:
+    """The op's bandwidth per dtype, against the device's peak and the measured
+    roofline of the same bytes."""
+    import torchhealth
+
+    print("\nGPT-2 small (124M) params + grads, one dtype at a time: bandwidth of tensor_stats")
+    print(f"  {'dtype':<15} {'GB':>6} {'roofline GB/s':>13} {'hist GB/s':>10} {'of peak':>8} "
+          f"{'of roof':>8} {'no-hist GB/s':>13} {'of peak':>8} {'of roof':>8}")
+    for dt in PER_DTYPE:
+        ts = [(torch.randn(s, device="cuda") * scale).to(dt)
+              for scale in (0.02, 1e-3) for s in shapes]
+        size = nbytes(ts)
+        flat = torch.empty(size // 4, device="cuda", dtype=torch.float32).normal_()
+        dst = torch.empty_like(flat)
+        g = {"flat": flat, "dst": dst, "th": torchhealth}
+        read = size / timed("flat.sum()", ts, min_run_time, **g)
+        copy = 2 * size / timed("dst.copy_(flat)", ts, min_run_time, **g)
+        roof = max(read, copy)
+        hist = size / timed("th.tensor_stats(ts)", ts, min_run_time, **g)
+        plain = size / timed("th.tensor_stats(ts, histogram=False)", ts, min_run_time, **g)
+
+        def of_peak(bw):
+            return f"{bw / peak:8.1%}" if peak else f"{'n/a':>8}"
+
+        name = str(dt).replace("torch.", "")
+        print(f"  {name:<15} {size / 1e9:6.3f} {roof / 1e9:13.1f} {hist / 1e9:10.1f} {of_peak(hist)} "
+              f"{hist / roof:8.1%} {plain / 1e9:13.1f} {of_peak(plain)} {plain / roof:8.1%}")
+        del ts, flat, dst
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="GPT-2 small and the tiny tensors only")
@@ -119,8 +172,12 @@ def main(argv=None) -> int:
               "rebuild with TORCHHEALTH_CUDA=1", file=sys.stderr)
         return 1
     props = torch.cuda.get_device_properties(0)
+    peak = peak_bandwidth(props)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; {torchhealth.backend()}")
+    print("peak memory bandwidth from the device's properties: "
+          + (f"{peak / 1e9:.0f} GB/s" if peak else "not reported by this torch"))
+    per_dtype_table(gpt2_shapes(n_layer=12, d=768), args.min_run_time, peak)
 
     cases = [
         ("GPT-2 small (124M) float32 params + grads", gpt2_shapes(n_layer=12, d=768),

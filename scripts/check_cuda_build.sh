@@ -6,8 +6,13 @@
 #
 #   bash scripts/check_cuda_build.sh
 #
+# Prints ptxas's registers and spills for each of our kernels and
+# architecture, and fails on any spill.
+#
 # Environment: PYTHON (python3), MAX_JOBS (2), TORCH_CUDA_ARCH_LIST
-# ("8.0;9.0+PTX"), KEEP_BUILD=1 keeps the temporary build folder and its log.
+# ("8.0;9.0+PTX"), KEEP_BUILD=1 keeps the temporary build folder and its log,
+# NVCC_APPEND_FLAGS (added to ours; e.g. -DTORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM=N,
+# csrc/cuda/launch.h).
 # The build happens in a temporary copy of the tree, so the work tree's own
 # build/ and in-place torchhealth/_C*.so are never touched.
 # It never runs a kernel: that needs a GPU (tests/test_cuda.py).
@@ -89,6 +94,7 @@ ARCHS=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 say "building in $SRC (MAX_JOBS=${MAX_JOBS:-2}, TORCH_CUDA_ARCH_LIST=$ARCHS)"
 if ! (cd "$SRC" && env TORCHHEALTH_CUDA=1 CUDA_HOME="$CUDA_HOME" CPATH="$CPATH_DIR${CPATH:+:$CPATH}" \
       TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" PATH="$CUDA_HOME/bin:$PATH" \
+      NVCC_APPEND_FLAGS="-Xptxas=-v${NVCC_APPEND_FLAGS:+ $NVCC_APPEND_FLAGS}" \
       "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps \
       --disable-pip-version-check . >"$LOG" 2>&1); then
   tail -n 80 "$LOG" >&2
@@ -113,6 +119,29 @@ if grep -E "ptxas (warning|error)|nvlink warning" "$LOG" >&2; then
   die "ptxas/nvlink warnings (above)"
 fi
 grep -q "tensor_stats_kernel.cu" "$LOG" || die "nvcc never compiled csrc/cuda/tensor_stats_kernel.cu"
+
+# --- ptxas's resource report (-Xptxas=-v): registers and spills per kernel --------
+# ptxas prints, per kernel and architecture: "Compiling entry function 'NAME'
+# for 'sm_XX'", then "N bytes stack frame, N bytes spill stores, N bytes spill
+# loads", then "Used N registers, ...".
+RESOURCES=$(awk '
+  /Compiling entry function/ {
+    k = ""; if (match($0, /stats_(main|finish)(ILb[01]E)?/)) k = substr($0, RSTART, RLENGTH)
+    sub(/ILb1E/, "<histogram>", k); sub(/ILb0E/, "<no histogram>", k)
+    arch = ""; if (match($0, /sm_[0-9]+/)) arch = substr($0, RSTART, RLENGTH)
+    spill = ""; next
+  }
+  /bytes stack frame/ { spill = $0; sub(/^[ \t]+/, "", spill) }
+  /Used [0-9]+ registers/ && k != "" {
+    match($0, /Used [0-9]+ registers/)
+    printf "  %-6s %-26s %s; %s\n", arch, k, substr($0, RSTART, RLENGTH), spill; k = ""
+  }' "$LOG")
+[[ -n "$RESOURCES" ]] || die "no ptxas resource report (-Xptxas=-v) for our kernels in the build log"
+say "ptxas resource usage:"
+echo "$RESOURCES"
+if grep -E "[1-9][0-9]* bytes spill (stores|loads)" <<<"$RESOURCES" >&2; then
+  die "ptxas spills registers in the kernels above: lower TORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM (csrc/cuda/launch.h) or the registers they need"
+fi
 
 # --- import it from outside the tree and check the registrations ----------------
 say "checking the installed extension (no GPU needed: nothing is run on one)"

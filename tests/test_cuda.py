@@ -9,9 +9,14 @@ when a GPU is present; this file adds what is specific to the GPU path: the
 CUDA kernel against the reference and the CPU kernel on property-style inputs
 that straddle its 16-byte units and blocks, many tensors in one call, a launch
 count independent of the number of tensors, no host synchronisation, CUDA-graph
-capture and replay, determinism, torch.compile, and >2^31 elements.
+capture and replay (a first-ever call inside a capture too), determinism,
+every column the same bits with and without the histogram, torch.compile, and
+>2^31 elements, aligned and not.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +32,8 @@ from helpers import EXACT, specials
 pytestmark = pytest.mark.cuda
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT_BYTES = 16  # csrc/plan.h kUnitBytes
 THREADS = 256  # csrc/cuda/launch.h kThreads
 
@@ -340,6 +347,28 @@ def test_deterministic_over_repeated_runs():
     assert torch.equal(no_hist[:, EXACT], first[:, EXACT])
 
 
+def test_every_column_is_the_same_bits_with_and_without_the_histogram():
+    # The grid and each thread's order of accumulation (and so the float
+    # partial sums, csrc/cuda/thread_acc.h) do not depend on the histogram:
+    # sum and sumsq too are the same bits, not just within the bound.
+    ts = []
+    for i, dt in enumerate(DTYPES + FLOAT8):
+        for n, offset in ((1, 0), (37, 1), (THREADS * 16 + 5, 0), (300_001, 3), (5_000_017, 0)):
+            x = with_specials(randn(n + offset, dt, 10 * i + n, 10.0)[offset:].clone(),
+                              [0, n // 2, n - 1], seed=i)
+            buf = torch.empty(n + offset, dtype=dt, device="cuda")
+            buf[offset:].copy_(x)
+            ts.append(buf[offset:])
+    ts.append(randn(64 * 48, torch.float32, 3).view(64, 48).cuda().t())
+    for sat in (None, 2.0):
+        on = torchhealth.tensor_stats(ts, saturation=sat).data
+        off = torchhealth.tensor_stats(ts, histogram=False, saturation=sat).data
+        assert off.shape == (len(ts), S.COLS)
+        bad = (on[:, :S.COLS] != off).nonzero()
+        assert bad.numel() == 0, f"first mismatches (row, column): {bad[:5].tolist()}"
+        compare(on, [t.cpu() for t in ts], saturation=sat)
+
+
 def test_more_than_2_31_elements():
     n = (1 << 31) + 3
     free, _ = torch.cuda.mem_get_info()
@@ -355,6 +384,66 @@ def test_more_than_2_31_elements():
     assert (s.nan[1].item(), s.neginf[1].item(), s.zero[1].item()) == (1, 1, n - 4)
     assert (s.min[1].item(), s.max[1].item(), s.sum[1].item()) == (-2.0, 3.0, 1.0)
     assert s.hist[1].sum().item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e5m2],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_unaligned_tensor_above_2_31_elements(dtype):
+    # Not 16-byte aligned, so every element goes through the scalar loop, whose
+    # indices must not wrap at 2^31; and with float8, blocks of up to 2^31
+    # elements whose shared histogram counters must not overflow.
+    n = (1 << 31) + 5
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info()
+    if free < (n + 1) * itemsize + (1 << 30):
+        pytest.skip(f"needs {(n + 1) * itemsize / 2**30 + 1:.1f} GiB of free device memory, "
+                    f"has {free / 2**30:.1f}")
+    buf = torch.zeros(n + 1, dtype=dtype, device="cuda")
+    x = buf[1:]
+    assert x.data_ptr() % UNIT_BYTES != 0
+    planted = {5: -2.0, n // 2: 0.5, (1 << 31) - 1: -math.inf, 1 << 31: 3.0, n - 1: math.nan}
+    for i, v in planted.items():
+        x[i] = v
+    s = torchhealth.tensor_stats([torch.ones(3, device="cuda"), x])
+    assert s.numel.tolist() == [3, n]
+    assert (s.nan[1].item(), s.neginf[1].item(), s.zero[1].item()) == (1, 1, n - len(planted))
+    assert (s.min[1].item(), s.max[1].item(), s.absmax[1].item()) == (-2.0, 3.0, 3.0)
+    assert s.sum[1].item() == 1.5 and s.sumsq[1].item() == 13.25
+    finite = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64).to(dtype)
+    want = reference.tensor_stats([finite])[0, S.COLS:]
+    assert torch.equal(s.hist[1].cpu(), want)
+
+
+# Run in a process of its own, so that the op has never been called there: its
+# grid-size query and the kernels' loading happen inside the capture.
+FIRST_CALL_IN_CAPTURE = """
+import math, torch, torchhealth
+from test_cuda import compare, randn
+xs = [torch.zeros(n, dtype=dt, device="cuda") for n, dt in
+      ((1000, torch.float16), (70_001, torch.float32), ((1 << 20) + 1, torch.bfloat16),
+       (3, torch.float64), (4097, torch.float8_e4m3fn))]
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the default, strictest capture error mode
+    out = torchhealth.tensor_stats(xs).data
+for step in range(2):
+    new = [randn(x.numel(), x.dtype, 10 * step + i, 3.0) for i, x in enumerate(xs)]
+    new[1][7] = math.nan
+    for x, v in zip(xs, new):
+        x.copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
+    compare(out, new)
+print("replayed")
+"""
+
+
+def test_first_ever_call_inside_a_cuda_graph_capture():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", FIRST_CALL_IN_CAPTURE], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "replayed" in r.stdout, r.stderr[-4000:]
 
 
 def test_torch_compile_fullgraph():

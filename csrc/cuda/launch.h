@@ -50,6 +50,24 @@ struct LaunchArgs {
 // Threads per block of the main pass.
 constexpr int kThreads = 256;
 
+// Resident blocks per SM the main pass is compiled for: the second argument of
+// its __launch_bounds__, which caps ptxas at 65536 / (kThreads * this)
+// registers per thread (64 for 4). The kernel does a few dozen integer and
+// float instructions per value read, and needs enough warps per SM to hide
+// both the loads' latency and those instructions' at full memory bandwidth:
+// 4 blocks give 32 warps (half of an A100/H100 SM's 64) with 4 x 16-byte loads
+// in flight per thread, 64 KiB per SM, several times what covers the DRAM
+// latency. Raise it only while ptxas reports no spill (the CUDA build check
+// prints its register counts); lower it if a GPU measurement says fewer,
+// fatter threads do better. Override at build time with
+// NVCC_APPEND_FLAGS=-DTORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM=N.
+#ifndef TORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM
+#define TORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM 3
+#endif
+constexpr int kMinBlocksPerSm = TORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM;
+static_assert(kMinBlocksPerSm >= 1 && kMinBlocksPerSm * kThreads <= 2048,
+              "TORCHHEALTH_CUDA_MIN_BLOCKS_PER_SM must be between 1 and 2048 / kThreads");
+
 // The main pass's grid size cap for `device`: SMs x resident blocks per SM
 // (the smaller of the two kernel variants, so one grid serves histogram on and
 // off and sums do not depend on the flag) x a small number of waves. Host

@@ -28,14 +28,20 @@
 // by capturing again for new tensors. torch.compile(mode="reduce-overhead")
 // does this: its CUDA-graph trees check the addresses of their inputs on each
 // call and re-record when they change. The device memory of the table and of
-// the partial results comes from the graph's private pool, as for any op. The
-// first call on a device must be eager (the usual warm-up before capture): it
-// queries and caches the grid size.
+// the partial results comes from the graph's private pool, as for any op, and
+// the pinned table from the pinned allocator's pool for the graph, which torch
+// has since 2.11 (earlier ones query events during capture, which fails the
+// capture; a build against them refuses to capture). The first call on a
+// device may be the captured one: the grid-size query it makes then (an
+// occupancy query, which may load the kernels' module) runs in relaxed capture
+// mode, as torch does for cudaMalloc during capture.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <mutex>
@@ -64,13 +70,18 @@ ElemType elem_type(at::ScalarType dt) {
   }
 }
 
+// The first torch whose pinned host allocator serves allocations during stream
+// capture from a pool of the graph's and queries no event then
+// (ATen/core/CachingHostAllocator.h: get_allocation_pool_for_current_stream).
+constexpr bool kPinnedAllocatorCaptures =
+    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11);
+
 // Under stream capture the table copy becomes a graph memcpy node that reads
 // `host` on every replay, so the host block must outlive the graph, whose end
-// this op never sees. torch 2.14's pinned allocator already never recycles a
-// used block allocated during a capture (ATen/core/CachingHostAllocator.h);
-// holding a reference here makes that true for every torch version, at the
-// cost of keeping a few bytes per tensor per captured call for the process's
-// life.
+// this op never sees. torch's pinned allocator (2.11 and later) never
+// recycles a used block allocated during a capture; holding a reference here
+// makes that so whatever the allocator does, at the cost of keeping a few
+// bytes per tensor per captured call for the process's life.
 void keep_for_graph_replays(at::Tensor host) {
   static std::mutex mutex;
   static std::vector<at::Tensor>* kept = new std::vector<at::Tensor>();  // never destroyed
@@ -87,6 +98,13 @@ at::Tensor tensor_stats_cuda(at::TensorList tensors, bool histogram,
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dev = at::TensorOptions().device(tensors[0].device());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
+  TORCH_CHECK(kPinnedAllocatorCaptures || !capturing,
+              "tensor_stats: CUDA graph capture needs torch 2.11 or later (its pinned host "
+              "allocator can allocate during capture); this extension was built against torch ",
+              TORCH_VERSION, ". Call it outside the capture, or upgrade torch.");
 
   // Table bytes: unit_start[T + 1] (int64), then entries[T].
   const int64_t start_bytes = (num_tensors + 1) * static_cast<int64_t>(sizeof(int64_t));
@@ -120,7 +138,16 @@ at::Tensor tensor_stats_cuda(at::TensorList tensors, bool histogram,
   }
 
   int64_t cap = 0;
-  C10_CUDA_CHECK(max_blocks(tensors[0].get_device(), &cap));
+  {
+    // Cached after the first call on a device; that call's queries are not
+    // stream work and are safe during a capture, which global capture mode
+    // cannot know.
+    std::optional<c10::cuda::CUDAStreamCaptureModeGuard> relaxed;
+    if (capturing) {
+      relaxed.emplace(cudaStreamCaptureModeRelaxed);
+    }
+    C10_CUDA_CHECK(max_blocks(tensors[0].get_device(), &cap));
+  }
   LaunchArgs args{};
   args.num_tensors = num_tensors;
   args.total_units = unit_start[num_tensors];
@@ -136,9 +163,7 @@ at::Tensor tensor_stats_cuda(at::TensorList tensors, bool histogram,
   // An async copy on the current stream; copy_ records the stream with the
   // pinned allocator, which keeps the host block until the copy has run.
   buffer.narrow(0, 0, table_bytes).copy_(host, /*non_blocking=*/true);
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
+  if (capturing) {
     keep_for_graph_replays(std::move(host));
   }
   uint8_t* base = buffer.data_ptr<uint8_t>();

@@ -13,10 +13,15 @@
 //     Per segment the block reduces one Acc with a fixed shuffle tree; a
 //     tensor wholly inside the range gets its final row written here, a
 //     tensor cut by the range's ends gets a partial slot.
+//     A thread keeps its counts and extremes in the input's precision and its
+//     sums in short float partials, widened to float64 once per 16 values
+//     (thread_acc.h, which states the error bound).
 //     Histogram counts go to shared-memory int counters (several copies, by
-//     warp, to spread contention) and are flushed to the int64 output with
+//     warp, to spread contention), one atomic add per distinct bin per warp
+//     step (__match_any_sync), and are flushed to the int64 output with
 //     integer atomics; a segment of at most kThreads elements adds straight
 //     to the output instead, saving the zero/flush of 558 bins.
+//     Compiled for kMinBlocksPerSm resident blocks per SM (launch.h).
 //  2. stats_finish: one warp per tensor merges the partial slots of each
 //     tensor read by several blocks (lane l takes slots l, l + 32, ... in
 //     block order, then a fixed tree over lanes), and writes the rows of
@@ -33,6 +38,7 @@
 #include "../plan.h"
 #include "../stats.h"
 #include "launch.h"
+#include "thread_acc.h"
 
 namespace torchhealth {
 namespace cuda {
@@ -45,21 +51,26 @@ constexpr int kWaves = 2;       // grid = kWaves x the blocks that fit at once
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- Element types: raw bits -> the type stats.h classifies in -----------
+// kWide: the dtype has float32's exponent range, so some values fall outside
+// the band of ThreadAcc's float partial sums (thread_acc.h).
 struct HalfT {
   using raw_t = unsigned short;
   using acc_t = float;
+  static constexpr bool kWide = false;
   __device__ static float to_acc(raw_t b) { return __half2float(__ushort_as_half(b)); }
   __device__ static Limits<float> limits(const TensorEntry& e) { return e.lim_f; }
 };
 struct BFloat16T {
   using raw_t = unsigned short;
   using acc_t = float;
+  static constexpr bool kWide = true;
   __device__ static float to_acc(raw_t b) { return __uint_as_float(static_cast<unsigned>(b) << 16); }
   __device__ static Limits<float> limits(const TensorEntry& e) { return e.lim_f; }
 };
 struct FloatT {
   using raw_t = unsigned int;
   using acc_t = float;
+  static constexpr bool kWide = true;
   __device__ static float to_acc(raw_t b) { return __uint_as_float(b); }
   __device__ static Limits<float> limits(const TensorEntry& e) { return e.lim_f; }
 };
@@ -67,6 +78,7 @@ template <bool kE4M3>  // float8_e4m3fn, else float8_e5m2
 struct Float8T {
   using raw_t = unsigned char;
   using acc_t = float;
+  static constexpr bool kWide = false;
   __device__ static float to_acc(raw_t b) {
     return kE4M3 ? float8_e4m3fn_to_float(b) : float8_e5m2_to_float(b);
   }
@@ -75,6 +87,7 @@ struct Float8T {
 struct DoubleT {
   using raw_t = unsigned long long;
   using acc_t = double;
+  static constexpr bool kWide = true;
   __device__ static double to_acc(raw_t b) { return __longlong_as_double(static_cast<long long>(b)); }
   __device__ static Limits<double> limits(const TensorEntry& e) { return e.lim_d; }
 };
@@ -84,38 +97,57 @@ __host__ __device__ inline int64_t itemsize_of(int32_t type) {
 }
 
 // ---- Where histogram bins go ----------------------------------------------
+// Every lane of the warp calls a sink at the same point (bin -1: no value or
+// no bin). Lanes holding the same bin are counted by one atomic add of their
+// number, from the lowest of them: the values a warp reads at once often
+// share a binary exponent (a layer's weights span a few binades), and atomic
+// adds to one address serialise.
+__device__ __forceinline__ bool leads_peers(int bin, unsigned* peers) {
+  *peers = __match_any_sync(kFullMask, bin);
+  return bin >= 0 && static_cast<int>(threadIdx.x % 32) == __ffs(*peers) - 1;
+}
 struct NoHist {
   __device__ void operator()(int) const {}
 };
 struct SharedHist {
   int* bins;  // this warp's copy in shared memory
   __device__ void operator()(int bin) const {
-    if (bin >= 0) {
-      atomicAdd(bins + bin, 1);
+    unsigned peers;
+    if (leads_peers(bin, &peers)) {
+      atomicAdd(bins + bin, __popc(peers));
     }
   }
 };
 struct GlobalHist {
   unsigned long long* bins;  // the tensor's histogram columns in the output
   __device__ void operator()(int bin) const {
-    if (bin >= 0) {
-      atomicAdd(bins + bin, 1ull);
+    unsigned peers;
+    if (leads_peers(bin, &peers)) {
+      atomicAdd(bins + bin, static_cast<unsigned long long>(__popc(peers)));
     }
   }
 };
 
 // ---- Reading one segment ---------------------------------------------------
 // Each thread accumulates a fixed subset of the segment's elements in a fixed
-// order, so the per-thread Acc, and after the fixed reduction tree the block's
-// Acc, are the same bits on every run.
+// order, flushing its float partial sums after a fixed number of them, so the
+// per-thread Acc, and after the fixed reduction tree the block's Acc, are the
+// same bits on every run, with the histogram or without. Loops run while the
+// warp's first lane has work, so that every lane reaches each sink call.
 template <typename T, typename Sink>
-__device__ __forceinline__ void read_segment(const TensorEntry& e, plan::Segment s, Acc& acc,
-                                             const Sink& sink) {
+__device__ __forceinline__ Acc read_segment(const TensorEntry& e, plan::Segment s,
+                                            const Sink& sink) {
   using raw_t = typename T::raw_t;
   using acc_t = typename T::acc_t;
   constexpr int kPerUnit = static_cast<int>(plan::kUnitBytes / sizeof(raw_t));
+  // Units per float partial: at most kFlushEvery values (1 for float64, which
+  // has no partials).
+  constexpr int kUnitsPerFlush = kPerUnit >= kFlushEvery ? 1 : kFlushEvery / kPerUnit;
+  static_assert(kUnroll % kUnitsPerFlush == 0 || sizeof(raw_t) == 8, "partials end with a group");
   const Limits<acc_t> lim = T::limits(e);
   const raw_t* p = static_cast<const raw_t*>(e.data);
+  const int lane = threadIdx.x % 32;
+  ThreadAcc<acc_t> acc = ThreadAcc<acc_t>::identity();
   int64_t scalar_begin = s.begin;
   if (e.aligned) {
     // Segments start on a unit boundary (plan.h), so unit u of the tensor is
@@ -123,44 +155,52 @@ __device__ __forceinline__ void read_segment(const TensorEntry& e, plan::Segment
     // partial; it is read by the scalar loop below.
     const uint4* pv = reinterpret_cast<const uint4*>(p);
     const int64_t u_end = s.end / kPerUnit;
-    for (int64_t u = s.begin / kPerUnit + threadIdx.x; u < u_end; u += kThreads * kUnroll) {
+    for (int64_t w = s.begin / kPerUnit + (threadIdx.x - lane); w < u_end;
+         w += kThreads * kUnroll) {
+      const int64_t u = w + lane;
       uint4 v[kUnroll];
 #pragma unroll
       for (int j = 0; j < kUnroll; ++j) {
-        if (u + j * kThreads < u_end) {
-          v[j] = __ldcs(pv + u + j * kThreads);  // streamed: read once, evict first
-        }
+        // Streamed: read once, evict first.
+        v[j] = u + j * kThreads < u_end ? __ldcs(pv + u + j * kThreads) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int j = 0; j < kUnroll; ++j) {
-        if (u + j * kThreads < u_end) {
-          raw_t r[kPerUnit];
-          memcpy(r, &v[j], sizeof r);
+        const bool valid = u + j * kThreads < u_end;
+        raw_t r[kPerUnit];
+        memcpy(r, &v[j], sizeof r);
 #pragma unroll
-          for (int k = 0; k < kPerUnit; ++k) {
-            sink(update<acc_t>(acc, T::to_acc(r[k]), lim));
-          }
+        for (int k = 0; k < kPerUnit; ++k) {
+          sink(valid ? acc.template update<T::kWide>(T::to_acc(r[k]), lim) : -1);
+        }
+        if ((j + 1) % kUnitsPerFlush == 0) {
+          acc.flush();
         }
       }
     }
     scalar_begin = u_end * kPerUnit;
   }
+  for (int64_t w = scalar_begin + (threadIdx.x - lane); w < s.end;
+       w += static_cast<int64_t>(kThreads) * kFlushEvery) {
 #pragma unroll 4
-  for (int64_t i = scalar_begin + threadIdx.x; i < s.end; i += kThreads) {
-    sink(update<acc_t>(acc, T::to_acc(__ldg(p + i)), lim));
+    for (int k = 0; k < kFlushEvery && w + k * kThreads < s.end; ++k) {
+      const int64_t i = w + lane + k * kThreads;
+      sink(i < s.end ? acc.template update<T::kWide>(T::to_acc(__ldg(p + i)), lim) : -1);
+    }
+    acc.flush();
   }
+  return acc.to_acc();
 }
 
 template <typename Sink>
-__device__ __forceinline__ void read_any(const TensorEntry& e, plan::Segment s, Acc& acc,
-                                         const Sink& sink) {
+__device__ __forceinline__ Acc read_any(const TensorEntry& e, plan::Segment s, const Sink& sink) {
   switch (e.type) {
-    case kHalf: read_segment<HalfT>(e, s, acc, sink); break;
-    case kBFloat16: read_segment<BFloat16T>(e, s, acc, sink); break;
-    case kFloat: read_segment<FloatT>(e, s, acc, sink); break;
-    case kFloat8E4M3: read_segment<Float8T<true>>(e, s, acc, sink); break;
-    case kFloat8E5M2: read_segment<Float8T<false>>(e, s, acc, sink); break;
-    default: read_segment<DoubleT>(e, s, acc, sink); break;
+    case kHalf: return read_segment<HalfT>(e, s, sink);
+    case kBFloat16: return read_segment<BFloat16T>(e, s, sink);
+    case kFloat: return read_segment<FloatT>(e, s, sink);
+    case kFloat8E4M3: return read_segment<Float8T<true>>(e, s, sink);
+    case kFloat8E5M2: return read_segment<Float8T<false>>(e, s, sink);
+    default: return read_segment<DoubleT>(e, s, sink);
   }
 }
 
@@ -210,7 +250,7 @@ __device__ __forceinline__ Acc block_reduce(Acc a, Acc* warp_acc) {
 
 // ---- Pass 1: the main pass ----------------------------------------------------
 template <bool kHist>
-__global__ void __launch_bounds__(kThreads) stats_main(LaunchArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) stats_main(LaunchArgs a) {
   __shared__ Acc warp_acc[kWarps];
   __shared__ int hist_sh[kHist ? kHistCopies * kBins : 1];
   const int64_t block = blockIdx.x;
@@ -223,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) stats_main(LaunchArgs a) {
         __syncthreads();  // the previous segment is done with warp_acc and hist_sh
         const TensorEntry& e = a.entries[t];
         int64_t* row = a.out + t * a.out_stride;
-        Acc acc = Acc::identity();
+        Acc acc;
         // Block-uniform: every thread sees the same segment.
         const bool shared_hist = kHist && s.end - s.begin > kThreads;
         if (shared_hist) {
@@ -231,11 +271,11 @@ __global__ void __launch_bounds__(kThreads) stats_main(LaunchArgs a) {
             hist_sh[i] = 0;
           }
           __syncthreads();
-          read_any(e, s, acc, SharedHist{hist_sh + (threadIdx.x / 32) % kHistCopies * kBins});
+          acc = read_any(e, s, SharedHist{hist_sh + (threadIdx.x / 32) % kHistCopies * kBins});
         } else if (kHist) {
-          read_any(e, s, acc, GlobalHist{reinterpret_cast<unsigned long long*>(row + kCols)});
+          acc = read_any(e, s, GlobalHist{reinterpret_cast<unsigned long long*>(row + kCols)});
         } else {
-          read_any(e, s, acc, NoHist{});
+          acc = read_any(e, s, NoHist{});
         }
         acc = block_reduce(acc, warp_acc);
         if (threadIdx.x == 0) {
@@ -249,10 +289,11 @@ __global__ void __launch_bounds__(kThreads) stats_main(LaunchArgs a) {
           __syncthreads();
           // Integer adds commute: the counts are exact whatever the order.
           for (int i = threadIdx.x; i < kBins; i += kThreads) {
-            int c = 0;
+            // Up to 2^31 (a block's elements at most): unsigned.
+            unsigned c = 0;
 #pragma unroll
             for (int k = 0; k < kHistCopies; ++k) {
-              c += hist_sh[k * kBins + i];
+              c += static_cast<unsigned>(hist_sh[k * kBins + i]);
             }
             if (c != 0) {
               atomicAdd(reinterpret_cast<unsigned long long*>(row + kCols + i),
