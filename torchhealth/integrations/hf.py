@@ -105,9 +105,8 @@ class HealthCheckCallback(transformers.TrainerCallback, transformers.trainer_cal
         self._handler = _calling_handler(sys._getframe(1))
         if self.log and self._handler is not None:
             self._logs_first = _log_before_reporters(self._handler, self)
-        saved = state.stateful_callbacks.get(type(self).__name__)
-        if state.global_step > 0 and saved:  # resumed from a checkpoint
-            self._restore((saved[0] if isinstance(saved, list) else saved)["attributes"]["_checkpoint"])
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._restore(self._saved_in(state))
         if optimizer is not None:
             self._monitor_for(unwrap(optimizer), model, state)
         return control
@@ -120,10 +119,22 @@ class HealthCheckCallback(transformers.TrainerCallback, transformers.trainer_cal
                 "attributes": {"_checkpoint": {"monitor": _to_json(monitor),
                                                "skipped_steps": self.skipped_steps}}}
 
+    def _saved_in(self, state) -> dict | None:
+        """This callback's entry in a checkpoint's state: the Trainer keeps a
+        list for several callbacks of one class, in the order it holds them."""
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(saved, list):
+            same = [cb for cb in (self._handler.callbacks if self._handler else [self])
+                    if type(cb) is type(self)]
+            saved = saved[same.index(self)] if self in same and same.index(self) < len(saved) else None
+        return (saved or {}).get("attributes", {}).get("_checkpoint")
+
     def _checkpoint_monitor(self):
         return _from_json(self._checkpoint["monitor"]) if self._checkpoint else None
 
-    def _restore(self, checkpoint: dict) -> None:
+    def _restore(self, checkpoint: dict | None) -> None:
+        if checkpoint is None:
+            return
         self._checkpoint = checkpoint
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         if self.monitor is not None:
