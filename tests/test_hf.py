@@ -33,6 +33,9 @@ def test_hf_health_scalars_reach_the_trainers_tensorboard(hf, tmp_path):  # noqa
     trainer, _ = _hf_trainer(hf, tmp_path, callback, steps=3, report_to=["tensorboard"],
                              logging_strategy="steps", logging_steps=1)
     # report_to callbacks are registered before user callbacks: they run first.
+    logged_keys = []
+    trainer.add_callback(type("Spy", (hf.TrainerCallback,), {
+        "on_log": lambda self, a, s, c, logs=None, **k: logged_keys.append(set(logs))})())
     names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
     assert names.index("TensorBoardCallback") < names.index("HealthCheckCallback")
     trainer.train()
@@ -49,6 +52,13 @@ def test_hf_health_scalars_reach_the_trainers_tensorboard(hf, tmp_path):  # noqa
     assert [e.value for e in logged] == pytest.approx([r.grad_norm for r in reports], rel=1e-6)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     assert trainer.callback_handler.callbacks.count(callback) == 1
+
+    assert all("health/grad_norm" in keys for keys in logged_keys[:3])  # callbacks after it see them
+    logged_keys.clear()
+    trainer.remove_callback(callback)  # its metrics stop with it
+    trainer.args.max_steps = 1
+    trainer.train()
+    assert logged_keys and not any("health/grad_norm" in keys for keys in logged_keys)
 
 
 def test_hf_train_raises_the_health_error_after_stopping_cleanly(hf, tmp_path):  # noqa: F811
