@@ -55,8 +55,11 @@ def test_hf_health_scalars_reach_the_trainers_tensorboard(hf, tmp_path):  # noqa
 
     assert all("health/grad_norm" in keys for keys in logged_keys[:3])  # callbacks after it see them
     logged_keys.clear()
-    trainer.remove_callback(callback)  # its metrics stop with it
     trainer.args.max_steps = 1
+    trainer.train()  # a second run counts its steps from 1 again
+    assert "health/grad_norm" in logged_keys[0]
+    logged_keys.clear()
+    trainer.remove_callback(callback)  # its metrics stop with it
     trainer.train()
     assert logged_keys and not any("health/grad_norm" in keys for keys in logged_keys)
 

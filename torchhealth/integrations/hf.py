@@ -102,6 +102,7 @@ class HealthCheckCallback(transformers.TrainerCallback, transformers.trainer_cal
         if self._state is state:  # called again: see _log_before_reporters
             return control
         self._state = state
+        self._logged_step = 0  # a new run counts steps from its start
         self._handler = _calling_handler(sys._getframe(1))
         if self.log and self._handler is not None:
             self._logs_first = _log_before_reporters(self._handler, self)
