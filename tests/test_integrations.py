@@ -128,7 +128,8 @@ def hf(monkeypatch):
     return transformers
 
 
-def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5, n_layer=1, max_grad_norm=0.0):
+def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5, n_layer=1, max_grad_norm=0.0,
+                **arguments):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=n_layer, n_head=2)
     model = transformers.GPT2LMHeadModel(config)  # random weights, nothing downloaded
@@ -140,10 +141,10 @@ def _hf_trainer(transformers, tmp_path, callback, *, nan_at=None, steps=5, n_lay
         calls[0] += 1
         return output * float("nan") if calls[0] == (nan_at or 0) + 1 and nan_at is not None else output
     model.transformer.wte.register_forward_hook(inject)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, report_to=[],
-        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-3,
-        max_grad_norm=max_grad_norm)
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path / "out"), "max_steps": steps, "per_device_train_batch_size": 4,
+        "report_to": [], "use_cpu": True, "save_strategy": "no", "logging_strategy": "no",
+        "disable_tqdm": True, "learning_rate": 1e-3, "max_grad_norm": max_grad_norm, **arguments})
     return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]), model
 
 
@@ -187,17 +188,6 @@ def test_hf_callback_names_the_gradient_a_nan_was_born_in_despite_clipping(hf, t
     (f,) = [f for f in reports[2].findings if f.check == "nonfinite"]
     assert f.names == ["transformer.h.1.mlp.c_fc.weight"] and reports[2].skipped and reports[2].step == 3
     assert not any(r.findings for r in reports if r.step != 3)
-
-
-def test_hf_callback_stops_training_under_the_raise_policy(hf, tmp_path):
-    from torchhealth.integrations.hf import HealthCheckCallback
-    callback = HealthCheckCallback(policy={"nonfinite": "raise"})
-    trainer, model = _hf_trainer(hf, tmp_path, callback, nan_at=2, steps=6)
-    trainer.train()  # stops cleanly after the failing step
-    assert trainer.state.global_step == 3  # steps 1, 2, 3; nothing after the fault
-    assert isinstance(callback.error, torchhealth.HealthCheckError) and callback.error.report.step == 3
-    assert "nonfinite" in str(callback.error) and callback.skipped_steps == 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step was not taken
 
 
 def test_hf_callback_can_raise_out_of_train(hf, tmp_path):

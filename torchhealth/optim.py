@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from .hostcopy import HostCopy
+from .integrations._common import accelerate_wrappers, tell_wrappers
 from .policy import predicated_step, unscale_
 from .monitor import HealthMonitor
 from .options import MonitorOptions, backward_end_by_default
@@ -71,6 +73,11 @@ class HealthCheckedOptimizer(Optimizer):
     power-of-two scales GradScaler uses, unscaling first is bit-identical to a
     fused optimizer unscaling inside its kernel (tests/test_optim.py checks it).
 
+    accelerate: prepared by ``accelerator.prepare``, each step sets the
+    ``AcceleratedOptimizer``'s own skip flag, which its ``AcceleratedScheduler``
+    and ``Accelerator.optimizer_step_was_skipped`` read (a host bool: a skip
+    decided on the device is read for it).
+
     Attributes: ``step_was_skipped``, ``last_report``, ``monitor``,
     ``optimizer`` (the inner one), ``steps`` and ``skipped_steps`` (saved in
     ``state_dict()`` under the "torchhealth" key, which a plain optimizer ignores).
@@ -107,6 +114,7 @@ class HealthCheckedOptimizer(Optimizer):
         self.steps = 0
         self._skipped = 0  # int, or a 0-d device tensor until read
         self._last_skip: bool | torch.Tensor = False
+        self._skip_copy: HostCopy | None = None  # the host copy of a skip decided on the device
         self._backward_hooks = (self.monitor.check_at_backward_end(self._next_step)
                                 if backward_end_by_default(self.monitor.options, model) else None)
 
@@ -117,7 +125,12 @@ class HealthCheckedOptimizer(Optimizer):
     # param_groups (and would recreate hooks); the wrapper's attributes live
     # in its __dict__ and the three shared ones in the inner optimizer.
     def __getstate__(self) -> dict:
-        return dict(self.__dict__)
+        # A copy in flight (a CUDA event) cannot be pickled; a copy of the
+        # optimizer starts with the last step's skip as a plain bool.
+        state = dict(self.__dict__)
+        if state.get("_skip_copy") is not None:
+            state["_skip_copy"], state["_last_skip"] = None, self.step_was_skipped
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -151,6 +164,13 @@ class HealthCheckedOptimizer(Optimizer):
             skip = None if found_inf is None else found_inf.reshape(()) > 0
         out, skipped = predicated_step(self._inner, skip, inner_closure)
         self._last_skip = skipped
+        # A skip left on the device (sync="never", an optimizer taking found_inf)
+        # reaches the host in the check's own copy, or in a copy of the flag.
+        self._skip_copy = None if not isinstance(skipped, torch.Tensor) else \
+            result.copy if result is not None else HostCopy({"skip": skipped})
+        wrappers = accelerate_wrappers(self)
+        if wrappers:
+            tell_wrappers(wrappers, self.step_was_skipped)
         if skipped is not False:
             self._skipped = self._skipped + skipped  # a device tensor stays one
         return loss if closure is not None and out is None else out
@@ -161,9 +181,18 @@ class HealthCheckedOptimizer(Optimizer):
     @property
     def step_was_skipped(self) -> bool:
         """Whether the last `step()` skipped the inner optimizer (policy or
-        GradScaler). Reads one device flag if the skip was decided on the device."""
+        GradScaler). Reads one device flag if the skip was decided on the device
+        (`SkipAwareScheduler` does not: it waits for the check's host copy)."""
         s = self._last_skip
         return bool(s.item()) if isinstance(s, torch.Tensor) else bool(s)
+
+    def _skip_verdict(self) -> bool | HostCopy:
+        """Whether the last step was skipped, when the host knows it without
+        waiting for the device; else the copy in flight that will say it."""
+        if not isinstance(self._last_skip, torch.Tensor):
+            return bool(self._last_skip)
+        copy = self._skip_copy
+        return bool(copy.value("skip")) if copy.ready else copy
 
     @property
     def skipped_steps(self) -> int:
@@ -241,13 +270,28 @@ def _replay_first(closure, loss):
 
 
 class SkipAwareScheduler:
-    """Wraps an LR scheduler so that ``step()`` does nothing after an optimizer
-    step that a `HealthCheckedOptimizer` skipped. The scheduler may be a torch
-    scheduler (its ``optimizer``) or a wrapper holding several optimizers, such as
-    accelerate's ``AcceleratedScheduler`` (its ``optimizers``), each of which may
-    itself be wrapped (accelerate's ``AcceleratedOptimizer``). Every other
-    attribute is the scheduler's. Reading a skip decided on the device (sync
-    "never" with a fused optimizer) reads that one flag on the host."""
+    """Wraps an LR scheduler so that ``step()`` does not advance it for an
+    optimizer step that a `HealthCheckedOptimizer` skipped. The scheduler may be a
+    torch scheduler (its ``optimizer``) or a wrapper holding several optimizers,
+    such as accelerate's ``AcceleratedScheduler`` (its ``optimizers``), each of
+    which may itself be wrapped (accelerate's ``AcceleratedOptimizer``). Every
+    other attribute is the scheduler's.
+
+    It never reads the device. It knows whether the last step was skipped when
+    the host already does: the monitor read the verdict during the step
+    (sync="step", the default on the CPU), the optimizer read the flag itself
+    (under sync="never", an optimizer that cannot take ``found_inf``), or the
+    check's non-blocking copy to the host has landed (asked without waiting).
+    Under sync="never" with a fused optimizer (Adam, AdamW, SGD, Adagrad with
+    ``fused=True``) the verdict of the step just taken is usually still in
+    flight: the scheduler then steps, and the first ``step()`` call after that
+    copy lands saying the step was skipped is held back. So after a skip the
+    learning rate runs one scheduler step ahead until the skip is known (one or
+    two steps later: the monitor waits for copies more than two checks old), and
+    from then on the schedule is the same as if the skip had been known at once;
+    with no skipped step it is the plain scheduler's. Skips learnt late and not
+    yet made up are not saved in the scheduler's ``state_dict()``.
+    """
 
     def __init__(self, scheduler):
         optimizers = getattr(scheduler, "optimizers", None) or [getattr(scheduler, "optimizer", None)]
@@ -256,10 +300,32 @@ class SkipAwareScheduler:
             raise TypeError(f"SkipAwareScheduler: {type(scheduler).__name__} steps no "
                             "HealthCheckedOptimizer (looked at its optimizer/optimizers)")
         self.scheduler = scheduler
+        self._in_flight: list[list[HostCopy]] = []  # verdicts of steps it advanced for
+        self._owed = 0  # scheduler steps to hold back: skips learnt after advancing
 
     def step(self, *args, **kwargs) -> None:
-        if not any(o.step_was_skipped for o in self._checked):
-            self.scheduler.step(*args, **kwargs)
+        self._owed += self._landed_skips()
+        verdicts = [o._skip_verdict() for o in self._checked]
+        if any(v is True for v in verdicts):
+            return
+        pending = [v for v in verdicts if isinstance(v, HostCopy)]
+        if pending:
+            self._in_flight.append(pending)
+        if self._owed:
+            self._owed -= 1
+            return
+        self.scheduler.step(*args, **kwargs)
+
+    def _landed_skips(self) -> int:
+        """Skips among the steps it advanced for whose verdict has since landed."""
+        skips, waiting = 0, []
+        for copies in self._in_flight:
+            if any(c.ready and c.value("skip") for c in copies):
+                skips += 1
+            elif not all(c.ready for c in copies):
+                waiting.append(copies)
+        self._in_flight = waiting
+        return skips
 
     def __getattr__(self, name):
         return getattr(self.__dict__["scheduler"], name)

@@ -1,6 +1,9 @@
 """What the framework callbacks share."""
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 
 
@@ -53,3 +56,46 @@ def unscale_for_check(scaler, optimizer: torch.optim.Optimizer) -> torch.Tensor 
     if not found:
         return None
     return sum(f.to(found[0].device) for f in found[1:]) + found[0] if len(found) > 1 else found[0]
+
+
+# HealthCheckedOptimizer -> weak references to the accelerate AcceleratedOptimizers
+# around it (kept outside the optimizer, which must stay picklable).
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def accelerate_wrappers(optimizer) -> list:
+    """The accelerate ``AcceleratedOptimizer`` objects that step `optimizer`
+    (empty when accelerate is not imported). accelerate keeps its own skip flag
+    per wrapper and its scheduler and ``Accelerator.optimizer_step_was_skipped``
+    read only that, and nothing hands the inner optimizer its wrapper: it is found
+    the first time it steps `optimizer`, as the ``self`` of a calling ``step``
+    frame (``AcceleratedOptimizer.step``, through ``GradScaler.step`` under
+    mixed precision), then remembered."""
+    module = sys.modules.get("accelerate.optimizer")
+    if module is None:
+        return []
+    found = [w for w in (r() for r in _WRAPPERS.get(optimizer, ())) if w is not None]
+    if found:
+        return found
+    frame, depth = sys._getframe(1), 0
+    while frame is not None and depth < 8:
+        if frame.f_code.co_name == "step":
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, module.AcceleratedOptimizer) and caller.optimizer is optimizer:
+                _WRAPPERS[optimizer] = [weakref.ref(caller)]
+                return [caller]
+        frame, depth = frame.f_back, depth + 1
+    return []
+
+
+def tell_wrappers(wrappers: list, skipped: bool) -> None:
+    """Sets accelerate's skip flag on each wrapper. Its flag is private
+    (``_is_overflow``, the one ``step_was_skipped`` returns; accelerate 0.2x to
+    1.15): without a GradScaler accelerate never sets it; with one it sets it
+    after ``scaler.step`` returns, to whether the inner ``step`` was not reached
+    (``_accelerate_step_called``), which the wrapper's step always is, so that
+    one says whether the step was taken. Tested in tests/test_accelerate.py."""
+    for w in wrappers:
+        w._is_overflow = skipped
+        if getattr(w, "scaler", None) is not None:
+            w._accelerate_step_called = not skipped
