@@ -2,7 +2,7 @@
 
     torchhealth demo [--scenario NAME] [--steps N] [--log-dir DIR]
     torchhealth bench [ARGS...]
-    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N] [--heatmap PATTERN]
+    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N] [--heatmaps N | --heatmap PATTERN ...]
     torchhealth doctor
     torchhealth --version
 
