@@ -1,5 +1,5 @@
-"""A real training run whose Reports carry the user's scalars (loss and learning
-rate), as `Report.scalars` will once the monitor logs them; for the report tests."""
+"""A real training run that logs the user's scalars (loss and learning rate)
+with `HealthCheckedOptimizer.log`; for the report tests."""
 import warnings
 
 import torch
@@ -9,10 +9,10 @@ from torchhealth.report import Report
 
 
 def train_with_scalars(steps: int = 40, nan_at: int | None = 30, *, histogram: bool = True,
-                       width: int = 64, depth: int = 2) -> list[Report]:
+                       width: int = 64, depth: int = 2, check_every: int = 1) -> list[Report]:
     """An MLP of `depth` hidden layers trained with SGD and a step-decayed
-    learning rate; one NaN in the input at step `nan_at`. Each Report gets
-    ``scalars = {"loss": ..., "lr": ...}`` of its step."""
+    learning rate; one NaN in the input at step `nan_at` (its loss is NaN).
+    Each step logs ``loss`` (the tensor) and ``lr`` before ``opt.step()``."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(16, width), torch.nn.Tanh()]
     for _ in range(depth - 1):
@@ -21,13 +21,8 @@ def train_with_scalars(steps: int = 40, nan_at: int | None = 30, *, histogram: b
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=10, gamma=0.5)
     out: list[Report] = []
-    now: dict[str, float] = {}
-
-    def keep(report: Report) -> None:
-        report.scalars = dict(now)
-        out.append(report)
-
-    opt = HealthCheckedOptimizer(sgd, model=model, histogram=histogram, on_report=keep)
+    opt = HealthCheckedOptimizer(sgd, model=model, histogram=histogram, on_report=out.append,
+                                 check_every=check_every)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HealthWarning)
         for step in range(steps):
@@ -35,9 +30,9 @@ def train_with_scalars(steps: int = 40, nan_at: int | None = 30, *, histogram: b
             if step == nan_at:
                 x[0, 0] = float("nan")
             loss = ((model(x) - x[:, :1] ** 2) ** 2).mean()
-            now.update(loss=loss.item(), lr=sched.get_last_lr()[0])
             opt.zero_grad()
             loss.backward()
+            opt.log(loss=loss, lr=sched.get_last_lr()[0])
             opt.step()
             sched.step()
     return out

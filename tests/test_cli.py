@@ -49,6 +49,28 @@ def test_report_writes_the_html(tmp_path, log, capsys):
     assert page.count("data:image/png;base64,") == 3 and "nonfinite" in page
 
 
+def test_report_heatmaps_of_the_parameters_asked_for(tmp_path, log, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r.html"
+    assert cli.main(["report", str(log), "-o", str(out), "--heatmap", "4.*", "--heatmap", "0.bias"]) == 0
+    assert 'alt="log2-magnitude histograms over steps: 4.weight, 4.bias, 0.bias"' in out.read_text()
+    assert cli.main(["report", str(log), "-o", str(out), "--heatmaps", "0"]) == 0
+    page = out.read_text()
+    assert "No heatmap was asked for" in page and page.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--heatmap", "4.wieght"], "torchhealth report: --heatmap: no parameter matches the heatmap pattern "
+                                "'4.wieght'; close names: 4.weight"),
+    (["--heatmaps", "-1"], "torchhealth report: --heatmaps -1: give a number >= 0"),
+    (["--heatmaps", "2", "--heatmap", "0.*"], "argument --heatmap: not allowed with argument --heatmaps"),
+])
+def test_report_bad_heatmap_choice_is_one_line_and_status_2(tmp_path, log, capsys, argv, words):
+    assert cli.main(["report", str(log), "-o", str(tmp_path / "r.html"), *argv]) == 2
+    assert words in one_line_error(capsys)
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_report_default_output_is_next_to_the_log(tmp_path, log, capsys):
     gz = tmp_path / "run.jsonl.gz"
     with JsonlSink(gz) as sink:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from torchhealth.html_report import LIMITS, render, write_report
+from torchhealth.html_report import render, write_report
+from torchhealth.report_plots import LIMITS
 from torchhealth.sinks import JsonlSink, read_jsonl
 
 from curves_run import train_with_scalars
@@ -21,6 +22,15 @@ def logged(tmp_path_factory):
     with JsonlSink(path) as sink:
         train(steps=40, nan_at=30, on_report=sink)
     return read_jsonl(path)
+
+
+def _capture_figures(monkeypatch) -> list:
+    """Every matplotlib figure the report draws from now on, in order."""
+    from torchhealth import report_plots
+    figures = []
+    real = report_plots.png
+    monkeypatch.setattr(report_plots, "png", lambda fig, alt: figures.append(fig) or real(fig, alt))
+    return figures
 
 
 def _images(page: str) -> list[bytes]:
@@ -63,10 +73,11 @@ def test_report_shows_the_run(logged):
 def test_heatmap_marks_the_float16_limits(logged):
     mpl = pytest.importorskip("matplotlib")
     import matplotlib.figure
-    from torchhealth.html_report import _heatmap, _params
+    from torchhealth.html_report import _params
+    from torchhealth.report_plots import heatmap
     params = _params(logged)
     ax = matplotlib.figure.Figure().subplots()
-    mesh = _heatmap(mpl, ax, params["0.weight"].rows["grad"], "0.weight: gradient")
+    mesh = heatmap(mpl, ax, params["0.weight"].rows["grad"], "0.weight: gradient")
     assert mesh is not None
     drawn = sorted(line.get_ydata()[0] for line in ax.lines)
     # 65504, 2^-14 and 2^-24 are inside the chart; bfloat16's limits are marked at its edge.
@@ -119,11 +130,8 @@ def test_names_are_drawn_literally(monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.text import Text
 
-    from torchhealth import html_report
     names = ["a$_$", "cost$^$", "price$usd$"]
-    figures = []
-    real = html_report._png
-    monkeypatch.setattr(html_report, "_png", lambda fig: figures.append(fig) or real(fig))
+    figures = _capture_figures(monkeypatch)
     page = render(_reports(names, [[1.0, 2.0, 3.0]] * 3))
     drawn = {t.get_text(): t.get_parse_math() for f in figures for t in f.findobj(Text) if "$" in t.get_text()}
     assert any("price$usd$" in t for t in drawn) and not any(drawn.values()), drawn
@@ -187,10 +195,7 @@ def curves():
 
 
 def _figures(monkeypatch, reports) -> tuple[str, list]:
-    from torchhealth import html_report
-    figures = []
-    real = html_report._png
-    monkeypatch.setattr(html_report, "_png", lambda fig: figures.append(fig) or real(fig))
+    figures = _capture_figures(monkeypatch)
     return render(reports), figures
 
 
@@ -211,13 +216,14 @@ def test_heatmaps_leave_the_checks_without_a_histogram_out():
     import dataclasses
 
     import matplotlib.figure
-    from torchhealth.html_report import _heatmap, _params
+    from torchhealth.html_report import _params
+    from torchhealth.report_plots import heatmap
     reports = train_with_scalars(steps=6, nan_at=None)
     # a histogram every other check, as a cadence gives it
     reports = [r if r.step % 2 == 0 else dataclasses.replace(
         r, rows=[dataclasses.replace(w, hist=None) for w in r.rows]) for r in reports]
     ax = matplotlib.figure.Figure().subplots()
-    mesh = _heatmap(mpl, ax, _params(reports)["0.weight"].rows["grad"], "0.weight: gradient")
+    mesh = heatmap(mpl, ax, _params(reports)["0.weight"].rows["grad"], "0.weight: gradient")
     data = mesh.get_array()
     assert data.shape[1] == 3  # steps 0, 2, 4: no column of zeros for the steps in between
     assert not data.mask.all(axis=0).any()
@@ -277,11 +283,85 @@ def test_heatmap_of_an_all_zero_tensor_says_so_instead_of_empty_axes():
     import dataclasses
 
     import matplotlib.figure
-    from torchhealth.html_report import _heatmap, _params
+    from torchhealth.html_report import _params
+    from torchhealth.report_plots import heatmap
     reports = train_with_scalars(steps=3, nan_at=None)
     dead = [dataclasses.replace(r, rows=[dataclasses.replace(w, hist={}, zero=w.numel) for w in r.rows])
             for r in reports]  # histograms measured: every value zero
     ax = matplotlib.figure.Figure().subplots()
-    assert _heatmap(mpl, ax, _params(dead)["0.weight"].rows["grad"], "0.weight: gradient") is None
+    assert heatmap(mpl, ax, _params(dead)["0.weight"].rows["grad"], "0.weight: gradient") is None
     assert [t.get_text() for t in ax.texts] == ["no finite nonzero values\n(all zero or non-finite at every step)"]
     assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+
+
+# -- which heatmaps: the worst N, or names and glob patterns --------------------------------------
+@pytest.fixture(scope="module")
+def short_run():
+    """Five checks with histograms of a 7-layer MLP: 0.weight ... 12.bias."""
+    return train_with_scalars(steps=5, nan_at=None, depth=6)
+
+
+def _heatmap_titles(figures) -> list[str]:
+    return [ax.get_title() for f in figures for ax in f.axes if ax.get_title().endswith(": gradient")]
+
+
+@pytest.mark.parametrize("heatmaps, names", [
+    (["12.weight", "1?.bias"], ["12.weight", "10.bias", "12.bias"]),  # in the order asked, each once
+    ("[02].weight", ["0.weight", "2.weight"]),
+    (["4.bias", "4.*"], ["4.bias", "4.weight"]),
+])
+def test_heatmaps_of_the_parameters_asked_for(monkeypatch, short_run, heatmaps, names):
+    pytest.importorskip("matplotlib")
+    figures = _capture_figures(monkeypatch)
+    page = render(short_run, heatmaps=heatmaps)
+    assert _heatmap_titles(figures) == [f"{n}: gradient" for n in names]
+    assert f'alt="log2-magnitude histograms over steps: {", ".join(names)}"' in page
+    assert "for the parameters asked for" in page
+
+
+def test_heatmaps_of_the_worst_n(monkeypatch, short_run):
+    pytest.importorskip("matplotlib")
+    figures = _capture_figures(monkeypatch)
+    render(short_run, heatmaps=2)
+    assert len(_heatmap_titles(figures)) == 2
+    figures.clear()
+    page = render(short_run, heatmaps=0)
+    assert _heatmap_titles(figures) == [] and "No heatmap was asked for (heatmaps=0)" in page
+    assert "Histograms were not recorded" not in page
+
+
+def test_too_many_heatmaps_are_cut_with_a_note(monkeypatch, short_run):
+    pytest.importorskip("matplotlib")
+    from torchhealth import html_report
+    monkeypatch.setattr(html_report, "MAX_HEATMAPS", 3)
+    figures = _capture_figures(monkeypatch)
+    page = render(short_run, heatmaps="*")
+    assert _heatmap_titles(figures) == ["0.weight: gradient", "0.bias: gradient", "2.weight: gradient"]
+    assert "14 parameters chosen; the first 3 are drawn" in page
+
+
+@pytest.mark.parametrize("heatmaps, error, words", [
+    (["2.weight", "2.wieght"], ValueError, "no parameter matches the heatmap pattern '2.wieght'; "
+                                           "close names: 2.weight"),
+    ("encoder.*", ValueError, "no parameter matches the heatmap pattern 'encoder.*'; the names are "
+                              "like 0.weight, 0.bias, 2.weight, 2.bias, 4.weight, ..."),
+    (-1, ValueError, "heatmaps must be >= 0"),
+    (True, TypeError, "heatmaps must be a number of parameters or names"),
+    ([3], TypeError, "a pattern must be a non-empty string, got 3"),
+])
+def test_bad_heatmap_choices_are_clear_errors(short_run, heatmaps, error, words):
+    with pytest.raises(error) as e:
+        render(short_run, heatmaps=heatmaps)
+    assert words in str(e.value)
+
+
+def test_a_nan_loss_is_marked_on_its_curve(monkeypatch, curves):
+    pytest.importorskip("matplotlib")
+    page, figures = _figures(monkeypatch, curves)
+    loss = next(ax for f in figures for ax in f.axes if ax.get_title() == "loss")
+    assert math.isnan(curves[20].scalars["loss"])  # the NaN step
+    marks = [c.get_offsets()[:, 0].tolist() for c in loss.collections]
+    assert marks == [[20.0]] and loss.get_legend().get_texts()[0].get_text() == "nan (step 20)"
+    lr = next(ax for f in figures for ax in f.axes if ax.get_title() == "lr")
+    assert len(lr.collections) == 0 and lr.get_legend() is None  # nothing to mark there
+    assert 'alt="training curves: loss, lr"' in page

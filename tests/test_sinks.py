@@ -17,6 +17,7 @@ from torchhealth.report import Finding, Report
 from torchhealth.sinks import FlightRecorder, JsonlSink, Sink, TruncatedLogError, read_jsonl, scalars
 from torchhealth.histogram_view import magnitude_counts, value_histogram
 
+from curves_run import train_with_scalars
 from logged_run import train
 
 HERE = Path(__file__).parent
@@ -35,18 +36,56 @@ class ListSink(Sink):
         self.reports.append(report)
 
 
+def _round_trip(path, reports):
+    with JsonlSink(path) as sink:
+        for r in reports:
+            sink(r)
+    back = read_jsonl(path)
+    assert [b.to_dict() for b in back] == [r.to_dict() for r in reports]
+    return back
+
+
 @pytest.mark.parametrize("name", ["run.jsonl", "run.jsonl.gz"])
 def test_jsonl_round_trip(tmp_path, run, name):
     path = tmp_path / name
-    with JsonlSink(path) as sink:
-        for r in run:
-            sink(r)
-    back = read_jsonl(path)
-    assert [b.to_dict() for b in back] == [r.to_dict() for r in run]
+    _round_trip(path, run)
     if name.endswith(".gz"):
         assert path.read_bytes()[:2] == b"\x1f\x8b"
     else:
         assert len(path.read_text().splitlines()) == len(run) + 1  # the layout line first
+
+
+@pytest.fixture(scope="module")
+def curves() -> list[Report]:
+    """Reports carrying the user's loss and lr; the loss is NaN at step 8."""
+    return train_with_scalars(steps=12, nan_at=8)
+
+
+@pytest.mark.parametrize("name", ["run.jsonl", "run.jsonl.gz"])
+def test_jsonl_round_trip_of_user_scalars(tmp_path, curves, name):
+    back = _round_trip(tmp_path / name, curves)
+    assert [b.scalars["lr"] for b in back] == [0.05] * 10 + [0.025] * 2
+    assert math.isnan(back[8].scalars["loss"]) and all(math.isfinite(b.scalars["loss"]) for b in back[:8])
+
+
+def test_logs_without_user_scalars_read_as_before(tmp_path, run):
+    with JsonlSink(tmp_path / "run.jsonl") as sink:
+        sink(run[0])
+    assert '"scalars"' not in (tmp_path / "run.jsonl").read_text()  # nothing logged, nothing written
+    assert read_jsonl(tmp_path / "run.jsonl")[0].scalars == {}
+
+
+@pytest.mark.parametrize("scalars, words", [("[1, 2]", "scalars is [1, 2]; expected an object"),
+                                            ('{"loss": "low"}', "scalars['loss'] is 'low'"),
+                                            ('{"loss": true}', "scalars['loss'] is True")])
+def test_damaged_user_scalars_name_the_field(tmp_path, curves, scalars, words):
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path) as sink:
+        sink(curves[0])
+    head, record = path.read_text().splitlines()
+    path.write_text(head + "\n" + re.sub(r'"scalars":\{[^}]*\}', f'"scalars":{scalars}', record) + "\n")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("histogram", [True, False])
@@ -418,6 +457,30 @@ def test_wandb_gets_the_findings_text_and_opt_in_alerts(tmp_path, run, monkeypat
         assert fault.findings[0].message in sent[0].text and "step 30" in sent[0].text
     else:
         assert sent == []
+
+
+def test_tensorboard_and_wandb_get_the_user_scalars_in_their_own_group(tmp_path, curves, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = _tensorboard(tmp_path / "tb", curves, per_tensor=False, histograms=False)
+    assert {"user/loss", "user/lr"} <= set(tags["scalars"])
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("user/loss")]
+    assert losses == pytest.approx([r.scalars["loss"] for r in curves], nan_ok=True) and math.isnan(losses[8])
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from torchhealth.sinks import WandbSink
+    sent = []
+    with WandbSink(project="torchhealth-test", dir=str(tmp_path), per_tensor=False, histograms=False) as sink:
+        sink.run.log = lambda data, step: sent.append((step, data))
+        for r in curves[7:9]:
+            sink(r)
+    assert [(s, d["user/lr"]) for s, d in sent] == [(7, 0.05), (8, 0.05)]
+    assert math.isnan(sent[1][1]["user/loss"])  # at step 8, logged as such
+    assert "user/loss" not in scalars(curves[0])  # a callback logging `scalars` does not log the loss twice
 
 
 def test_optional_sinks_say_how_to_install(monkeypatch):

@@ -2,13 +2,14 @@
 
     torchhealth demo [--scenario NAME] [--steps N] [--log-dir DIR]
     torchhealth bench [ARGS...]
-    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N]
+    torchhealth report RUN.jsonl [-o report.html] [--partial] [--run N] [--heatmaps N | --heatmap PATTERN ...]
     torchhealth doctor
     torchhealth --version
 
 Results go to stdout, progress bars and errors to stderr. An error is one line
 on stderr and a nonzero exit status (2 for bad arguments, 1 otherwise), never
-a traceback.
+a traceback (`torchhealth.cli_support`). The report command is in
+`torchhealth.cli_report`.
 """
 from __future__ import annotations
 
@@ -16,78 +17,12 @@ import argparse
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
-EXIT_ERROR, EXIT_USAGE = 1, 2
+from . import cli_report
+from .cli_support import EXIT_USAGE, CommandError, Parser, Progress
 
-
-class CommandError(Exception):
-    """A failure to report as one line (and the exit status)."""
-
-    def __init__(self, message: str, status: int = EXIT_ERROR):
-        super().__init__(message)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise CommandError(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_USAGE)
-
-
-# -- progress ----------------------------------------------------------------------------
-class Progress:
-    """``progress(i, total[, what])`` callback drawing one bar style for every
-    command on `stream` (stderr): tqdm when it is installed, else a plain bar
-    redrawn at most 10 times a second. On a stream that is not a terminal (a
-    log file, a CI job) nothing is redrawn: `close` writes the final state as
-    one line; `live` forces either way. Call `close` at the end."""
-
-    def __init__(self, label: str, stream=None, *, use_tqdm: bool | None = None, width: int = 30,
-                 unit: str = "step", live: bool | None = None):
-        self.label, self.stream, self.width, self.unit = label, stream or sys.stderr, width, unit
-        isatty = getattr(self.stream, "isatty", None)
-        self.live = live if live is not None else bool(isatty and isatty())
-        self._tqdm = None
-        if use_tqdm is not False and self.live:
-            try:
-                from tqdm import tqdm
-                self._tqdm = tqdm(desc=label, unit=unit, file=self.stream, leave=True)
-            except ImportError:
-                if use_tqdm:
-                    raise
-        self._t0 = time.perf_counter()
-        self._drawn = 0.0
-        self._last = (0, 0)
-
-    def __call__(self, i: int, total: int, what: str = "") -> None:
-        self._last = (i, total)
-        if not self.live:
-            return
-        if self._tqdm is not None:
-            self._tqdm.total = total
-            self._tqdm.set_postfix_str(what[:40], refresh=False)
-            self._tqdm.update(i - self._tqdm.n)
-            return
-        now = time.perf_counter()
-        if i < total and now - self._drawn < 0.1:
-            return
-        self._drawn = now
-        self.stream.write("\r" + self._line(i, total, now))
-        self.stream.flush()
-
-    def _line(self, i: int, total: int, now: float) -> str:
-        done = int(self.width * i / total) if total else self.width
-        return (f"{self.label} [{'#' * done}{'.' * (self.width - done)}] "
-                f"{i}/{total} {self.unit}s {now - self._t0:5.1f} s")
-
-    def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-        elif self._last != (0, 0):
-            i = self._last[0]
-            self.stream.write(("\r" if self.live else "") + self._line(i, i, time.perf_counter()) + "\n")
-            self.stream.flush()
+__all__ = ["CommandError", "Progress", "main"]
 
 
 # -- demo ----------------------------------------------------------------------------------
@@ -116,55 +51,6 @@ def _bench(argv: list[str]) -> int:
     finally:
         bar.close()
     return int(status or 0)
-
-
-# -- report ------------------------------------------------------------------------------------
-def _report(args) -> int:
-    from .html_report import write_report
-    from .sinks.jsonl import TruncatedLogError, read_jsonl
-    log = Path(args.log)
-    if not log.is_file():
-        raise CommandError(f"torchhealth report: {log}: no such file" if not log.exists()
-                           else f"torchhealth report: {log} is not a file")
-    out = Path(args.output) if args.output else log.with_name(
-        log.name.removesuffix(".gz").removesuffix(".jsonl") + ".html")
-    if out.resolve() == log.resolve() or (out.exists() and os.path.samefile(out, log)):
-        raise CommandError(f"torchhealth report: the output {out} is the log itself; "
-                           "choose another -o", EXIT_USAGE)
-    try:
-        records = read_jsonl(log, errors="skip" if args.partial else "raise")
-    except TruncatedLogError as e:
-        raise CommandError(f"torchhealth report: {e} (add --partial to report the "
-                           f"{len(e.reports)} complete records)") from e
-    except ValueError as e:
-        raise CommandError(f"torchhealth report: {e} (add --partial to skip damaged lines)") from e
-    except OSError as e:
-        raise CommandError(f"torchhealth report: {e}") from e
-    if records.damage:
-        print(_damage_note(log, records.damage), file=sys.stderr)
-    runs = records.runs
-    if not runs:
-        raise CommandError(f"torchhealth report: {log} holds no record")
-    if not -len(runs) <= args.run <= len(runs) or args.run == 0:
-        raise CommandError(f"torchhealth report: --run {args.run}: the log holds {len(runs)} run(s), "
-                           f"1 to {len(runs)} (or -1 for the latest)", EXIT_USAGE)
-    k = args.run - 1 if args.run > 0 else len(runs) + args.run
-    reports = runs[k].reports
-    which = f"run {k + 1} of {len(runs)} in {log}" if len(runs) > 1 else str(log)
-    try:
-        write_report(reports, out, source=which)
-    except OSError as e:
-        raise CommandError(f"torchhealth report: cannot write {out}: {e}") from e
-    print(f"{out} ({len(reports)} records, steps {reports[0].step}-{reports[-1].step}"
-          f"{f'; run {k + 1} of {len(runs)}, --run N shows another' if len(runs) > 1 else ''})")
-    return 0
-
-
-def _damage_note(log, damage) -> str:
-    """One line saying which lines of `log` a partial read skipped."""
-    shown = "; ".join(str(d) for d in damage[:3])
-    more = f"; and {len(damage) - 3} more" if len(damage) > 3 else ""
-    return f"torchhealth report: {log}: skipped {len(damage)} damaged line(s): {shown}{more}"
 
 
 # -- doctor ------------------------------------------------------------------------------------
@@ -272,11 +158,11 @@ def _doctor(args) -> int:
 
 # -- main ---------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="torchhealth", description="Health statistics for PyTorch training: demo, "
+    p = Parser(prog="torchhealth", description="Health statistics for PyTorch training: demo, "
                 "benchmark, HTML report of a logged run, installation check.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"torchhealth {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     d = sub.add_parser("demo", help="train a small model, inject a fault, show what torchhealth saw",
                        prog="torchhealth demo")
     d.add_argument("--scenario", default="nan", help="which fault (default: nan); "
@@ -287,17 +173,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: runs/demo)")
     sub.add_parser("bench", help="benchmark tensor_stats against plain PyTorch checks "
                    "(arguments go to the benchmark)", prog="torchhealth bench", add_help=False)
-    r = sub.add_parser("report", help="write the HTML report of a JSON Lines log",
-                       prog="torchhealth report")
-    r.add_argument("log", metavar="RUN.jsonl", help="a log written by JsonlSink (.jsonl or .jsonl.gz)")
-    r.add_argument("-o", "--output", metavar="OUT.html",
-                   help="where to write the report (default: next to the log, ending in .html)")
-    r.add_argument("--partial", action="store_true",
-                   help="report the complete records of a truncated or damaged log instead of "
-                   "failing (the skipped lines are listed on stderr)")
-    r.add_argument("--run", type=int, default=-1, metavar="N",
-                   help="which run of a log that holds several (each opening of JsonlSink starts "
-                   "one): 1 for the first, -1 (default) for the latest")
+    cli_report.add_parser(sub)
     sub.add_parser("doctor", help="which backend runs, how it was built, and whether it works",
                    prog="torchhealth doctor")
     return p
@@ -321,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:<10} {text}")
                 return 0
             return _demo(args)
-        return {"report": _report, "doctor": _doctor}[args.command](args)
+        return {"report": cli_report.run, "doctor": _doctor}[args.command](args)
     except CommandError as e:
         print(str(e), file=sys.stderr)
         return e.status

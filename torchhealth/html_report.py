@@ -1,46 +1,43 @@
 """The HTML report of a logged run: one self-contained file (plots embedded as
 base64 PNGs, nothing fetched from the network), built from Reports only.
 
-Sections: a summary; the user's scalars (loss, learning rate) when the
-Reports carry any; gradient and weight norms per parameter over steps; for
-the worst parameters a heatmap of the log2-magnitude histogram over steps with
-the float16 and bfloat16 limits marked; a timeline of the checks that fired;
-a table of the worst parameters. Plots need matplotlib (the optional extra
+Sections: a summary; the user's scalars (loss, learning rate: `HealthMonitor.log`)
+when the Reports carry any; gradient and weight norms per parameter over steps;
+for the worst parameters, or the ones named, a heatmap of the log2-magnitude
+histogram over steps with the float16 and bfloat16 limits marked; a timeline of
+the checks that fired; a table of the worst parameters. The figures are drawn
+by `torchhealth.report_plots` and need matplotlib (the optional extra
 ``torchhealth[report]``); without it the report keeps its tables and says how
 to get the plots.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
+import difflib
+import fnmatch
 import html
-import io
 import math
+import numbers
 import os
 import stat
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import report_plots as plots
 from ._optional import require
-from .histogram_view import magnitude_counts
 from .report import Report, Row
 
-# Binary exponents of the low-precision limits drawn on the heatmaps.
-LIMITS = [  # (log2 magnitude, label, dtype)
-    (math.log2(65504.0), "fp16 max 65504", "float16"),
-    (-14.0, "fp16 smallest normal 2^-14", "float16"),
-    (-24.0, "fp16 subnormal floor 2^-24", "float16"),
-    (128.0, "bf16 max ~2^128", "bfloat16"),
-    (-126.0, "bf16 smallest normal 2^-126", "bfloat16"),
-    (-133.0, "bf16 subnormal floor 2^-133", "bfloat16"),
-]
 INSTALL_HINT = "pip install torchhealth[report]"
 NO_HISTOGRAMS = ("Histograms were not recorded in this run, so there is nothing to draw here. "
                  "Turn them on with <code>histogram=True</code> (e.g. "
                  "<code>HealthCheckedOptimizer(opt, model=model, histogram=True)</code>).")
 _SEVERITIES = ("error", "warning", "info")  # the ones with a style
+# Heatmap rows in one figure at the most: each is 3.8 inches tall, and an image
+# taller than 2^16 pixels cannot be saved.
+MAX_HEATMAPS = 40
 
 
 @dataclass
@@ -92,197 +89,56 @@ def _ranked(params: dict[str, _Param]) -> list[tuple[_Param, dict]]:
     return sorted(scored, key=key)
 
 
-# -- plots -------------------------------------------------------------------------
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+# -- which heatmaps --------------------------------------------------------------------
+def match_names(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The `names` that `patterns` (exact names or `fnmatch` glob patterns)
+    match, in the patterns' order and then the names' own, each once. A
+    pattern that matches none is a ValueError listing the closest names."""
+    names = list(dict.fromkeys(names))
+    out: dict[str, None] = {}
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise TypeError(f"heatmaps: a pattern must be a non-empty string, got {pat!r}")
+        hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.5)
+            hint = (f"close names: {', '.join(close)}" if close else
+                    f"the names are like {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
+            raise ValueError(f"no parameter matches the heatmap pattern {pat!r}; {hint}")
+        out.update(dict.fromkeys(hits))
+    return list(out)
 
 
-def _fault_steps(reports: list[Report]) -> list[int]:
-    return [r.step for r in reports if not r.ok]
+@dataclass
+class _Heatmaps:
+    selected: list[_Param]  # to draw, in order
+    which: str  # how they were chosen, for the page
+    note: str | None = None  # why some (or all) are not drawn
 
 
-def _norm(rows: list[Row]) -> float:
-    """The L2 norm to plot: NaN (a gap) when a value is non-finite, since the
-    statistics' norm covers the finite values only, and for 0 (log axis)."""
-    if any(r.nonfinite for r in rows):
-        return math.nan
-    n = math.sqrt(sum(r.sumsq for r in rows))
-    return n if n > 0 else math.nan
-
-
-def _norms_plot(mpl, reports: list[Report], params: dict[str, _Param]) -> str:
-    fig = mpl.figure.Figure(figsize=(13, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2)
-    cmap = mpl.colormaps["viridis"]
-    names = list(params)
-    for ax, role, title in ((axes[0], "grad", "gradient norm"), (axes[1], "param", "weight norm")):
-        drawn = False  # a log axis needs one positive value: not so in a run NaN or zero throughout
-        for i, name in enumerate(names):
-            steps, norms = params[name].series(role, lambda r: _norm([r]))
-            drawn = drawn or any(math.isfinite(n) for n in norms)
-            ax.plot(steps, norms, lw=1, color=cmap(i / max(len(names) - 1, 1)),
-                    label=name if len(names) <= 10 else None)
-        total = [(r.step, _norm([w for w in r.rows if w.role == role]))
-                 for r in reports if any(w.role == role for w in r.rows)]
-        if total:
-            ax.plot(*zip(*total), color="black", lw=2, label="total")
-        for s in _fault_steps(reports):
-            ax.axvline(s, color="#d62728", alpha=0.5, lw=1.5, zorder=0)
-        if drawn:
-            _log_y(mpl, ax)
-        else:
-            ax.text(0.5, 0.5, f"no finite nonzero {title} in this run", transform=ax.transAxes,
-                    ha="center", va="center", color="#d62728")
-        ax.set_title(f"{title} per parameter")
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", ncol=2)
-    if len(names) > 10:  # too many for a legend: the colour scale names some of them
-        sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(0, len(names) - 1))
-        bar = fig.colorbar(sm, ax=axes, label="parameter (first to last)", shrink=0.9)
-        ticks = sorted({round(i * (len(names) - 1) / 11) for i in range(12)})
-        bar.set_ticks(ticks, labels=[_short(names[i]) for i in ticks], fontsize=7)
-    return _png(fig)
-
-
-def _log_y(mpl, ax) -> None:
-    """A log y axis labelled in plain text ("1e-05"): the default labels are
-    mathtext, which the report turns off so that names from the log draw as they are."""
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(mpl.ticker.LogFormatter())
-    ax.yaxis.set_minor_formatter(mpl.ticker.LogFormatter(labelOnlyBase=False))
-
-
-def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else "\u2026" + name[-(width - 1):]
-
-
-def _scalars_plot(mpl, reports: list[Report]) -> str | None:
-    """The user's scalars (loss, learning rate, ...) over steps, one panel each;
-    None when no Report carries any."""
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for r in reports:
-        for k, v in (getattr(r, "scalars", None) or {}).items():
-            steps, values = series.setdefault(k, ([], []))
-            steps.append(r.step)
-            values.append(float(v))
-    if not series:
-        return None
-    cols = min(len(series), 3)
-    rows = -(-len(series) // cols)
-    fig = mpl.figure.Figure(figsize=(13, 3.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, (steps, values)) in zip(axes, series.items()):
-        ax.plot(steps, values, lw=1.2, color="#1f77b4", marker="." if len(steps) < 50 else None)
-        for s in _fault_steps(reports):
-            ax.axvline(s, color="#d62728", alpha=0.5, lw=1.5, zorder=0)
-        finite = [v for v in values if math.isfinite(v)]
-        if finite and min(finite) > 0 and max(finite) > 100 * min(finite):
-            _log_y(mpl, ax)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    for ax in axes[len(series):]:
-        ax.set_visible(False)
-    return _png(fig)
-
-
-def _heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
-    """Fraction of a tensor's values per binary exponent of |x|, over steps."""
-    import numpy as np  # a dependency of matplotlib
-
-    pts = [(s, r) for s, r in pts if r.hist is not None]  # checks without a histogram: gaps
-    counts = [magnitude_counts(r) for _, r in pts]
-    exps = [e for c in counts for e in c]
-    if not exps:  # measured, and nothing to place on a log2 scale: say so instead of empty axes
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.text(0.5, 0.5, "no finite nonzero values\n(all zero or non-finite at every step)"
-                if pts else "no histogram recorded", transform=ax.transAxes, ha="center",
-                va="center", color="#d62728", fontsize=9)
-        return None
-    lo = min(min(exps), -24) - 6
-    hi = max(max(exps), 16) + 3
-    grid = np.full((hi - lo + 1, len(pts)), np.nan)
-    for j, ((_, r), c) in enumerate(zip(pts, counts)):
-        for e, n in c.items():
-            grid[e - lo, j] = n / r.numel
-    steps = np.array([s for s, _ in pts], dtype=float)
-    mid = (steps[1:] + steps[:-1]) / 2
-    first = steps[0] - (mid[0] - steps[0] if len(mid) else 0.5)
-    last = steps[-1] + (steps[-1] - mid[-1] if len(mid) else 0.5)
-    xedges = np.concatenate([[first], mid, [last]])
-    yedges = np.arange(lo, hi + 2)  # the bin of exponent e spans log2|x| in [e, e + 1)
-    mesh = ax.pcolormesh(xedges, yedges, np.ma.masked_invalid(grid), cmap="magma_r",
-                         norm=mpl.colors.LogNorm(vmin=1e-6, vmax=1), shading="flat")
-    box = {"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1}
-    off = {"top": [], "bottom": []}
-    for y, label, dtype in LIMITS:
-        color = "#1f77b4" if dtype == "float16" else "#2ca02c"
-        if lo <= y <= hi + 1:
-            ax.axhline(y, color=color, lw=1, ls="--")
-            # beside the chart, not over the values; constrained layout makes room for it
-            ax.text(1.01, y, label, transform=ax.get_yaxis_transform(), va="center", ha="left",
-                    fontsize=7, color=color, clip_on=False)
-        else:
-            off["top" if y > hi else "bottom"].append(label)
-    for where, labels in off.items():  # limits beyond the chart, marked at its edge
-        if labels:
-            ax.text(0.01, 0.98 if where == "top" else 0.02,
-                    ("\u2191 " if where == "top" else "\u2193 ") + "\n".join(labels) + " (off the chart)",
-                    transform=ax.transAxes, va="top" if where == "top" else "bottom", ha="left",
-                    fontsize=7, color="#2ca02c", bbox=box)
-    ax.set_ylim(lo, hi + 1)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("log2 |x|")
-    return mesh
-
-
-def _heatmaps_plot(mpl, selected: list[_Param]) -> str:
-    fig = mpl.figure.Figure(figsize=(13, 3.8 * len(selected)), layout="constrained")
-    fig.get_layout_engine().set(h_pad=0.12, w_pad=0.1)  # inches between a panel's labels and the next title
-    axes = fig.subplots(len(selected), 2, squeeze=False)
-    meshes = [_heatmap(mpl, ax, p.rows.get(role, []), f"{p.name}: {what}")
-              for row, p in zip(axes, selected)
-              for ax, role, what in zip(row, ("grad", "param"), ("gradient", "weight"))]
-    mesh = next((m for m in meshes if m is not None), None)
-    if mesh is not None:  # one scale for all: LogNorm(1e-6, 1)
-        bar = fig.colorbar(mesh, ax=axes, label="fraction of the tensor's values", shrink=0.6, aspect=40)
-        bar.ax.yaxis.set_major_formatter(mpl.ticker.LogFormatter())
-    return _png(fig)
-
-
-def _timeline_plot(mpl, reports: list[Report]) -> str:
-    fired = [(r.step, f) for r in reports for f in r.findings]
-    checks = list(dict.fromkeys(f.check for _, f in fired))
-    skipped = [r.step for r in reports if r.skipped]
-    lanes = checks + (["step skipped"] if skipped else [])
-    fig = mpl.figure.Figure(figsize=(13, 0.5 * len(lanes) + 1.4), layout="constrained")
-    ax = fig.subplots()
-    colors = {"error": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
-    for severity, color in colors.items():
-        pts = [(s, checks.index(f.check)) for s, f in fired if f.severity == severity]
-        if pts:
-            ax.scatter(*zip(*pts), color=color, marker="|", s=300, linewidths=2, label=severity)
-    if skipped:
-        ax.scatter(skipped, [len(checks)] * len(skipped), color="gray", marker="|", s=300,
-                   linewidths=2, label="skipped")
-    ax.set_yticks(range(len(lanes)), lanes)
-    ax.set_ylim(-0.6, len(lanes) - 0.4)
-    ax.set_xlim(reports[0].step - 0.5, reports[-1].step + 0.5)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _png(fig)
+def _choose_heatmaps(heatmaps, ranked: list[tuple[_Param, dict]], params: dict[str, _Param]) -> _Heatmaps:
+    if isinstance(heatmaps, bool) or not isinstance(heatmaps, (numbers.Integral, str, Iterable)):
+        raise TypeError(f"heatmaps must be a number of parameters or names and glob patterns, "
+                        f"got {type(heatmaps).__name__} {heatmaps!r}")
+    measured = {n for n, p in params.items() if any(r.hist is not None for rows in p.rows.values() for _, r in rows)}
+    if isinstance(heatmaps, numbers.Integral):
+        if heatmaps < 0:
+            raise ValueError(f"heatmaps must be >= 0 (how many of the worst parameters), got {heatmaps}")
+        chosen = [p for p, _ in ranked if p.name in measured][:heatmaps]
+        which, note = "for the worst parameters", ("No heatmap was asked for (heatmaps=0)."
+                                                   if heatmaps == 0 and measured else None)
+    else:
+        names = match_names(params, [heatmaps] if isinstance(heatmaps, str) else heatmaps)
+        chosen = [params[n] for n in names if n in measured]
+        which, note = "for the parameters asked for", None
+        if measured and len(chosen) < len(names):
+            note = (f"{len(names) - len(chosen)} of the {len(names)} parameters asked for have no "
+                    f"histogram in this log: {html.escape(', '.join(n for n in names if n not in measured)[:300])}")
+    if len(chosen) > MAX_HEATMAPS:
+        note = (f"{len(chosen)} parameters chosen; the first {MAX_HEATMAPS} are drawn "
+                "(ask for fewer: <code>heatmaps=</code>, <code>--heatmap</code>).")
+        chosen = chosen[:MAX_HEATMAPS]
+    return _Heatmaps(chosen, which, note)
 
 
 # -- tables ------------------------------------------------------------------------
@@ -343,36 +199,39 @@ img{max-width:100%}.note{background:#f4f4f4;padding:8px 12px;border-left:4px sol
 """
 
 
-def _sections(mpl, reports: list[Report], params: dict[str, _Param], selected: list[_Param],
+def _sections(mpl, reports: list[Report], params: dict[str, _Param], heatmaps: _Heatmaps,
               fired: bool, findings: int) -> list[str]:
     """The plots and the findings table. Names, checks and messages come from the
     log: `render` has matplotlib draw them as they are (no $...$ mathtext)."""
     parts = []
-    curves = _scalars_plot(mpl, reports) if mpl else None
+    curves = plots.scalars_plot(mpl, reports) if mpl else None
     if curves:
         parts += ["<h2>Training curves</h2>", "<p>The scalars logged with the checks "
-                  "(loss, learning rate, ...); red: a check fired.</p>", curves]
+                  "(loss, learning rate, ...); red lines: a check fired; red marks at the top: "
+                  "NaN or infinite values (gaps in the line).</p>", curves]
     parts.append("<h2>Gradient and weight norms</h2><p>Red lines: a check fired on that step; "
                  "gaps: non-finite values.</p>")
     if mpl:
-        parts.append(_norms_plot(mpl, reports, params))
+        parts.append(plots.norms_plot(mpl, reports, params))
     parts.append("<h2>Log2-magnitude histograms over steps</h2>")
-    if not selected:
-        parts.append(f'<p class="note">{NO_HISTOGRAMS}</p>')
+    if not heatmaps.selected:
+        parts.append(f'<p class="note">{heatmaps.note or NO_HISTOGRAMS}</p>')
     else:
         parts.append("<p>The fraction of each tensor's values in every binade [2^e, 2^(e+1)) at "
-                     "each step with a histogram, for the worst parameters. Values drifting toward "
+                     f"each step with a histogram, {heatmaps.which}. Values drifting toward "
                      "the top line overflow float16; below the float16 smallest normal they lose "
                      "precision and under its subnormal floor they flush to zero. bfloat16 has "
                      "float32's exponent range, so it overflows and underflows only far outside "
                      "these charts.</p>")
+        if heatmaps.note:
+            parts.append(f'<p class="note">{heatmaps.note}</p>')
         if mpl:
-            parts.append(_heatmaps_plot(mpl, selected))
+            parts.append(plots.heatmaps_plot(mpl, heatmaps.selected))
     parts.append("<h2>Checks that fired</h2>")
     parts += _origins(reports)
     if fired:
         if mpl:
-            parts.append(_timeline_plot(mpl, reports))
+            parts.append(plots.timeline_plot(mpl, reports))
         parts.append(_findings_table(reports, findings))
     else:
         parts.append("<p>No check fired in this run.</p>")
@@ -380,17 +239,21 @@ def _sections(mpl, reports: list[Report], params: dict[str, _Param], selected: l
 
 
 def render(reports: list[Report], *, title: str = "torchhealth report", source: str | None = None,
-           heatmaps: int = 4, worst: int = 15, findings: int = 200) -> str:
+           heatmaps: int | str | Iterable[str] = 4, worst: int = 15, findings: int = 200) -> str:
     """The report of `reports` (one run, in step order) as one HTML document.
 
-    `heatmaps` parameters get a histogram heatmap (the worst ones, see the
-    table), `worst` rows go in the table of worst parameters and at most
-    `findings` findings are listed one by one.
+    `heatmaps`: which parameters get a histogram heatmap: a number N (the N
+    worst, as ranked in the table of worst parameters), or parameter names
+    and glob patterns (``"layers.*.weight"``, `fnmatch` rules), drawn in the
+    order given (a pattern that matches no parameter is a ValueError naming
+    the closest names). `worst` rows go in the table of worst parameters and
+    at most `findings` findings are listed one by one.
     """
     if not reports:
         raise ValueError("render: no reports to show (the log is empty)")
     params = _params(reports)
     ranked = _ranked(params)
+    chosen = _choose_heatmaps(heatmaps, ranked, params)
     fired = Counter(f.check for r in reports for f in r.findings)
     skipped = sum(r.skipped for r in reports)
     status = ('<span class="ok">healthy: no check fired</span>' if not fired else
@@ -403,15 +266,14 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
                                               f"{html.escape(k)}</div>" for k, v in cards) + "</div>"]
     try:
         mpl = require("matplotlib", "report")
-        for sub in ("figure", "colors", "cm", "ticker"):
+        for sub in ("figure", "colors", "cm", "ticker", "transforms"):
             require(f"matplotlib.{sub}", "report")
     except ImportError:
         mpl = None
         parts.append(f'<p class="note">The plots need matplotlib, which is not installed: '
                      f"<code>{INSTALL_HINT}</code>, then run <code>torchhealth report</code> again.</p>")
-    measured = [p for p, _ in ranked if any(r.hist is not None for rows in p.rows.values() for _, r in rows)]
     with mpl.rc_context({"text.parse_math": False}) if mpl else contextlib.nullcontext():
-        parts += _sections(mpl, reports, params, measured[:heatmaps], fired or skipped, findings)
+        parts += _sections(mpl, reports, params, chosen, fired or skipped, findings)
     parts.append("<h2>Worst parameters</h2>" + _worst_table(ranked, worst))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -9,6 +9,7 @@ Usage (what an integration does around each optimizer step)::
     monitor.on_report(sink)                  # every Report, in step order
     ...
     loss.backward()
+    monitor.log(loss=loss, lr=lr)           # optional: the user's numbers, in this step's Report
     result = monitor.check(step)            # CheckResult, or None between checks
     # result.skip: should this step be skipped (bool, or a 0-d device tensor)
     # policy.predicated_step(optimizer, result.skip if result else None)
@@ -63,7 +64,7 @@ import torch
 
 from .checks import RunningState, Signal, run_checks, total_grad_norm
 from .policy import Decision, act_, decide, dispatch, grad_norm_
-from . import distributed
+from . import distributed, user_scalars
 from ._ops import tensor_stats
 from .collect import Collected, Collector
 from .options import MonitorOptions
@@ -128,7 +129,7 @@ class HealthMonitor:
             ``optimizer_state``, ``histogram``, ``max_grad_norm``,
             ``escalate_after``) override it.
 
-    API: `check` (once per optimizer step), `on_report`, `flush`,
+    API: `check` (once per optimizer step), `log`, `on_report`, `flush`,
     ``last_report``, `state_dict` / `load_state_dict`.
     """
 
@@ -148,6 +149,7 @@ class HealthMonitor:
         self._backwards = 0
         self._activations = None  # a torchhealth.watch.Watch feeding this monitor
         self.micro_batches = 0  # backward passes before the last check (with check_at_backward_end)
+        self._scalars: dict[str, float | torch.Tensor] = {}  # logged for the next check
 
     # The settings, readable as attributes (they are `options`' fields).
     check_every = property(lambda self: self.options.check_every)
@@ -175,6 +177,17 @@ class HealthMonitor:
         self._callbacks.append(entry)
         return _Handle(self._callbacks, entry)
 
+    def log(self, **scalars) -> None:
+        """Adds the user's numbers (``loss=loss, lr=sched.get_last_lr()[0]``) to
+        the Report of the step being taken: call it before that step's `check`
+        (before ``opt.step()``). Each is a real number or a one-element tensor;
+        a tensor is not read here (no host sync): it travels to the host with
+        the check's statistics, and on a step that is not checked it is
+        dropped unread. NaN and inf are kept. Logging a name again in one step
+        keeps the last value. TypeError/ValueError naming the scalar otherwise."""
+        checked = {k: user_scalars.checked(k, v) for k, v in scalars.items()}
+        self._scalars.update(checked)
+
     def due(self, step: int) -> bool:
         return self.options.due(step)
 
@@ -192,6 +205,7 @@ class HealthMonitor:
         step = self.checks * self.options.check_every if step is None else step
         self._deliver(block=False)
         if not self.options.due(step):
+            self._scalars.clear()  # a step without a Report: its numbers go nowhere
             return None
         prepared, self._prepared = self._prepared, None
         if found_inf is not None:  # gradients were scaled at the end of backward
@@ -272,7 +286,8 @@ class HealthMonitor:
                    if p.at_backward_end and not any(g.is_sparse for g in p.batch.grads) else None)
         result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
                              self.options, late=late, activations=self._activation_passes(p.step),
-                             applied_norm=applied)
+                             applied_norm=applied, scalars=self._scalars)
+        self._scalars = {}
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)
         self.checks += 1

@@ -175,6 +175,11 @@ class HealthCheckedOptimizer(Optimizer):
             self._skipped = self._skipped + skipped  # a device tensor stays one
         return loss if closure is not None and out is None else out
 
+    def log(self, **scalars) -> None:
+        """The user's numbers for this step's Report, e.g. ``opt.log(loss=loss,
+        lr=sched.get_last_lr()[0])`` before ``opt.step()``: see `HealthMonitor.log`."""
+        self.monitor.log(**scalars)
+
     def _grads(self):
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 

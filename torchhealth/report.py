@@ -153,6 +153,9 @@ class Report:
     # Where a non-finite value first appeared, with `torchhealth.watch`: {"module",
     # "pass" ("forward"/"backward"), "step", "numel", "nan", "posinf", "neginf"}.
     origin: dict[str, Any] | None = None
+    # The user's numbers of this step (`HealthMonitor.log`: loss, learning rate,
+    # ...), non-finite ones included: a NaN loss is a finding of its own.
+    scalars: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, step: int, stats: TensorStats, names: list[str], roles: list[str],
@@ -209,6 +212,8 @@ class Report:
              "rows": [r.to_dict() for r in self.rows]}
         if self.origin is not None:
             d["origin"] = dict(self.origin)
+        if self.scalars:
+            d["scalars"] = {k: _json_float(v) for k, v in self.scalars.items()}
         return d
 
     @classmethod
@@ -216,7 +221,8 @@ class Report:
         return cls(step=int(d["step"]), time=float(d["time"]), skipped=bool(d["skipped"]),
                    actions=list(d.get("actions", [])),
                    findings=[Finding.from_dict(f) for f in d.get("findings", [])],
-                   rows=[Row.from_dict(r) for r in d["rows"]], origin=d.get("origin"))
+                   rows=[Row.from_dict(r) for r in d["rows"]], origin=d.get("origin"),
+                   scalars={k: _from_json_float(v) for k, v in d.get("scalars", {}).items()})
 
     def __str__(self) -> str:
         head = (f"torchhealth step {self.step}: {self.status}"
@@ -226,6 +232,8 @@ class Report:
         if self.origin is not None:
             o = self.origin
             lines.append(f"  origin: {o['module']} ({o['pass']} pass, step {o['step']})")
+        if self.scalars:
+            lines.append("  logged: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scalars.items()))
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.check}{' (primary)' if f.primary else ''}: {f.message}")
         if self.actions:

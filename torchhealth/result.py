@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from . import user_scalars
 from .activations import PassStats, activation_findings, pass_fields
 from .checks import Layout, Signal, any_fired, finding
 from .policy import Decision, describe
@@ -30,9 +31,11 @@ class CheckResult:
 
     def __init__(self, step: int, stats: TensorStats, layout: Layout, signals: list[Signal],
                  decision: Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
-                 late: bool, activations: list[PassStats] = (), applied_norm: torch.Tensor | None = None):
+                 late: bool, activations: list[PassStats] = (), applied_norm: torch.Tensor | None = None,
+                 scalars: dict[str, float | torch.Tensor] | None = None):
         self.step, self.layout, self.signals, self.options = step, layout, signals, options
         self.late = late  # whether the verdict reaches the host after the optimizer step
+        self.scalars = dict(scalars or {})  # the user's, from `HealthMonitor.log`
         none = grad_norm.new_zeros((), dtype=torch.bool)
         self.copy = HostCopy({
             "stats": stats.data,
@@ -46,6 +49,7 @@ class CheckResult:
             "consecutive_skips": decision.consecutive_skips,
             **pass_fields(list(activations)),
             **({"applied_norm": applied_norm} if applied_norm is not None else {}),
+            **user_scalars.fields(self.scalars, grad_norm.device),
         })
         self.activations = list(activations)
         self._device_skip = decision.skip
@@ -88,17 +92,18 @@ class CheckResult:
         """The host-side Report of this check (built once)."""
         if self._report is None:
             self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options,
-                                        self.activations)
+                                        self.activations, self.scalars)
         return self._report
 
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
-                 options: MonitorOptions, activations: list[PassStats] = ()) -> Report:
+                 options: MonitorOptions, activations: list[PassStats] = (),
+                 scalars: dict[str, float | torch.Tensor] | None = None) -> Report:
     """The Report of one check from its host copy: rows, findings (the first
     warning or error, in `CHECKS` order, marked primary: a non-finite value
     comes before the norms it breaks, an exploding norm before what looks
     small next to it), the labels of the actions the policy took, and the
-    activations' rows, findings and origin."""
+    activations' rows, findings and origin, and the user's `scalars`."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
@@ -141,4 +146,5 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         [(p, copy.tensor(f"act{i}"), copy.tensor(f"near{i}")) for i, p in enumerate(activations)],
         th.max_saturated_fraction, th.max_dead_fraction)
     return Report(step=step, rows=rows + act_rows, findings=act_findings + findings, actions=actions,
-                  skipped=bool(copy.value("skip")), origin=origin)
+                  skipped=bool(copy.value("skip")), origin=origin,
+                  scalars=user_scalars.values(scalars or {}, copy))

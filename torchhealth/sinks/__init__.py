@@ -1,11 +1,11 @@
 """Where Reports go: a JSON Lines log (default, no dependency), a flight
 recorder, and optional TensorBoard and W&B sinks (imported when used)."""
-from .base import Sink, scalars
+from .base import Sink, logged, scalars
 from .flight import FlightRecorder
 from .jsonl import Damage, JsonlSink, Log, Run, TruncatedLogError, read_jsonl
 
 __all__ = ["Damage", "FlightRecorder", "JsonlSink", "Log", "Run", "Sink", "TensorBoardSink",
-           "TruncatedLogError", "WandbSink", "read_jsonl", "scalars"]
+           "TruncatedLogError", "WandbSink", "logged", "read_jsonl", "scalars"]
 
 
 def __getattr__(name: str):

@@ -44,6 +44,16 @@ def scalars(report: Report, per_tensor: bool = True) -> dict[str, float]:
     return out
 
 
+USER = "user"  # the group (TensorBoard section, W&B panel) of the user's own scalars
+
+
+def logged(report: Report) -> dict[str, float]:
+    """The user's scalars of the Report (`HealthMonitor.log`) as ``user/<name>``,
+    non-finite ones included. Kept apart from `scalars`, so that a framework
+    callback that already logs the loss does not log it twice."""
+    return {f"{USER}/{k}": v for k, v in report.scalars.items()}
+
+
 def findings_text(report: Report) -> str:
     """The Report's findings as Markdown, one paragraph each (empty if none)."""
     return "\n\n".join(f"**{f.severity}** {f.check}: {f.message}" for f in report.findings)

@@ -17,7 +17,9 @@ Format (version 1). Each line is one JSON object, of one of two kinds:
   digits that read back as the same float32; non-finite floats are the strings
   "inf", "-inf", "nan") and ``hist`` holds
   the nonzero histogram bins as runs ``[[first_column, count, count, ...], ...]``
-  (columns of `torchhealth.histogram_bins`), or null without histograms.
+  (columns of `torchhealth.histogram_bins`), or null without histograms;
+  ``scalars``, only when the user logged any (`HealthMonitor.log`), maps each
+  name to its number (non-finite ones as the strings above).
 
 `read_jsonl` turns this back into the exact Reports (``Report.to_dict()`` lines,
 with "rows", are read too), checking every field. A record is appended with one

@@ -61,7 +61,8 @@ def encode(report: Report) -> dict[str, Any]:
             "values": [[_extreme(r.min, r.dtype), _extreme(r.max, r.dtype), _json_float(r.sum),
                         _json_float(r.sumsq)] for r in rows],
             "hist": None if rows and rows[0].hist is None else [_runs(r.hist or {}) for r in rows],
-            **({"origin": dict(report.origin)} if report.origin is not None else {})}
+            **({"origin": dict(report.origin)} if report.origin is not None else {}),
+            **({"scalars": {k: _json_float(v) for k, v in report.scalars.items()}} if report.scalars else {})}
 
 
 # -- checked reading ----------------------------------------------------------------------
@@ -175,7 +176,14 @@ def _report(d: dict, rows: list[Row]) -> Report:
                   actions=_strings(d.get("actions", []), "actions"),
                   findings=[_finding(f, f"findings[{i}]")
                             for i, f in enumerate(_list(d.get("findings", []), "findings"))],
-                  origin=_origin(d.get("origin")))
+                  origin=_origin(d.get("origin")), scalars=_scalars(d.get("scalars", {})))
+
+
+def _scalars(s: Any) -> dict[str, float]:
+    """The user's numbers of a record (`Report.scalars`; absent in older logs), checked."""
+    if not isinstance(s, dict):
+        raise ValueError(f"scalars is {_show(s)}; expected an object of name: number")
+    return {k: _float(v, f"scalars[{k!r}]") for k, v in s.items()}
 
 
 def _origin(o: Any) -> dict | None:

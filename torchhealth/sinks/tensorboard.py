@@ -6,7 +6,7 @@ import os
 from .._optional import require
 from ..histogram_view import value_histogram
 from ..report import Report
-from .base import Sink, findings_text, scalars
+from .base import Sink, findings_text, logged, scalars
 
 # TensorBoard makes a section of each tag's first path component: the per-tensor
 # metrics go under these two instead of one section per metric and role.
@@ -20,7 +20,8 @@ class TensorBoardSink(Sink):
     ``_nonfinite``); with `histograms`, each tensor's histogram from
     torchhealth's own log2 bins (through ``add_histogram_raw``, nothing
     recomputed) as ``health_histograms/<role>/<name>``, written only for rows
-    measured with a histogram; and the findings as text under ``health/findings``.
+    measured with a histogram; the findings as text under ``health/findings``;
+    and the user's own scalars (`HealthMonitor.log`) as ``user/<name>``.
 
     Give it a log directory, or a ``SummaryWriter`` to share (then closing the
     sink flushes the writer but leaves it open).
@@ -42,6 +43,8 @@ class TensorBoardSink(Sink):
         w, step = self.writer, report.step
         for tag, value in scalars(report, per_tensor=self.per_tensor).items():
             tag = tag if tag.startswith("health/") else f"{TENSORS}/{tag}"
+            w.add_scalar(tag, value, step, walltime=report.time)
+        for tag, value in logged(report).items():
             w.add_scalar(tag, value, step, walltime=report.time)
         if self.histograms:
             for r in report.rows:

@@ -4,14 +4,15 @@ from __future__ import annotations
 from .._optional import require
 from ..histogram_view import value_histogram
 from ..report import Report
-from .base import Sink, findings_text, scalars
+from .base import Sink, findings_text, logged, scalars
 
 MAX_BINS = 512  # W&B's limit for one histogram
 
 
 class WandbSink(Sink):
     """Logs each Report to a W&B run at its step: the `scalars` of the Report
-    (the per-tensor ones only with `per_tensor`), the findings' text under
+    (the per-tensor ones only with `per_tensor`), the user's own scalars
+    (`HealthMonitor.log`) as ``user/<name>``, the findings' text under
     ``health/findings_text`` on the steps that have any, and with `histograms`
     each tensor's histogram as ``wandb.Histogram(np_histogram=...)`` from
     torchhealth's own bins (neighbouring bins merged if more than 512), for the
@@ -36,7 +37,7 @@ class WandbSink(Sink):
         self.alert_wait = alert_wait
 
     def write(self, report: Report) -> None:
-        data: dict = dict(scalars(report, per_tensor=self.per_tensor))
+        data: dict = {**scalars(report, per_tensor=self.per_tensor), **logged(report)}
         if report.findings:
             data["health/findings_text"] = findings_text(report)
         if self.histograms:
