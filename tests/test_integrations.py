@@ -65,6 +65,7 @@ def test_lightning_callback_logs_every_step_through_the_loggers(tmp_path):
     assert all(r.hist for r in reports[0].rows if r.role == "grad")
     # The callback saw the gradients the optimizer used: same norm as the module's own hook.
     assert [r.grad_norm for r in reports] == pytest.approx(module.seen_norms, rel=1e-12)
+    assert [r.scalars for r in reports] == [{"lr": 1e-2}] * 4  # drawn by the HTML report
     with open(logger.log_dir + "/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {int(r["step"]): float(r["health/grad_norm"]) for r in rows if r.get("health/grad_norm")}
@@ -152,15 +153,21 @@ def test_hf_callback_checks_every_optimizer_step(hf, tmp_path):
     from torchhealth.integrations.hf import HealthCheckCallback
     callback = HealthCheckCallback(histogram=True, sinks=[JsonlSink(tmp_path / "run.jsonl")])
     trainer, model = _hf_trainer(hf, tmp_path, callback, steps=4)
-    grads = []
-    trainer.add_callback(type("Spy", (hf.TrainerCallback,), {"on_pre_optimizer_step": lambda self, a, s, c, **k: grads.append(
-        torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item())})())
+    grads, rates = [], []
+
+    def spy(self, a, s, c, optimizer=None, **k):
+        rates.append(optimizer.param_groups[0]["lr"])
+        grads.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()
+                                    if p.grad is not None)).item())
+    trainer.add_callback(type("Spy", (hf.TrainerCallback,), {"on_pre_optimizer_step": spy})())
     trainer.train()
     reports = read_jsonl(tmp_path / "run.jsonl")
     # Report steps are the Trainer's global_step for each optimizer step (1-based, as it logs them).
     assert [r.step for r in reports] == [1, 2, 3, 4] and trainer.state.global_step == 4
     assert "transformer.h.0.attn.c_attn.weight" in {r.name for r in reports[0].rows}
     assert [r.grad_norm for r in reports] == pytest.approx(grads, rel=1e-12)
+    # the learning rate each step used (the Trainer's linear decay), for the report's curves
+    assert [r.scalars["lr"] for r in reports] == rates and rates[0] > rates[-1] > 0
     assert not any(r.findings for r in reports if r.step > 1)
 
 
@@ -300,3 +307,18 @@ def test_lightning_callback_state_survives_a_checkpoint(tmp_path):
     _fit(pl, module, resumed, tmp_path, steps=1)  # a fresh trainer: the monitor is made, then restored
     (again,) = resumed.monitors.values()
     assert again.checks == 3 + 1 and int(again.state_dict()["running"]["count"]) == int(running["count"]) + 1
+
+
+def test_integrations_log_each_groups_learning_rate_when_they_differ():
+    from torchhealth.integrations._common import log_learning_rates
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    for groups, want in (([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.5}],
+                          {"lr/group0": 0.1, "lr/group1": 0.5}),
+                         ([{"params": a.parameters()}, {"params": b.parameters()}], {"lr": 0.1})):
+        opt = torch.optim.SGD(groups, lr=0.1)
+        monitor = torchhealth.HealthMonitor(opt)
+        log_learning_rates(monitor, opt)
+        for p in opt.param_groups[0]["params"] + opt.param_groups[1]["params"]:
+            p.grad = torch.ones_like(p)
+        monitor.check(0)
+        assert monitor.last_report.scalars == want

@@ -24,6 +24,20 @@ def skip_by_dropping_gradients(optimizer: torch.optim.Optimizer, skip) -> bool:
     return bool(skip)
 
 
+def log_learning_rates(monitor, optimizer: torch.optim.Optimizer) -> None:
+    """The learning rate of the step about to be taken, as the Report's user
+    scalar ``lr`` (``lr/group<i>`` for each group when the groups differ), so
+    the HTML report draws it beside the checks. A tensor lr is not read here."""
+    rates = [g["lr"] for g in optimizer.param_groups if "lr" in g]
+    if not rates:
+        return
+    same = all(r is rates[0] or (not torch.is_tensor(r) and r == rates[0]) for r in rates)
+    if same:
+        monitor.log(lr=rates[0])
+    else:
+        monitor.log(**{f"lr/group{i}": r for i, r in enumerate(rates)})
+
+
 def unwrap(optimizer):
     """The torch optimizer inside a framework's wrapper (Lightning's
     LightningOptimizer, accelerate's AcceleratedOptimizer)."""

@@ -54,7 +54,7 @@ from ..options import MonitorOptions, backward_end_by_default
 from ..policy import HealthCheckError
 from ..report import Report
 from ..sinks.base import Sink, scalars
-from ._common import skip_by_dropping_gradients, unscale_for_check, unwrap
+from ._common import log_learning_rates, skip_by_dropping_gradients, unscale_for_check, unwrap
 
 transformers = require("transformers", "hf")
 if not hasattr(transformers.TrainerCallback, "on_pre_optimizer_step"):
@@ -168,6 +168,7 @@ class HealthCheckCallback(transformers.TrainerCallback, transformers.trainer_cal
         opt = unwrap(optimizer)
         self._monitor_for(opt, model, state)
         found_inf = unscale_for_check(getattr(optimizer, "scaler", None), opt)
+        log_learning_rates(self.monitor, opt)
         try:
             result = self.monitor.check(self._next_step(), found_inf=found_inf)
         except HealthCheckError as e:

@@ -39,7 +39,7 @@ from ..monitor import HealthMonitor
 from ..options import MonitorOptions, backward_end_by_default
 from ..report import Report
 from ..sinks.base import Sink, scalars
-from ._common import skip_by_dropping_gradients, unscale_for_check, unwrap
+from ._common import log_learning_rates, skip_by_dropping_gradients, unscale_for_check, unwrap
 
 pl = require("lightning.pytorch", "lightning")
 
@@ -116,6 +116,7 @@ class HealthCheckCallback(pl.Callback):
         found_inf = unscale_for_check(getattr(trainer.precision_plugin, "scaler", None), opt)
         step = self._steps[opt]
         self._steps[opt] = step + 1
+        log_learning_rates(monitor, opt)
         result = monitor.check(step, found_inf=found_inf)
         if result is not None and skip_by_dropping_gradients(opt, result.skip):
             self.skipped_steps += 1  # policy or scaler
