@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torchhealth as th
-from torchhealth.optim import SkipAwareScheduler
+from torchhealth import SkipAwareScheduler
 
 O = torch.optim
 

@@ -6,7 +6,8 @@ from .checks import Thresholds
 from .policy import HealthCheckError, HealthWarning
 from .options import MonitorOptions
 from .monitor import CheckResult, HealthMonitor
-from .optim import HealthCheckedOptimizer, SkipAwareScheduler
+from .optim import HealthCheckedOptimizer
+from .scheduler import SkipAwareScheduler
 from .watch import Watch, watch
 
 __all__ = [
