@@ -4,11 +4,18 @@ torchhealth, side by side in one run, and what each check sends.
     python benchmarks/bench_distributed.py [--nproc 2] [--steps 30]
 
 Starts ``--nproc`` processes on gloo (CPU; NCCL on GPUs is the same script and
-is not run here). Per mode, the plain and the wrapped model train in the same
-processes with alternating steps, so both see the same machine load; the table
-gives the median step time of each and the all-reduces and bytes torchhealth
-issued per check (counted on the real calls). Checks run every step with
-histograms off.
+is not run here). Per mode, two identical plain models and the wrapped one
+(``model=`` given, so Reports name the rank of a non-finite gradient: the
+origin tracker is installed and gathered at every check) train in the same
+processes, one step each in turn, in an order that rotates every step, so all
+see the same machine load. The table gives each arm's median step time, its
+overhead against the first plain arm as the median of the step-by-step ratios
+with their interquartile range, and the all-reduces and bytes torchhealth
+issued per check (counted on the real calls); "in check()": the median time
+spent in the monitor's check per step, as a share of the plain step. The
+second plain arm is the noise floor: its "overhead" is what identical work
+measures on this machine.
+Checks run every step with histograms off.
 """
 from __future__ import annotations
 
@@ -46,31 +53,47 @@ def counted_all_reduces():
         dist.all_reduce = real
 
 
-def build(mode: str, wrapped: bool, origin: bool):
+def build(mode: str, wrapped: bool):
     import torchhealth
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torchhealth.distributed import DDPNonfiniteTracker, FSDPNonfiniteTracker
     from train_fsdp2 import TinyLM, shard
 
     torch.manual_seed(0)
     model = TinyLM(dim=128, layers=4, seq=64)
     model = shard(model) if mode == "fsdp2" else DDP(model)
-    tracker = None
-    if origin:
-        tracker = FSDPNonfiniteTracker(model) if mode == "fsdp2" else DDPNonfiniteTracker(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if wrapped:
         opt = torchhealth.HealthCheckedOptimizer(opt, model=model)
-    return model, opt, tracker
+        assert opt.monitor.origin_tracker is not None
+    return model, opt
 
 
-def step(model, opt, tracker, tokens) -> None:
+def step(model, opt, tokens) -> None:
     logits = model(tokens[:, :-1])
     nn.functional.cross_entropy(logits, tokens[:, 1:].flatten()).backward()
-    if tracker is not None:
-        tracker.gather()
     opt.step()
     opt.zero_grad()
+
+
+def time_checks(monitor, spent: list) -> None:
+    """Records the wall time of each `HealthMonitor.check` call (statistics,
+    their all-reduces, the origin gather, checks, policy and Report): the part
+    of the overhead that machine noise cannot hide in a small difference."""
+    real = monitor.check
+
+    def check(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    monitor.check = check
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
 
 
 def worker(rank: int, world: int, port: int, steps: int, out) -> None:
@@ -79,28 +102,33 @@ def worker(rank: int, world: int, port: int, steps: int, out) -> None:
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     rows = []
     for mode in ("ddp", "fsdp2"):
-        variants = {"plain": build(mode, False, False), "wrapped": build(mode, True, False),
-                    "origin": build(mode, False, True), "wrapped+origin": build(mode, True, True)}
+        variants = {"plain": build(mode, False), "plain again": build(mode, False),
+                    "wrapped": build(mode, True)}
+        names = list(variants)
         times = {k: [] for k in variants}
+        checks: list[float] = []
+        time_checks(variants["wrapped"][1].monitor, checks)
         sent = {}
         for i in range(steps + 3):
             g = torch.Generator().manual_seed(i * world + rank)
             tokens = torch.randint(0, 256, (8, 65), generator=g)
-            for name, (model, opt, tracker) in variants.items():
+            for name in names[i % 3:] + names[:i % 3]:  # rotating order
+                model, opt = variants[name]
                 dist.barrier()
                 t0 = time.perf_counter()
                 with counted_all_reduces() as calls:
-                    step(model, opt, tracker, tokens)
+                    step(model, opt, tokens)
                 dt = time.perf_counter() - t0
                 if i >= 3:  # warm-up steps are not timed
                     times[name].append(dt)
                 sent[name] = calls
         n_params = sum(1 for _ in variants["plain"][0].parameters())
-        base = statistics.median(times["plain"])
+        in_check = 100 * statistics.median(checks[3:]) / statistics.median(times["plain"])
         for name in variants:
-            med = statistics.median(times[name])
-            rows.append((mode, name, n_params, med * 1e3, 100 * (med / base - 1),
-                         len(sent[name]), sum(sent[name])))
+            ratios = [t / b for t, b in zip(times[name], times["plain"])]
+            lo, mid, hi = (100 * (r - 1) for r in quartiles(ratios))
+            rows.append((mode, name, n_params, statistics.median(times[name]) * 1e3, mid, lo, hi,
+                         len(sent[name]), sum(sent[name]), in_check if name == "wrapped" else 0.0))
     if rank == 0:
         out.put(rows)
     dist.destroy_process_group()
@@ -120,10 +148,12 @@ def main() -> None:
                        nprocs=args.nproc, join=True, start_method="spawn")
     rows = out.get()
     print(f"{args.nproc} processes, gloo, {args.steps} timed steps, checks every step, no histograms")
-    print(f"{'mode':6} {'variant':15} {'params':>6} {'median ms':>10} {'overhead':>9} "
-          f"{'all-reduces':>11} {'bytes sent':>10}")
-    for mode, name, n, ms, over, calls, sent in rows:
-        print(f"{mode:6} {name:15} {n:6d} {ms:10.2f} {over:8.1f}% {calls:11d} {sent:10d}")
+    print(f"{'mode':6} {'variant':12} {'params':>6} {'median ms':>10} {'overhead':>9} "
+          f"{'IQR':>15} {'all-reduces':>11} {'bytes sent':>10} {'in check()':>10}")
+    for mode, name, n, ms, over, lo, hi, calls, sent, in_check in rows:
+        iqr = f"[{lo:+.1f}, {hi:+.1f}]%"
+        print(f"{mode:6} {name:12} {n:6d} {ms:10.2f} {over:+8.1f}% {iqr:>15} {calls:11d} {sent:10d} "
+              f"{in_check:9.1f}%")
 
 
 if __name__ == "__main__":

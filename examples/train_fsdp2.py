@@ -13,7 +13,8 @@ Two nodes (run on each node, with NODE_RANK 0 and 1 and the address of node 0):
 Every rank runs the same checks on the same combined statistics, so every rank
 reaches the same verdict and skips the same steps. ``--nan-at STEP`` plants a
 NaN in the last rank's batch at that step, to see a skipped step and the
-origin of the NaN (the rank that produced it).
+origin of the NaN: the wrapper, given the FSDP2 model, checks each module's
+local gradients inside its reduce-scatter, so the Report names the rank.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import torchhealth
-from torchhealth.distributed import FSDPNonfiniteTracker
 
 
 class Block(nn.Module):
@@ -93,9 +93,9 @@ def main() -> None:
 
     torch.manual_seed(0)  # the same initial weights on every rank
     model = shard(TinyLM(vocab=args.vocab, seq=args.seq).to(device))
-    origin = FSDPNonfiniteTracker(model)
+    reports = []  # Reports reach callbacks on rank 0 only
     opt = torchhealth.HealthCheckedOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr),
-                                             model=model)
+                                             model=model, on_report=reports.append)
     for step in range(args.steps):
         tokens = batch(step, rank, args).to(device)
         logits = model(tokens[:, :-1])
@@ -103,13 +103,12 @@ def main() -> None:
             logits = logits * math.nan  # a bad batch on one rank
         loss = nn.functional.cross_entropy(logits, tokens[:, 1:].flatten())
         loss.backward()
-        bad = origin.gather()  # one small all-reduce on every rank
         opt.step()
         opt.zero_grad()
         if rank == 0:
-            culprits = bad.describe() if bool(bad.ranks.any()) else None
+            culprits = sorted({r for f in reports[-1].findings for r in f.ranks or ()})
             print(f"step {step:3d}  loss {loss.item():.4f}  skipped {opt.step_was_skipped}"
-                  + (f"  non-finite gradients from ranks {culprits['ranks']}" if culprits else ""))
+                  + (f"  non-finite gradients from ranks {culprits}" if culprits else ""))
     dist.destroy_process_group()
 
 

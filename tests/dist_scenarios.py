@@ -231,7 +231,8 @@ class _Net(nn.Module):
         return self.second(torch.relu(h))
 
 
-def _origin_steps(model, net, tracker, rank, world, bad_rank, bad_step=2):
+def _origin_steps(model, net, tracker, rank, world, bad_rank, bad_step=2,
+                  names=("first.weight", "first.bias")):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(4):
         net.poison = rank == bad_rank and step == bad_step
@@ -242,7 +243,7 @@ def _origin_steps(model, net, tracker, rank, world, bad_rank, bad_step=2):
         if step == bad_step:
             want[bad_rank] = True
             assert origin.describe() == {"ranks": [bad_rank],
-                                         "parameters": ["first.weight", "first.bias"]}, origin.describe()
+                                         "parameters": list(names)}, origin.describe()
             grads = [p.grad for p in model.parameters()]
             grads = [g.full_tensor() if isinstance(g, DTensor) else g for g in grads]
             assert not bool(torch.isfinite(grads[0]).all()), "the NaN should have spread to every rank"
@@ -259,7 +260,8 @@ def ddp_origin(rank, world):
     net = _Net()
     model = DDP(net, bucket_cap_mb=1e-5)  # small buckets: one parameter each
     tracker = DDPNonfiniteTracker(model)
-    _origin_steps(model, net, tracker, rank, world, bad_rank=world - 1)
+    _origin_steps(model, net, tracker, rank, world, bad_rank=world - 1,
+                  names=("module.first.weight", "module.first.bias"))
 
 
 def fsdp_origin(rank, world, mesh=None):

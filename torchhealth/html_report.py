@@ -186,6 +186,30 @@ def _origins(reports: list[Report]) -> list[str]:
             _table(["step", "module", "pass", "NaN", "+Inf", "-Inf", "of"], rows)]
 
 
+# -- torch.distributed: how many ranks the records cover, and which rank broke ---------
+def _ranks_line(reports: list[Report]) -> list[str]:
+    """The summary's line on ranks (nothing for a single-process run)."""
+    sizes = sorted({r.world_size for r in reports})
+    if sizes == [1]:
+        return []
+    bad = sorted({k for r in reports for f in r.findings for k in f.ranks or ()})
+    culprits = (f"; non-finite gradients produced on rank(s) {', '.join(map(str, bad))}" if bad else "")
+    return [f"<p>Each record covers {' or '.join(map(str, sizes))} ranks (statistics combined "
+            f"across torch.distributed processes){html.escape(culprits)}.</p>"]
+
+
+def _rank_origins(reports: list[Report]) -> list[str]:
+    """Beside the origin: the ranks whose own gradients were non-finite, per step."""
+    rows = [[r.step, ", ".join(map(str, f.ranks)) or "none (after communication)",
+             r.world_size, ", ".join(f.names)]
+            for r in reports for f in r.findings if f.ranks is not None]
+    if not rows:
+        return []
+    return ["<p><b>Which rank</b>: the ranks whose local gradients held NaN or Inf before "
+            "communication spread them to every rank.</p>",
+            _table(["step", "rank(s)", "of ranks", "parameters"], rows)]
+
+
 # -- the page ------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -228,7 +252,7 @@ def _sections(mpl, reports: list[Report], params: dict[str, _Param], heatmaps: _
         if mpl:
             parts.append(plots.heatmaps_plot(mpl, heatmaps.selected))
     parts.append("<h2>Checks that fired</h2>")
-    parts += _origins(reports)
+    parts += _origins(reports) + _rank_origins(reports)
     if fired:
         if mpl:
             parts.append(plots.timeline_plot(mpl, reports))
@@ -261,7 +285,7 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
     cards = [("records", len(reports)), ("steps", f"{reports[0].step}–{reports[-1].step}"),
              ("parameters", len(params)), ("findings", sum(fired.values())), ("steps skipped", skipped)]
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="sub">{html.escape(source or "")} {status}</p>',
+             f'<p class="sub">{html.escape(source or "")} {status}</p>', *_ranks_line(reports),
              '<div class="cards">' + "".join(f"<div class=card><b>{html.escape(str(v))}</b>"
                                               f"{html.escape(k)}</div>" for k, v in cards) + "</div>"]
     try:

@@ -89,6 +89,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class _Handles:
     def __init__(self, handles: list):
         self._handles = handles
@@ -111,6 +116,7 @@ class _Prepared:
     grad_norm: torch.Tensor
     decision: Decision
     state: RunningState
+    origin: distributed.NonfiniteOrigin | None = None  # which ranks' local gradients were non-finite
     at_backward_end: bool = False
 
 
@@ -150,6 +156,11 @@ class HealthMonitor:
         self._activations = None  # a torchhealth.watch.Watch feeding this monitor
         self.micro_batches = 0  # backward passes before the last check (with check_at_backward_end)
         self._scalars: dict[str, float | torch.Tensor] = {}  # logged for the next check
+        # Under DDP/FSDP2: flags set inside the gradients' communication, gathered
+        # at each check (torchhealth.distributed.track_origin).
+        self.origin_tracker = distributed.origin_tracker_for(
+            model if model is not None or not isinstance(source, torch.nn.Module) else source)
+        self.world_size = _world_size()  # ranks each Report covers
 
     # The settings, readable as attributes (they are `options`' fields).
     check_every = property(lambda self: self.options.check_every)
@@ -206,6 +217,8 @@ class HealthMonitor:
         self._deliver(block=False)
         if not self.options.due(step):
             self._scalars.clear()  # a step without a Report: its numbers go nowhere
+            if self.origin_tracker is not None:  # a check names the ranks of its own step only
+                self.origin_tracker.reset()
             return None
         prepared, self._prepared = self._prepared, None
         if found_inf is not None:  # gradients were scaled at the end of backward
@@ -263,13 +276,15 @@ class HealthMonitor:
         state = self._running_state(batch, stats.device)
         if found_inf is not None:
             found_inf = found_inf.to(stats.device, non_blocking=True)
+        # After the statistics' collectives, in the same order on every rank.
+        origin = self.origin_tracker.gather() if self.origin_tracker is not None else None
         grad_norm = total_grad_norm(stats, batch.layout)
         signals, state = run_checks(stats, batch.layout, self.options.thresholds, state,
                                     found_inf, grad_norm)
         decision = decide(signals, self.options.policy, found_inf, state.skips,
                           self.options.escalate_after)
         return _Prepared(step, batch, stats, signals, grad_norm, decision,
-                         dataclasses.replace(state, skips=decision.consecutive_skips))
+                         dataclasses.replace(state, skips=decision.consecutive_skips), origin)
 
     def _activation_passes(self, step: int) -> list:
         return self._activations.take(step) if self._activations is not None else []
@@ -286,7 +301,8 @@ class HealthMonitor:
                    if p.at_backward_end and not any(g.is_sparse for g in p.batch.grads) else None)
         result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
                              self.options, late=late, activations=self._activation_passes(p.step),
-                             applied_norm=applied, scalars=self._scalars)
+                             applied_norm=applied, scalars=self._scalars, origin=p.origin,
+                             world_size=self.world_size)
         self._scalars = {}
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)

@@ -93,7 +93,9 @@ class Finding:
     measured value against its threshold. ``primary``: the finding of its
     Report that names the cause (the others on that step may follow from it;
     info findings never are). Written to JSON only when true, so logs written
-    before the field existed read back unchanged."""
+    before the field existed read back unchanged. ``ranks``: for a finding
+    about a per-rank fact (non-finite gradients under torch.distributed), the
+    global ranks it holds for (empty: none); None when not known per rank."""
 
     check: str  # e.g. "nonfinite", "exploding", "vanishing", "headroom", "dead"
     severity: str  # "info", "warning" or "error"
@@ -102,6 +104,7 @@ class Finding:
     value: float | None = None
     threshold: float | None = None
     primary: bool = False
+    ranks: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"check": self.check, "severity": self.severity, "message": self.message,
@@ -110,6 +113,8 @@ class Finding:
              "threshold": None if self.threshold is None else _json_float(self.threshold)}
         if self.primary:
             d["primary"] = True
+        if self.ranks is not None:
+            d["ranks"] = list(self.ranks)
         return d
 
     @classmethod
@@ -118,7 +123,8 @@ class Finding:
                    names=list(d.get("names", [])),
                    value=None if d.get("value") is None else _from_json_float(d["value"]),
                    threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]),
-                   primary=bool(d.get("primary", False)))
+                   primary=bool(d.get("primary", False)),
+                   ranks=None if d.get("ranks") is None else [int(r) for r in d["ranks"]])
 
 
 def rows_from_stats(stats: TensorStats, names: list[str], roles: list[str],
@@ -156,6 +162,9 @@ class Report:
     # The user's numbers of this step (`HealthMonitor.log`: loss, learning rate,
     # ...), non-finite ones included: a NaN loss is a finding of its own.
     scalars: dict[str, float] = field(default_factory=dict)
+    # How many ranks the statistics cover: the world size under torch.distributed
+    # (rows combined across ranks, or replicated as under DDP), else 1.
+    world_size: int = 1
 
     @classmethod
     def from_stats(cls, step: int, stats: TensorStats, names: list[str], roles: list[str],
@@ -207,7 +216,7 @@ class Report:
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {"step": self.step, "time": self.time, "skipped": self.skipped,
-             "actions": list(self.actions),
+             "world_size": self.world_size, "actions": list(self.actions),
              "findings": [f.to_dict() for f in self.findings],
              "rows": [r.to_dict() for r in self.rows]}
         if self.origin is not None:
@@ -222,10 +231,12 @@ class Report:
                    actions=list(d.get("actions", [])),
                    findings=[Finding.from_dict(f) for f in d.get("findings", [])],
                    rows=[Row.from_dict(r) for r in d["rows"]], origin=d.get("origin"),
-                   scalars={k: _from_json_float(v) for k, v in d.get("scalars", {}).items()})
+                   scalars={k: _from_json_float(v) for k, v in d.get("scalars", {}).items()},
+                   world_size=int(d.get("world_size", 1)))
 
     def __str__(self) -> str:
-        head = (f"torchhealth step {self.step}: {self.status}"
+        ranks = f" ({self.world_size} ranks)" if self.world_size > 1 else ""
+        head = (f"torchhealth step {self.step}{ranks}: {self.status}"
                 f"{' (step skipped)' if self.skipped else ''}  grad norm {self.grad_norm:.4g}"
                 f"  param norm {self.param_norm:.4g}")
         lines = [head]

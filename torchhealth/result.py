@@ -12,7 +12,8 @@ from .checks import Layout, Signal, any_fired, finding
 from .policy import Decision, describe
 from .hostcopy import HostCopy
 from .options import MonitorOptions
-from .report import Report, rows_from_stats
+from .distributed import NonfiniteOrigin
+from .report import Finding, Report, rows_from_stats
 from .stats import TensorStats
 
 SCALER_SKIP = "GradScaler skipped the step (inf/NaN from loss scaling; not a model fault)"
@@ -32,8 +33,10 @@ class CheckResult:
     def __init__(self, step: int, stats: TensorStats, layout: Layout, signals: list[Signal],
                  decision: Decision, grad_norm: torch.Tensor, options: MonitorOptions, *,
                  late: bool, activations: list[PassStats] = (), applied_norm: torch.Tensor | None = None,
-                 scalars: dict[str, float | torch.Tensor] | None = None):
+                 scalars: dict[str, float | torch.Tensor] | None = None,
+                 origin: NonfiniteOrigin | None = None, world_size: int = 1):
         self.step, self.layout, self.signals, self.options = step, layout, signals, options
+        self.origin, self.world_size = origin, world_size
         self.late = late  # whether the verdict reaches the host after the optimizer step
         self.scalars = dict(scalars or {})  # the user's, from `HealthMonitor.log`
         none = grad_norm.new_zeros((), dtype=torch.bool)
@@ -50,6 +53,8 @@ class CheckResult:
             **pass_fields(list(activations)),
             **({"applied_norm": applied_norm} if applied_norm is not None else {}),
             **user_scalars.fields(self.scalars, grad_norm.device),
+            **({"origin_ranks": origin.ranks, "origin_slots": origin.slot_ranks > 0}
+               if origin is not None else {}),
         })
         self.activations = list(activations)
         self._device_skip = decision.skip
@@ -92,18 +97,22 @@ class CheckResult:
         """The host-side Report of this check (built once)."""
         if self._report is None:
             self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options,
-                                        self.activations, self.scalars)
+                                        self.activations, self.scalars, self.origin, self.world_size)
         return self._report
 
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
                  options: MonitorOptions, activations: list[PassStats] = (),
-                 scalars: dict[str, float | torch.Tensor] | None = None) -> Report:
+                 scalars: dict[str, float | torch.Tensor] | None = None,
+                 rank_origin: NonfiniteOrigin | None = None, world_size: int = 1) -> Report:
     """The Report of one check from its host copy: rows, findings (the first
     warning or error, in `CHECKS` order, marked primary: a non-finite value
     comes before the norms it breaks, an exploding norm before what looks
     small next to it), the labels of the actions the policy took, and the
-    activations' rows, findings and origin, and the user's `scalars`."""
+    activations' rows, findings and origin, and the user's `scalars`.
+    ``world_size``: the ranks the statistics cover; ``rank_origin`` (its flags
+    in the copy): which ranks' local gradients were non-finite, named on the
+    non-finite gradient finding."""
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
@@ -114,6 +123,9 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         f = finding(s, hit, mask, value, rows, layout.param_names, notes=layout.structural)
         if f is None:
             continue
+        if rank_origin is not None and hit and (s.check, s.kind) == ("nonfinite", "grad"):
+            f = _with_ranks(f, rank_origin.describe_flags(copy.value("origin_ranks"),
+                                                          copy.value("origin_slots")))
         if f.severity != "info" and not any(x.primary for x in findings):
             f = dataclasses.replace(f, primary=True)
         findings.append(f)
@@ -147,4 +159,16 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         th.max_saturated_fraction, th.max_dead_fraction)
     return Report(step=step, rows=rows + act_rows, findings=act_findings + findings, actions=actions,
                   skipped=bool(copy.value("skip")), origin=origin,
-                  scalars=user_scalars.values(scalars or {}, copy))
+                  scalars=user_scalars.values(scalars or {}, copy), world_size=world_size)
+
+
+def _with_ranks(f: Finding, where: dict) -> Finding:
+    """The non-finite gradient finding, naming the ranks whose own gradients
+    were non-finite before communication spread them to every rank."""
+    if where["ranks"]:
+        names = ", ".join(where["parameters"])
+        said = f"; produced on rank{'s' * (len(where['ranks']) > 1)} " \
+               f"{', '.join(map(str, where['ranks']))} (local gradients of {names})"
+    else:
+        said = "; every rank's local gradients were finite before communication"
+    return dataclasses.replace(f, message=f.message + said, ranks=where["ranks"])

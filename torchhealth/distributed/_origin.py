@@ -6,6 +6,11 @@ local gradients, as a device flag (no host sync), like Megatron-LM's
 ``check_for_nan_in_grad``. After backward, `gather` combines every rank's flags
 in one small SUM all-reduce of ``4 * (world_size + slots)`` bytes.
 
+`HealthMonitor` given a DDP or FSDP2 model installs a tracker itself
+(`origin_tracker_for`; `track_origin` to choose its arguments), gathers it at
+every check right after the statistics and resets it on steps that are not
+checked, so a Report names the ranks of the step it describes.
+
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
   bucket (one fused ``_foreach_norm(inf)`` per bucket: NaN and Inf survive a
   max-abs) and then runs the normal all-reduce. Slots are parameters.
@@ -17,6 +22,9 @@ in one small SUM all-reduce of ``4 * (world_size + slots)`` bytes.
 """
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +49,15 @@ class NonfiniteOrigin:
     def describe(self) -> dict:
         """Host-side summary (reads the device tensors: call it where the
         monitor copies to the host): global ranks and parameter names."""
-        ranks = torch.nonzero(self.ranks.cpu()).flatten().tolist()
+        return self.describe_flags(self.ranks.cpu().tolist(), (self.slot_ranks > 0).cpu().tolist())
+
+    def describe_flags(self, ranks: list[bool], slots: list[bool]) -> dict:
+        """`describe` of host copies of ``ranks`` and ``slot_ranks > 0``."""
+        hit = [r for r, bad in enumerate(ranks) if bad]
         if self.group is not None and dist.is_initialized():
-            ranks = [dist.get_global_rank(self.group, r) for r in ranks]
-        slots = torch.nonzero(self.slot_ranks.cpu()).flatten().tolist()
-        return {"ranks": ranks, "parameters": [n for s in slots for n in self.slot_names[s]]}
+            hit = [dist.get_global_rank(self.group, r) for r in hit]
+        return {"ranks": hit, "parameters": [n for s, bad in enumerate(slots) if bad
+                                             for n in self.slot_names[s]]}
 
 
 class _OriginTracker:
@@ -106,7 +118,8 @@ class DDPNonfiniteTracker(_OriginTracker):
     def __init__(self, ddp_model, *, hook=None, hook_state=None):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
+        # Named as the DDP module names them ("module." first), as the monitor does.
+        params = [(n, p) for n, p in ddp_model.named_parameters() if p.requires_grad]
         super().__init__([(n,) for n, _ in params], _device_of(ddp_model), ddp_model.process_group)
         self._slot = {id(p): i for i, (_, p) in enumerate(params)}
         self._slot_cache: dict = {}
@@ -173,3 +186,67 @@ def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
                                               async_op=async_op)
 
     return CheckedReduceScatter()
+
+
+_TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fsdp_modules(model: torch.nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
+
+
+def track_origin(model: torch.nn.Module, **kwargs) -> _OriginTracker:
+    """The origin tracker of ``model`` (a DDP module, or a model holding
+    ``fully_shard`` modules), installed on the first call and returned again
+    by later ones. `HealthMonitor` (and so `HealthCheckedOptimizer`) given this
+    model as ``model=`` uses it: its Reports then name the ranks whose local
+    gradients were non-finite. Call it yourself, before the wrapper is made, to
+    pass arguments: ``hook=``/``hook_state=`` (DDP: your communication hook, run
+    after the check) or ``group=`` (FSDP2: the group whose ranks are named)."""
+    tracker = _TRACKERS.get(model)
+    if tracker is not None:
+        if kwargs:
+            raise ValueError("track_origin: this model already has an origin tracker; pass "
+                             "arguments on the first call, before the optimizer is wrapped")
+        return tracker
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        tracker = DDPNonfiniteTracker(model, **kwargs)
+    elif _fsdp_modules(model):
+        tracker = FSDPNonfiniteTracker(model, **kwargs)
+    else:
+        raise TypeError(f"track_origin: model is a {type(model).__name__}, neither a "
+                        "DistributedDataParallel module nor a model holding fully_shard modules")
+    _TRACKERS[model] = tracker
+    return tracker
+
+
+def origin_tracker_for(model: torch.nn.Module | None) -> _OriginTracker | None:
+    """The tracker `HealthMonitor` uses for ``model``: the one `track_origin`
+    installed, else one installed now when torch.distributed runs several
+    processes and ``model`` is a DDP or FSDP2 model; None otherwise, or (with
+    a warning saying why) when the communication path already has a custom hook."""
+    if model is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if model in _TRACKERS:
+        return _TRACKERS[model]
+    if dist.get_world_size() < 2:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and getattr(model, "_comm_hooks", None):
+        warnings.warn("torchhealth: this DDP model already has a communication hook, so Reports "
+                      "will not say which rank produced a non-finite gradient; call "
+                      "torchhealth.distributed.track_origin(model, hook=..., hook_state=...) "
+                      "instead of model.register_comm_hook(...) to keep both", stacklevel=3)
+        return None
+    if not isinstance(model, DistributedDataParallel) and not _fsdp_modules(model):
+        return None
+    try:
+        return track_origin(model)
+    except ValueError as e:  # e.g. FSDP2 with several parameter groups per module
+        warnings.warn(f"torchhealth: Reports will not say which rank produced a non-finite "
+                      f"gradient: {e}", stacklevel=3)
+        return None

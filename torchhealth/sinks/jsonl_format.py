@@ -56,7 +56,8 @@ def encode(report: Report) -> dict[str, Any]:
     """The record line of `report` (its layout is written separately)."""
     rows = report.rows
     return {"step": report.step, "time": report.time, "skipped": report.skipped,
-            "actions": list(report.actions), "findings": [f.to_dict() for f in report.findings],
+            "world_size": report.world_size, "actions": list(report.actions),
+            "findings": [f.to_dict() for f in report.findings],
             "counts": [[getattr(r, k) for k in COUNTS] for r in rows],
             "values": [[_extreme(r.min, r.dtype), _extreme(r.max, r.dtype), _json_float(r.sum),
                         _json_float(r.sumsq)] for r in rows],
@@ -160,7 +161,13 @@ def _finding(d: Any, where: str) -> Finding:
                    names=_strings(d.get("names", []), f"{where}.names"),
                    value=None if value is None else _float(value, f"{where}.value"),
                    threshold=None if threshold is None else _float(threshold, f"{where}.threshold"),
-                   primary=_bool(d.get("primary", False), f"{where}.primary"))
+                   primary=_bool(d.get("primary", False), f"{where}.primary"),
+                   ranks=_ranks(d.get("ranks"), f"{where}.ranks"))
+
+
+def _ranks(v: Any, where: str) -> list[int] | None:
+    """A per-rank finding's ranks (None in logs written before the field)."""
+    return None if v is None else [_int(r, f"{where}[{i}]") for i, r in enumerate(_list(v, where))]
 
 
 def _row(name: str, role: str, shape: tuple[int, ...], dtype: str, counts: dict[str, int],
@@ -176,7 +183,8 @@ def _report(d: dict, rows: list[Row]) -> Report:
                   actions=_strings(d.get("actions", []), "actions"),
                   findings=[_finding(f, f"findings[{i}]")
                             for i, f in enumerate(_list(d.get("findings", []), "findings"))],
-                  origin=_origin(d.get("origin")), scalars=_scalars(d.get("scalars", {})))
+                  origin=_origin(d.get("origin")), scalars=_scalars(d.get("scalars", {})),
+                  world_size=_world_size(d.get("world_size", 1)))
 
 
 def _scalars(s: Any) -> dict[str, float]:
@@ -184,6 +192,13 @@ def _scalars(s: Any) -> dict[str, float]:
     if not isinstance(s, dict):
         raise ValueError(f"scalars is {_show(s)}; expected an object of name: number")
     return {k: _float(v, f"scalars[{k!r}]") for k, v in s.items()}
+
+
+def _world_size(v: Any) -> int:
+    """Ranks a record covers (1 in logs written before the field)."""
+    if _int(v, "world_size") < 1:
+        raise ValueError("world_size is 0; a record covers at least one rank")
+    return v
 
 
 def _origin(o: Any) -> dict | None:

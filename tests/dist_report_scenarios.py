@@ -1,0 +1,289 @@
+"""Scenarios of tests/test_distributed_report.py, run on every rank of a real
+gloo group: the wrapper's Reports name the rank that produced a non-finite
+gradient, records say how many ranks they cover, checkpoints, parameters with
+no gradient on some ranks, and ``check_every > 1``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import torchhealth
+from dist_scenarios import _Net
+
+BAD_RANK, BAD_STEP = 1, 2
+
+
+def _fsdp_net() -> _Net:
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Net()
+    for m in (net.first, net.second, net):
+        fully_shard(m)
+    return net
+
+
+def _ddp_net():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _Net()
+    return DDP(net), net
+
+
+def _full(tensors):
+    return [t.full_tensor() if isinstance(t, DTensor) else t.detach() for t in tensors]
+
+
+def _train(model, net, rank, world, steps=4, **settings):
+    """Trains with a NaN planted in BAD_RANK's batch at BAD_STEP; every rank's
+    Reports (all_ranks), and the wrapper."""
+    reports = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                             model=model, **settings)
+    opt.monitor.on_report(reports.append, all_ranks=True)
+    for step in range(steps):
+        net.poison = rank == BAD_RANK and step == BAD_STEP
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.flush()
+    return opt, reports
+
+
+def _assert_names_bad_rank(reports, world, first_names):
+    assert [r.step for r in reports] == [0, 1, 2, 3], [r.step for r in reports]
+    for r in reports:
+        assert r.world_size == world, r.world_size
+        ranked = [f for f in r.findings if f.ranks is not None]
+        if r.step != BAD_STEP:
+            assert not ranked, (r.step, ranked)
+            continue
+        assert r.skipped
+        assert len(ranked) == 1 and ranked[0].check == "nonfinite", r.findings
+        assert ranked[0].ranks == [BAD_RANK], ranked[0].ranks
+        assert f"produced on rank {BAD_RANK} (local gradients of {first_names})" in ranked[0].message, \
+            ranked[0].message
+
+
+def ddp_report_names_rank(rank, world):
+    """DDP: the NaN of rank 1's batch reaches every rank through the all-reduce;
+    every rank's Report names rank 1 and the parameters, with no call by hand."""
+    model, net = _ddp_net()
+    opt, reports = _train(model, net, rank, world)
+    assert opt.monitor.origin_tracker is torchhealth.distributed.track_origin(model)
+    _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")
+
+
+def fsdp_report_names_rank(rank, world):
+    net = _fsdp_net()
+    _, reports = _train(net, net, rank, world)
+    _assert_names_bad_rank(reports, world, "first.weight, first.bias")
+
+
+def raise_names_rank(rank, world):
+    """Under "raise", HealthCheckError on every rank names rank 1."""
+    net = _fsdp_net()
+    try:
+        _train(net, net, rank, world, policy={"nonfinite": "raise"})
+    except torchhealth.HealthCheckError as e:
+        assert e.report.step == BAD_STEP and f"produced on rank {BAD_RANK}" in str(e), str(e)
+    else:
+        raise AssertionError("no HealthCheckError")
+
+
+def explicit_tracker_with_hook(rank, world):
+    """track_origin(ddp, hook=...) before wrapping: the user's comm hook runs
+    after the check, and the wrapper uses that tracker; a hook registered
+    without it leaves Reports without ranks, with a warning."""
+    import pytest
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    model, net = _ddp_net()
+    seen = []
+
+    def hook(state, bucket):
+        seen.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    tracker = torchhealth.distributed.track_origin(model, hook=hook, hook_state=None)
+    opt, reports = _train(model, net, rank, world)
+    assert opt.monitor.origin_tracker is tracker and seen
+    _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")
+    other, _ = _ddp_net()
+    other.register_comm_hook(None, allreduce_hook)
+    with pytest.warns(UserWarning, match="already has a communication hook"):
+        opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(other.parameters()), model=other)
+    assert opt.monitor.origin_tracker is None
+
+
+def log_path(pid: int) -> str:
+    """Where `jsonl_world_size` writes its log: named after the test process."""
+    return os.path.join(tempfile.gettempdir(), f"torchhealth-dist-{pid}.jsonl")
+
+
+def jsonl_world_size(rank, world):
+    """Rank 0 alone writes the log (the test reads it back and renders it)."""
+    from torchhealth.sinks import JsonlSink
+
+    net = _fsdp_net()
+    sink = JsonlSink(log_path(os.getppid())) if rank == 0 else None
+    _train(net, net, rank, world, on_report=sink)
+    if sink is not None:
+        sink.close()
+
+
+class _Branchy(nn.Module):
+    """A layer that forward passes use only while ``take`` (its gradient is None
+    after the others)."""
+
+    def __init__(self, take: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.branch, self.last = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.take = take
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        if self.take:
+            h = h + self.branch(h)
+        return self.last(h)
+
+
+def _same_everywhere(reports, params):
+    """Every rank holds the same verdicts and the same parameters."""
+    mine = [(r.step, r.skipped, sorted((f.check, tuple(f.names)) for f in r.findings)) for r in reports]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine, [p.tolist() for p in _full(params)]))
+    assert all(e == everyone[0] for e in everyone), everyone
+
+
+def ddp_unused_branch(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _Branchy(rank == 0)  # a branch only rank 0 takes
+    model = DDP(net, find_unused_parameters=True)
+    reports = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    opt.monitor.on_report(reports.append, all_ranks=True)
+    for step in range(4):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(reports) == 4
+    _same_everywhere(reports, list(model.parameters()))
+
+
+def fsdp_check_every(rank, world):
+    """check_every=3 under FSDP2: checks on steps 0, 3, 6 on every rank, the
+    origin flags of unchecked steps forgotten, no hang."""
+    net = _fsdp_net()
+    reports = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), model=net,
+                                             check_every=3)
+    opt.monitor.on_report(reports.append, all_ranks=True)
+    for step in range(7):
+        net.poison = rank == BAD_RANK and step == BAD_STEP  # not a checked step
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        net(x).sum().backward()
+        flags = opt.monitor.origin_tracker.local_flags()
+        assert bool(flags.any()) == net.poison, (step, flags)  # recorded inside the reduce-scatter
+        if step == BAD_STEP:  # a step every rank drops: no gradient reaches the optimizer
+            opt.zero_grad()
+        opt.step()
+        assert not bool(flags.any()), (step, flags)  # forgotten: step 3's check names no rank
+        opt.zero_grad()
+    opt.flush()
+    assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
+    assert not any(f.ranks for r in reports for f in r.findings)
+    _same_everywhere(reports, list(net.parameters()))
+
+
+def fsdp_unused_branch(rank, world):
+    """FSDP2 (one group for the whole model) with a branch every rank skips on
+    odd steps (FSDP2 itself needs every rank to use the same parameters: a
+    branch one rank alone skips fails in its reduce-scatter, torchhealth or
+    not): the gradient set changes from step to step, every rank checks the
+    same tensors, reaches the same verdict and holds the same parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Branchy(True)
+    fully_shard(net)
+    reports = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), model=net)
+    opt.monitor.on_report(reports.append, all_ranks=True)
+    for step in range(4):
+        net.take = step % 2 == 0
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        net(x).sum().backward()
+        assert (net.branch.weight.grad is None) == (step % 2 == 1)
+        opt.step()
+        opt.zero_grad()
+    assert len(reports) == 4
+    _same_everywhere(reports, list(net.parameters()))
+
+
+def _adam_fsdp():
+    net = _fsdp_net()
+    return net, torchhealth.HealthCheckedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.01),
+                                                   model=net)
+
+
+def _steps(net, opt, steps, rank, world):
+    for step in steps:
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        net(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _host(tree):
+    """A state dict with every tensor as a full host tensor, for comparisons."""
+    if isinstance(tree, dict):
+        return {k: _host(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_host(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return (tree.full_tensor() if isinstance(tree, DTensor) else tree).detach().cpu().tolist()
+    return tree
+
+
+def dcp_round_trip(rank, world):
+    """dcp.save of an FSDP2 model and the wrapped AdamW after 3 steps, dcp.load
+    into fresh ones: the running baselines and the inner optimizer state are
+    restored identically on every rank, and 3 more steps match 6 uninterrupted."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torchhealth.distributed import checkpoint_state, load_checkpoint_state
+
+    path = [tempfile.mkdtemp(prefix="torchhealth-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(path)
+    whole, whole_opt = _adam_fsdp()
+    _steps(whole, whole_opt, range(6), rank, world)
+    first, first_opt = _adam_fsdp()
+    _steps(first, first_opt, range(3), rank, world)
+    dcp.save(checkpoint_state(first, first_opt), checkpoint_id=path[0])
+    saved = _host(first_opt.state_dict())
+    resumed, resumed_opt = _adam_fsdp()
+    state = checkpoint_state(resumed, resumed_opt)
+    dcp.load(state, checkpoint_id=path[0])
+    load_checkpoint_state(resumed, resumed_opt, state)
+    restored = _host(resumed_opt.state_dict())
+    assert restored == saved, (restored["torchhealth"], saved["torchhealth"])
+    assert restored["torchhealth"]["monitor"]["running"]["count"] == 3
+    everyone = [None] * world
+    dist.all_gather_object(everyone, restored)
+    assert all(e == restored for e in everyone)
+    _steps(resumed, resumed_opt, range(3, 6), rank, world)
+    assert _host(list(resumed.parameters())) == _host(list(whole.parameters()))
+    assert _host(resumed_opt.state_dict()) == _host(whole_opt.state_dict())
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path[0])
