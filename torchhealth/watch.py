@@ -11,9 +11,10 @@ lists, dicts and dataclasses are walked; integer tensors are ignored; other
 objects are skipped, with one warning per module type), and a tensor hook on
 each output collects the gradient flowing into it. The tensors are held only
 until the pass ends: one `tensor_stats` call at the end of the forward pass
-(plus one over sigmoid/tanh outputs, for saturation) and one when backward
-finishes (an autograd-engine callback). Steps that are not due cost one
-comparison per module. See `torchhealth.activations` for what is checked.
+(sigmoid/tanh outputs in a second one, which also counts their values near an
+asymptote) and one when backward finishes (an autograd-engine callback). Each
+distinct tensor is read once. Steps that are not due cost one comparison per
+module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
@@ -32,11 +33,12 @@ from collections.abc import Callable
 import torch
 
 from ._ops import SUPPORTED_DTYPES, tensor_stats
-from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, kind_of, \
-    near_asymptote, pass_fields
+from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, bounded_rows, \
+    kind_of, near_counts, pass_fields, tiny_counts
 from .checks import Thresholds
 from .hostcopy import HostCopy
 from .report import Report
+from .stats import TensorStats
 
 
 def _tensors(obj, path: str = ""):
@@ -52,6 +54,43 @@ def _tensors(obj, path: str = ""):
         return [x for f in dataclasses.fields(obj)
                 for x in (_tensors(getattr(obj, f.name), f"{path}.{f.name}") or [])]
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
+
+
+def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
+                ) -> tuple[TensorStats, torch.Tensor]:
+    """A pass's rows (one per tensor) and their `PassStats.near` counts, reading
+    each distinct tensor once: a row whose tensor is an earlier row's (a container
+    returning its child's output, a gradient that reaches several outputs through
+    a residual sum) repeats that row. Sigmoid/tanh outputs go in a call of their
+    own with the saturation threshold at ``1 - EPS`` and a histogram, so that the
+    one read also counts their values near an asymptote."""
+    slot: dict = {}
+    unique: list[torch.Tensor] = []
+    bounded: list[bool] = []
+    index = []
+    for t, kind in zip(tensors, kinds):
+        # Every row's tensor is held until this call, so equal keys mean the same elements.
+        i = slot.setdefault((t.data_ptr(), t.device, t.dtype, t.shape, t.stride()), len(unique))
+        if i == len(unique):
+            unique.append(t)
+            bounded.append(False)
+        bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+        index.append(i)
+    plain = [i for i, b in enumerate(bounded) if not b]
+    sat = [i for i, b in enumerate(bounded) if b]
+    parts, high, tiny = [], [], []
+    if plain:
+        parts.append(tensor_stats([unique[i] for i in plain], histogram=histogram))
+        high.append(parts[-1].numel.new_zeros(len(plain)))
+        tiny.append(high[-1])
+    if sat:
+        stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
+        parts.append(bounded_rows(stats, histogram))
+        high.append(stats.saturated)
+        tiny.append(tiny_counts(stats))
+    position = {u: p for p, u in enumerate(plain + sat)}
+    rows = torch.tensor([position[i] for i in index], device=parts[0].device)
+    return TensorStats.cat(parts)[rows], near_counts(kinds, torch.cat(high)[rows], torch.cat(tiny)[rows])
 
 
 class Watch:
@@ -118,10 +157,7 @@ class Watch:
                 warnings.warn(f"torchhealth.watch: {type(module).__name__} returns a "
                               f"{type(obj).__name__}, which holds no tensors it can read; skipped")
             return
-        seen = {id(t) for _, _, t in self._outputs}
         for path, t in found:
-            if id(t) in seen:  # a container returning its child's output
-                continue
             label = name + path if len(found) > 1 else name
             self._outputs.append((label, kind, t.detach()))
             if grad and t.requires_grad:
@@ -132,17 +168,8 @@ class Watch:
             return
         self._record("<output>", OTHER, output, grad=self.backward)
         outs, self._outputs = self._outputs, []
-        if not outs:
-            return
-        names, kinds, tensors = zip(*outs)
-        stats = tensor_stats(list(tensors), histogram=self._histogram(self._step))
-        near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
-        bounded = [i for i, k in enumerate(kinds) if k in (SIGMOID, TANH)]
-        if bounded:
-            sat = tensor_stats([tensors[i] for i in bounded], histogram=True, saturation=1 - EPS)
-            near[bounded] = near_asymptote(sat, [kinds[i] for i in bounded])
-        self._add(PassStats(self._step, "forward", list(names), list(kinds),
-                            [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], stats, near))
+        if outs:
+            self._add_pass(self._step, "forward", *zip(*outs))
 
     def _grad(self, name, grad) -> None:
         if not self._queued:
@@ -154,13 +181,14 @@ class Watch:
         self._queued = False
         grads, self._grads = self._grads, []
         step = self._next_step()
-        if not grads or not self.options.due(step):
-            return
-        names, tensors = zip(*grads)
-        stats = tensor_stats(list(tensors), histogram=self._histogram(step))
-        near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
-        self._add(PassStats(step, "backward", list(names), [OTHER] * len(names),
-                            [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], stats, near))
+        if grads and self.options.due(step):
+            names, tensors = zip(*grads)
+            self._add_pass(step, "backward", names, (OTHER,) * len(names), tensors)
+
+    def _add_pass(self, step: int, name: str, modules, kinds, tensors) -> None:
+        stats, near = _pass_stats(list(tensors), list(kinds), self._histogram(step))
+        self._add(PassStats(step, name, list(modules), list(kinds), [tuple(t.shape) for t in tensors],
+                            [t.dtype for t in tensors], stats, near))
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)
