@@ -274,3 +274,28 @@ def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, h
             assert int(p.near[i]) == near, (p.name, name)
     assert [len(p.modules) for p in passes] == [11, 10]
     assert int(passes[0].near[passes[0].modules.index("4.inner")]) > 0
+
+
+def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_rows(monkeypatch):
+    model = _mlp(nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
+
+    def passes(read_bytes):
+        monkeypatch.setitem(th.watch.__globals__, "READ_BYTES", read_bytes)
+        calls = []
+        stats = th.watch.__globals__["tensor_stats"]
+        monkeypatch.setitem(th.watch.__globals__, "tensor_stats",
+                            lambda t, **k: calls.append(len(t)) or stats(t, **k))
+        w = th.watch(model)
+        model(_x()).pow(2).mean().backward()
+        out = w.take(0)
+        w.remove()
+        monkeypatch.setitem(th.watch.__globals__, "tensor_stats", stats)
+        return out, calls
+
+    whole, calls = passes(1 << 30)
+    assert len(calls) == 3  # forward, forward's tanh output, backward
+    batched, calls = passes(6 * 8 * 4)  # a read every 48 floats: one per output of this model or two
+    assert len(calls) > 6
+    for a, b in zip(whole, batched):
+        assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
+        assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)

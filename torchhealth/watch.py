@@ -93,6 +93,45 @@ def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
     return TensorStats.cat(parts)[rows], near_counts(kinds, torch.cat(high)[rows], torch.cat(tiny)[rows])
 
 
+# Bytes of held tensors that start a batched read before the pass ends: holding
+# every output gradient of a backward pass until it ends would keep memory alive
+# that the autograd engine otherwise frees and reuses at once (fresh pages to fault
+# in on every step); a read per this many bytes bounds that.
+READ_BYTES = 4 << 20
+
+
+class _Pending:
+    """A pass's tensors awaiting their batched read, and the rows read so far."""
+
+    def __init__(self):
+        self.items: list = []  # (name, kind, tensor)
+        self.bytes = 0
+        self.read: list = []  # (names, kinds, shapes, dtypes, stats, near) of each batch
+
+    def add(self, name: str, kind: str, t: torch.Tensor, histogram: Callable[[], bool]) -> None:
+        self.items.append((name, kind, t))
+        self.bytes += t.numel() * t.element_size()
+        if self.bytes >= READ_BYTES:
+            self.flush(histogram())
+
+    def flush(self, histogram: bool) -> None:
+        if self.items:
+            names, kinds, tensors = zip(*self.items)
+            self.items, self.bytes = [], 0
+            self.read.append((names, kinds, [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
+                              *_pass_stats(list(tensors), list(kinds), histogram)))
+
+    def finish(self, step: int, name: str, histogram: bool) -> PassStats | None:
+        """The pass's rows, in order, or None if it held no tensor."""
+        self.flush(histogram)
+        if not self.read:
+            return None
+        names, kinds, shapes, dtypes, stats, near = zip(*self.read)
+        return PassStats(step, name, [n for b in names for n in b], [k for b in kinds for k in b],
+                         [s for b in shapes for s in b], [d for b in dtypes for d in b],
+                         stats[0] if len(stats) == 1 else TensorStats.cat(list(stats)), torch.cat(near))
+
+
 class Watch:
     """The handle `watch` returns: ``remove()`` (or leave the ``with`` block)
     detaches every hook; ``last_report`` and ``flush()`` for a watch without a
@@ -128,8 +167,8 @@ class Watch:
         self._hooks.append(model.register_forward_hook(self._end))
         self._skipped_types: set[type] = set()
         self._step = None  # the step being watched, or None
-        self._outputs: list = []  # (name, kind, tensor) of the forward pass under way
-        self._grads: list = []  # (name, gradient) of the backward pass under way
+        self._outputs = _Pending()  # of the forward pass under way
+        self._grads = _Pending()  # of the backward pass under way
         self._queued = False
         self._passes: dict[int, list[PassStats]] = {}
         model._torchhealth_watch = self
@@ -141,7 +180,7 @@ class Watch:
             self._deliver(before=self._current)
         step = self._next_step()
         self._step = step if self.options.due(step) else None
-        self._outputs = []
+        self._outputs = _Pending()
         if self._step is not None:
             self._record("<input>", OTHER, (args, kwargs), grad=False)
 
@@ -159,7 +198,7 @@ class Watch:
             return
         for path, t in found:
             label = name + path if len(found) > 1 else name
-            self._outputs.append((label, kind, t.detach()))
+            self._outputs.add(label, kind, t.detach(), lambda: self._histogram(self._step))
             if grad and t.requires_grad:
                 t.register_hook(functools.partial(self._grad, label))
 
@@ -167,33 +206,28 @@ class Watch:
         if self._step is None:
             return
         self._record("<output>", OTHER, output, grad=self.backward)
-        outs, self._outputs = self._outputs, []
-        if outs:
-            self._add_pass(self._step, "forward", *zip(*outs))
+        outs, self._outputs = self._outputs, _Pending()
+        self._add(outs.finish(self._step, "forward", self._histogram(self._step)))
 
     def _grad(self, name, grad) -> None:
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
-        self._grads.append((name, grad.detach()))
+        self._grads.add(name, OTHER, grad.detach(), lambda: self._histogram(self._next_step()))
 
     def _backward_end(self) -> None:
         self._queued = False
-        grads, self._grads = self._grads, []
+        grads, self._grads = self._grads, _Pending()
         step = self._next_step()
-        if grads and self.options.due(step):
-            names, tensors = zip(*grads)
-            self._add_pass(step, "backward", names, (OTHER,) * len(names), tensors)
-
-    def _add_pass(self, step: int, name: str, modules, kinds, tensors) -> None:
-        stats, near = _pass_stats(list(tensors), list(kinds), self._histogram(step))
-        self._add(PassStats(step, name, list(modules), list(kinds), [tuple(t.shape) for t in tensors],
-                            [t.dtype for t in tensors], stats, near))
+        if self.options.due(step):
+            self._add(grads.finish(step, "backward", self._histogram(step)))
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)
 
-    def _add(self, p: PassStats) -> None:
+    def _add(self, p: PassStats | None) -> None:
+        if p is None:
+            return
         passes = self._passes.setdefault(p.step, [])
         passes[:] = [q for q in passes if q.name != p.name] + [p]  # a step's last pass of each kind
 
