@@ -12,8 +12,9 @@ objects are skipped, with one warning per module type), and a tensor hook on
 each output collects the gradient flowing into it. The tensors are held only
 until the pass ends: one `tensor_stats` call at the end of the forward pass
 (sigmoid/tanh outputs in a second one, which also counts their values near an
-asymptote) and one when backward finishes (an autograd-engine callback). Each
-distinct tensor is read once. Steps that are not due cost one comparison per
+asymptote) and one when backward finishes (an autograd-engine callback); a pass
+that holds more than `READ_BYTES` is read in batches of that size as it goes.
+Each distinct tensor of a batch is read once. Steps that are not due cost one comparison per
 module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
