@@ -212,3 +212,90 @@ def test_the_html_report_shows_the_origin():
     model = _mlp(nn.Tanh(), Sqrt())
     page = render(_run(model, steps=2))
     assert "Where it broke" in page and "<td>2</td><td>forward</td>" in page.replace("\n", "")
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.act = nn.Linear(8, 8), nn.Tanh()
+
+    def forward(self, x):  # the gradient of the sum reaches both of its terms as one tensor
+        return x + self.act(self.lin(x))
+
+
+class Wrap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sigmoid()
+
+    def forward(self, x):  # returns its child's output
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("histogram", [True, False])
+def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, histogram):
+    from torchhealth.activations import EPS
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), Residual(), nn.Linear(8, 8), Wrap(),
+                          nn.Linear(8, 2))
+    with torch.no_grad():
+        model[3].weight.mul_(30)  # some sigmoid outputs near 0 and 1
+    seen, names = {}, {m: n for n, m in model.named_modules()}
+
+    def capture(module, inputs, output):  # no copy: the watch reads the values as they are at the pass's end
+        seen[("forward", names[module])] = output.detach()
+        output.register_hook(lambda g: seen.__setitem__(("backward", names[module]), g))
+
+    for m in list(model.modules())[1:]:
+        m.register_forward_hook(capture)
+    reads = []
+    stats = th.watch.__globals__["tensor_stats"]
+    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    w = th.watch(model, thresholds=th.Thresholds(), check_every=1)
+    w.options = dataclasses.replace(w.options, histogram=histogram)
+    x = _x()
+    model(x).pow(2).mean().backward()
+    passes = w.take(0)
+    w.remove()
+    # Forward: the ReLU's output is its Linear's, Wrap's is its Sigmoid's, <output> is the last
+    # Linear's (6 tensors, then the Tanh's and the Sigmoid's); backward: the residual sum's
+    # gradient is also the Tanh's output gradient, <output>'s the last Linear's.
+    assert [len(r) for r in reads] == [6, 2, 7]
+    for p in passes:
+        for i, (name, kind) in enumerate(zip(p.modules, p.kinds)):
+            t = x if name == "<input>" else seen[(p.name, "5" if name == "<output>" else name)]
+            want = stats([t], histogram=histogram).data[0]  # the op alone on this tensor
+            assert torch.equal(p.stats.data[i], want), (p.name, name)
+            near = 0
+            if kind == "sigmoid":
+                near = int(((t >= 1 - EPS) | (t.abs() < EPS)).sum())
+            elif kind == "tanh":
+                near = int((t.abs() >= 1 - EPS).sum())
+            assert int(p.near[i]) == near, (p.name, name)
+    assert [len(p.modules) for p in passes] == [11, 10]
+    assert int(passes[0].near[passes[0].modules.index("4.inner")]) > 0
+
+
+def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_rows(monkeypatch):
+    model = _mlp(nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
+
+    def passes(read_bytes):
+        monkeypatch.setitem(th.watch.__globals__, "READ_BYTES", read_bytes)
+        calls = []
+        stats = th.watch.__globals__["tensor_stats"]
+        monkeypatch.setitem(th.watch.__globals__, "tensor_stats",
+                            lambda t, **k: calls.append(len(t)) or stats(t, **k))
+        w = th.watch(model)
+        model(_x()).pow(2).mean().backward()
+        out = w.take(0)
+        w.remove()
+        monkeypatch.setitem(th.watch.__globals__, "tensor_stats", stats)
+        return out, calls
+
+    whole, calls = passes(1 << 30)
+    assert len(calls) == 3  # forward, forward's tanh output, backward
+    batched, calls = passes(6 * 8 * 4)  # a read every 48 floats: one per output of this model or two
+    assert len(calls) > 6
+    for a, b in zip(whole, batched):
+        assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
+        assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)

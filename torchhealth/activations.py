@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .report import Finding, Row, rows_from_stats
-from .stats import COLS, EXP_MIN, BINS_PER_SIGN, TensorStats
+from .stats import BINS_PER_SIGN, COLS, EXP_MIN, SATURATED, TensorStats
 
 EPS_EXP = -10
 EPS = math.ldexp(1.0, EPS_EXP)
@@ -57,15 +57,31 @@ class PassStats:
         return "activation" if self.name == "forward" else "activation_grad"
 
 
-def near_asymptote(stats: TensorStats, kinds: list[str]) -> torch.Tensor:
-    """Per row: values within EPS of 0 (sigmoid: zeros and bins below 2^EPS_EXP)
-    plus values with |x| >= 1 - EPS (sigmoid and tanh: the ``saturated`` count of
-    a `tensor_stats` call made with ``saturation=1 - EPS``). Needs histograms."""
-    low = 2 + EPS_EXP - EXP_MIN  # histogram columns of exponents below EPS_EXP, per sign
+def tiny_counts(stats: TensorStats) -> torch.Tensor:
+    """Per row: values within EPS of 0 (zeros and the histogram bins below
+    2^EPS_EXP). Needs histograms."""
+    low = 1 + EPS_EXP - EXP_MIN  # per sign: the underflow column, then exponents EXP_MIN .. EPS_EXP - 1
     hist = stats.hist
-    tiny = hist[:, BINS_PER_SIGN:BINS_PER_SIGN + low].sum(1) + hist[:, :low].sum(1) + stats.zero
-    sig = torch.tensor([k == SIGMOID for k in kinds], device=stats.device)
-    return stats.saturated + torch.where(sig, tiny, 0)
+    return hist[:, BINS_PER_SIGN:BINS_PER_SIGN + low].sum(1) + hist[:, :low].sum(1) + stats.zero
+
+
+def bounded_rows(stats: TensorStats, histogram: bool) -> TensorStats:
+    """The rows of sigmoid/tanh outputs as a call with the default saturation
+    threshold gives them, from a call made with ``saturation=1 - EPS``: their
+    values lie in [-1, 1], below half of any dtype's maximum, so none is saturated."""
+    data = stats.data if histogram else stats.data[:, :COLS]
+    saturated = torch.arange(data.shape[1], device=data.device) == SATURATED
+    return TensorStats(torch.where(saturated, 0, data))
+
+
+def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> torch.Tensor:
+    """Per row: values within EPS of an asymptote (0 or 1 for sigmoid, -1 or 1 for
+    tanh, none for other modules), from the counts of each row's tensor of values
+    with |x| >= 1 - EPS (`high`) and of values within EPS of 0 (`tiny_counts`)."""
+    device = high.device
+    sig = torch.tensor([k == SIGMOID for k in kinds], device=device)
+    bounded = torch.tensor([k in (SIGMOID, TANH) for k in kinds], device=device)
+    return torch.where(bounded, high, 0) + torch.where(sig, tiny, 0)
 
 
 def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],

@@ -11,9 +11,11 @@ lists, dicts and dataclasses are walked; integer tensors are ignored; other
 objects are skipped, with one warning per module type), and a tensor hook on
 each output collects the gradient flowing into it. The tensors are held only
 until the pass ends: one `tensor_stats` call at the end of the forward pass
-(plus one over sigmoid/tanh outputs, for saturation) and one when backward
-finishes (an autograd-engine callback). Steps that are not due cost one
-comparison per module. See `torchhealth.activations` for what is checked.
+(sigmoid/tanh outputs in a second one, which also counts their values near an
+asymptote) and one when backward finishes (an autograd-engine callback); a pass
+that holds more than `READ_BYTES` is read in batches of that size as it goes.
+Each distinct tensor of a batch is read once. Steps that are not due cost one comparison per
+module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
@@ -32,11 +34,12 @@ from collections.abc import Callable
 import torch
 
 from ._ops import SUPPORTED_DTYPES, tensor_stats
-from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, kind_of, \
-    near_asymptote, pass_fields
+from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, bounded_rows, \
+    kind_of, near_counts, pass_fields, tiny_counts
 from .checks import Thresholds
 from .hostcopy import HostCopy
 from .report import Report
+from .stats import TensorStats
 
 
 def _tensors(obj, path: str = ""):
@@ -52,6 +55,82 @@ def _tensors(obj, path: str = ""):
         return [x for f in dataclasses.fields(obj)
                 for x in (_tensors(getattr(obj, f.name), f"{path}.{f.name}") or [])]
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
+
+
+def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
+                ) -> tuple[TensorStats, torch.Tensor]:
+    """A pass's rows (one per tensor) and their `PassStats.near` counts, reading
+    each distinct tensor once: a row whose tensor is an earlier row's (a container
+    returning its child's output, a gradient that reaches several outputs through
+    a residual sum) repeats that row. Sigmoid/tanh outputs go in a call of their
+    own with the saturation threshold at ``1 - EPS`` and a histogram, so that the
+    one read also counts their values near an asymptote."""
+    slot: dict = {}
+    unique: list[torch.Tensor] = []
+    bounded: list[bool] = []
+    index = []
+    for t, kind in zip(tensors, kinds):
+        # Every row's tensor is held until this call, so equal keys mean the same elements.
+        i = slot.setdefault((t.data_ptr(), t.device, t.dtype, t.shape, t.stride()), len(unique))
+        if i == len(unique):
+            unique.append(t)
+            bounded.append(False)
+        bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+        index.append(i)
+    plain = [i for i, b in enumerate(bounded) if not b]
+    sat = [i for i, b in enumerate(bounded) if b]
+    parts, high, tiny = [], [], []
+    if plain:
+        parts.append(tensor_stats([unique[i] for i in plain], histogram=histogram))
+        high.append(parts[-1].numel.new_zeros(len(plain)))
+        tiny.append(high[-1])
+    if sat:
+        stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
+        parts.append(bounded_rows(stats, histogram))
+        high.append(stats.saturated)
+        tiny.append(tiny_counts(stats))
+    position = {u: p for p, u in enumerate(plain + sat)}
+    rows = torch.tensor([position[i] for i in index], device=parts[0].device)
+    return TensorStats.cat(parts)[rows], near_counts(kinds, torch.cat(high)[rows], torch.cat(tiny)[rows])
+
+
+# Bytes of held tensors that start a batched read before the pass ends: holding
+# every output gradient of a backward pass until it ends would keep memory alive
+# that the autograd engine otherwise frees and reuses at once (fresh pages to fault
+# in on every step); a read per this many bytes bounds that.
+READ_BYTES = 4 << 20
+
+
+class _Pending:
+    """A pass's tensors awaiting their batched read, and the rows read so far."""
+
+    def __init__(self):
+        self.items: list = []  # (name, kind, tensor)
+        self.bytes = 0
+        self.read: list = []  # (names, kinds, shapes, dtypes, stats, near) of each batch
+
+    def add(self, name: str, kind: str, t: torch.Tensor, histogram: Callable[[], bool]) -> None:
+        self.items.append((name, kind, t))
+        self.bytes += t.numel() * t.element_size()
+        if self.bytes >= READ_BYTES:
+            self.flush(histogram())
+
+    def flush(self, histogram: bool) -> None:
+        if self.items:
+            names, kinds, tensors = zip(*self.items)
+            self.items, self.bytes = [], 0
+            self.read.append((names, kinds, [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
+                              *_pass_stats(list(tensors), list(kinds), histogram)))
+
+    def finish(self, step: int, name: str, histogram: bool) -> PassStats | None:
+        """The pass's rows, in order, or None if it held no tensor."""
+        self.flush(histogram)
+        if not self.read:
+            return None
+        names, kinds, shapes, dtypes, stats, near = zip(*self.read)
+        return PassStats(step, name, [n for b in names for n in b], [k for b in kinds for k in b],
+                         [s for b in shapes for s in b], [d for b in dtypes for d in b],
+                         stats[0] if len(stats) == 1 else TensorStats.cat(list(stats)), torch.cat(near))
 
 
 class Watch:
@@ -89,8 +168,8 @@ class Watch:
         self._hooks.append(model.register_forward_hook(self._end))
         self._skipped_types: set[type] = set()
         self._step = None  # the step being watched, or None
-        self._outputs: list = []  # (name, kind, tensor) of the forward pass under way
-        self._grads: list = []  # (name, gradient) of the backward pass under way
+        self._outputs = _Pending()  # of the forward pass under way
+        self._grads = _Pending()  # of the backward pass under way
         self._queued = False
         self._passes: dict[int, list[PassStats]] = {}
         model._torchhealth_watch = self
@@ -102,7 +181,7 @@ class Watch:
             self._deliver(before=self._current)
         step = self._next_step()
         self._step = step if self.options.due(step) else None
-        self._outputs = []
+        self._outputs = _Pending()
         if self._step is not None:
             self._record("<input>", OTHER, (args, kwargs), grad=False)
 
@@ -118,12 +197,9 @@ class Watch:
                 warnings.warn(f"torchhealth.watch: {type(module).__name__} returns a "
                               f"{type(obj).__name__}, which holds no tensors it can read; skipped")
             return
-        seen = {id(t) for _, _, t in self._outputs}
         for path, t in found:
-            if id(t) in seen:  # a container returning its child's output
-                continue
             label = name + path if len(found) > 1 else name
-            self._outputs.append((label, kind, t.detach()))
+            self._outputs.add(label, kind, t.detach(), lambda: self._histogram(self._step))
             if grad and t.requires_grad:
                 t.register_hook(functools.partial(self._grad, label))
 
@@ -131,41 +207,28 @@ class Watch:
         if self._step is None:
             return
         self._record("<output>", OTHER, output, grad=self.backward)
-        outs, self._outputs = self._outputs, []
-        if not outs:
-            return
-        names, kinds, tensors = zip(*outs)
-        stats = tensor_stats(list(tensors), histogram=self._histogram(self._step))
-        near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
-        bounded = [i for i, k in enumerate(kinds) if k in (SIGMOID, TANH)]
-        if bounded:
-            sat = tensor_stats([tensors[i] for i in bounded], histogram=True, saturation=1 - EPS)
-            near[bounded] = near_asymptote(sat, [kinds[i] for i in bounded])
-        self._add(PassStats(self._step, "forward", list(names), list(kinds),
-                            [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], stats, near))
+        outs, self._outputs = self._outputs, _Pending()
+        self._add(outs.finish(self._step, "forward", self._histogram(self._step)))
 
     def _grad(self, name, grad) -> None:
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
-        self._grads.append((name, grad.detach()))
+        self._grads.add(name, OTHER, grad.detach(), lambda: self._histogram(self._next_step()))
 
     def _backward_end(self) -> None:
         self._queued = False
-        grads, self._grads = self._grads, []
+        grads, self._grads = self._grads, _Pending()
         step = self._next_step()
-        if not grads or not self.options.due(step):
-            return
-        names, tensors = zip(*grads)
-        stats = tensor_stats(list(tensors), histogram=self._histogram(step))
-        near = torch.zeros(len(tensors), dtype=torch.int64, device=stats.device)
-        self._add(PassStats(step, "backward", list(names), [OTHER] * len(names),
-                            [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], stats, near))
+        if self.options.due(step):
+            self._add(grads.finish(step, "backward", self._histogram(step)))
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)
 
-    def _add(self, p: PassStats) -> None:
+    def _add(self, p: PassStats | None) -> None:
+        if p is None:
+            return
         passes = self._passes.setdefault(p.step, [])
         passes[:] = [q for q in passes if q.name != p.name] + [p]  # a step's last pass of each kind
 
