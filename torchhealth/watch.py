@@ -96,9 +96,11 @@ def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
 
 # Bytes of held tensors that start a batched read before the pass ends: holding
 # every output gradient of a backward pass until it ends would keep memory alive
-# that the autograd engine otherwise frees and reuses at once (fresh pages to fault
-# in on every step); a read per this many bytes bounds that.
-READ_BYTES = 4 << 20
+# that the autograd engine otherwise frees and reuses at once (on a GPU, up to the
+# activations' size again); a read per this many bytes bounds that. Large enough
+# that a small model's pass is still one call (and a large model's a few per
+# GPU-sized activation), small next to a training step's memory.
+READ_BYTES = 64 << 20
 
 
 class _Pending:
