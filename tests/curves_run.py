@@ -7,6 +7,8 @@ import torch
 from torchhealth import HealthCheckedOptimizer, HealthWarning
 from torchhealth.report import Report
 
+from logged_run import loss_of_step
+
 
 def train_with_scalars(steps: int = 40, nan_at: int | None = 30, *, histogram: bool = True,
                        width: int = 64, depth: int = 2, check_every: int = 1) -> list[Report]:
@@ -26,11 +28,8 @@ def train_with_scalars(steps: int = 40, nan_at: int | None = 30, *, histogram: b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HealthWarning)
         for step in range(steps):
-            x = torch.randn(32, 16)
-            if step == nan_at:
-                x[0, 0] = float("nan")
-            loss = ((model(x) - x[:, :1] ** 2) ** 2).mean()
             opt.zero_grad()
+            loss = loss_of_step(model, step, nan_at)
             loss.backward()
             opt.log(loss=loss, lr=sched.get_last_lr()[0])
             opt.step()

@@ -9,6 +9,15 @@ from torchhealth import HealthCheckedOptimizer, HealthWarning
 from torchhealth.report import Report
 
 
+def loss_of_step(model, step: int, nan_at: int | None) -> torch.Tensor:
+    """The loss of one step on fresh synthetic data (x -> x0^2), with one NaN
+    in the input at step `nan_at`."""
+    x = torch.randn(32, 16)
+    if step == nan_at:
+        x[0, 0] = float("nan")
+    return ((model(x) - x[:, :1] ** 2) ** 2).mean()
+
+
 def train(steps: int = 40, nan_at: int | None = 30, on_report=None, *, on_result=None,
           check_every: int = 1) -> list[Report]:
     """A small MLP trained with Adam on synthetic data and checked every
@@ -29,12 +38,8 @@ def train(steps: int = 40, nan_at: int | None = 30, on_report=None, *, on_result
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HealthWarning)
         for step in range(steps):
-            x = torch.randn(32, 16)
-            if step == nan_at:
-                x[0, 0] = float("nan")
-            loss = ((model(x) - x[:, :1] ** 2) ** 2).mean()
             opt.zero_grad()
-            loss.backward()
+            loss_of_step(model, step, nan_at).backward()
             if on_result is None:
                 opt.step()
             else:  # the same check, with the CheckResult in hand
