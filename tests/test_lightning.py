@@ -4,6 +4,8 @@ import warnings
 import pytest
 import torch
 
+import torchhealth
+
 pl = pytest.importorskip("lightning.pytorch")
 from torchhealth.integrations.lightning import HealthCheckCallback  # noqa: E402
 
@@ -152,3 +154,16 @@ def test_two_step_schedulers_of_one_optimizer_are_each_held_back():
         a.step()
         b.step()
     assert a.last_epoch == b.last_epoch == 3 and opt.param_groups[0]["lr"] == 0.5 ** 6
+
+
+def test_lightning_holds_the_users_scheduler_again_after_a_raise(tmp_path):
+    module = _module(nan_at=1)
+    trainer = None
+
+    class Keep(pl.Callback):
+        def on_train_start(self, t, pl_module):
+            nonlocal trainer
+            trainer = t
+    with pytest.raises(torchhealth.HealthCheckError):
+        _fit(module, [HealthCheckCallback(policy="raise"), Keep()], tmp_path, steps=3)
+    assert trainer.lr_scheduler_configs[0].scheduler is module.scheduler
