@@ -26,10 +26,24 @@ the hook, which ends ``trainer.fit`` with that exception; "skip" sets every
 gradient to None before Lightning calls ``optimizer.step()``, so parameters and
 optimizer state stay exactly as they were (the step counter still advances);
 "zero" and ``max_grad_norm`` act on the gradients in place.
+
+Schedulers: under automatic optimization, each step-interval scheduler from
+``configure_optimizers`` (the user's own, unchanged) does not advance after an
+optimizer step the callback skipped (policy "skip", or a scaler overflow seen
+by a check): while training, Lightning's config holds it through
+`HeldBackScheduler`, and holds it again itself after ``fit``. Epoch-interval
+and ReduceLROnPlateau schedulers are left alone (a skipped step is one of an
+epoch's many; a plateau scheduler steps on a validation metric, not per step).
+
+Histograms: with a logger whose ``experiment`` writes TensorBoard histograms
+(`TensorBoardLogger`), each Report's log2 histograms, when measured (the
+``histogram`` cadence), go through that same writer, beside the scalars.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -39,6 +53,7 @@ from ..monitor import HealthMonitor
 from ..options import MonitorOptions, backward_end_by_default
 from ..report import Report
 from ..sinks.base import Sink, scalars
+from ..sinks.tensorboard import TensorBoardSink
 from ._common import log_learning_rates, skip_by_dropping_gradients, unscale_for_check, unwrap
 
 pl = require("lightning.pytorch", "lightning")
@@ -57,6 +72,9 @@ class HealthCheckCallback(pl.Callback):
     cadence (with several optimizers, keys start with ``optimizer{i}/``);
     ``per_tensor``: include per-parameter norms, absmax and non-finite counts
     (three metrics per tensor), not only the ``health/`` totals.
+    ``histograms``: write the measured histograms through each logger that
+    can (``experiment.add_histogram_raw``, as TensorBoardLogger's); None (the
+    default): when ``log`` is on and a logger can.
 
     The running state (baselines, counters) is saved in Lightning checkpoints
     (`state_dict`) and restored on resume.
@@ -66,11 +84,13 @@ class HealthCheckCallback(pl.Callback):
     """
 
     def __init__(self, *, sinks: Iterable = (), log: bool = True, per_tensor: bool = False,
-                 options: MonitorOptions | None = None, **settings):
+                 histograms: bool | None = None, options: MonitorOptions | None = None, **settings):
         super().__init__()
+        if histograms is not None and not isinstance(histograms, bool):
+            raise TypeError(f"HealthCheckCallback: histograms must be True, False or None, got {histograms!r}")
         self.options = MonitorOptions.build(options, **settings)
         self.sinks = list(sinks)
-        self.log, self.per_tensor = log, per_tensor
+        self.log, self.per_tensor, self.histograms = log, per_tensor, histograms
         self.monitors: dict[torch.optim.Optimizer, HealthMonitor] = {}
         self.last_report: Report | None = None
         self.skipped_steps = 0
@@ -79,6 +99,9 @@ class HealthCheckCallback(pl.Callback):
         self._steps: dict[torch.optim.Optimizer, int] = {}  # each optimizer's own steps
         self._index: dict[int, int] = {}  # id(monitor) -> the optimizer's index in the trainer
         self._saved: dict | None = None  # from load_state_dict, applied as monitors are made
+        self._skips: dict[torch.optim.Optimizer, int] = {}  # each optimizer's skipped steps
+        self._held_configs: list = []  # Lightning's scheduler configs holding a HeldBackScheduler
+        self._histogram_sinks: list[TensorBoardSink] = []
 
     # -- hooks ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -88,6 +111,12 @@ class HealthCheckCallback(pl.Callback):
         self._trainer = trainer
         for optimizer in trainer.optimizers:
             self._monitor_for(unwrap(optimizer), pl_module)
+        if pl_module.automatic_optimization:
+            for config in trainer.lr_scheduler_configs:
+                if config.interval == "step" and not config.reduce_on_plateau:
+                    config.scheduler = HeldBackScheduler(config.scheduler, self._skips)
+                    self._held_configs.append(config)
+        self._histogram_sinks = self._histogram_writers(trainer)
 
     def _monitor_for(self, opt, pl_module) -> HealthMonitor:
         monitor = self.monitors.get(opt)
@@ -120,6 +149,7 @@ class HealthCheckCallback(pl.Callback):
         result = monitor.check(step, found_inf=found_inf)
         if result is not None and skip_by_dropping_gradients(opt, result.skip):
             self.skipped_steps += 1  # policy or scaler
+            self._skips[opt] = self._skips.get(opt, 0) + 1
 
     def state_dict(self) -> dict:
         saved = dict(self._saved or {})
@@ -142,6 +172,18 @@ class HealthCheckCallback(pl.Callback):
         self._finish(flush=False)
 
     # -- internals ----------------------------------------------------------------------------
+    def _histogram_writers(self, trainer) -> list[TensorBoardSink]:
+        if self.histograms is False or (self.histograms is None and not self.log):
+            return []
+        experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
+        writers = [TensorBoardSink(writer=_HistogramsOnly(e), per_tensor=False)
+                   for e in experiments if callable(getattr(e, "add_histogram_raw", None))]
+        if not writers and self.histograms:
+            warnings.warn("HealthCheckCallback: histograms=True, but no logger of the trainer writes "
+                          "histograms (an `experiment` with `add_histogram_raw`, as TensorBoardLogger's); "
+                          "they go only to the callback's sinks", UserWarning, stacklevel=2)
+        return writers
+
     def _deliver(self, index: int, report: Report) -> None:
         self.last_report = report
         for sink in self.sinks:
@@ -152,14 +194,63 @@ class HealthCheckCallback(pl.Callback):
             metrics = {prefix + k: v for k, v in scalars(report, per_tensor=self.per_tensor).items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+        if self._histogram_sinks and trainer is not None:
+            at_step = dataclasses.replace(report, step=trainer.global_step)  # the scalars' step
+            for sink in self._histogram_sinks:
+                sink(at_step)
 
     def _finish(self, flush: bool = True) -> None:
         for hooks in self._hooks:
             hooks.remove()
         self._hooks = []
+        for config in self._held_configs:
+            config.scheduler = config.scheduler.scheduler
+        self._held_configs = []
         if flush:
             for monitor in self.monitors.values():
                 monitor.flush()
         for sink in self.sinks:
             if isinstance(sink, Sink):
                 sink.close()
+        self._histogram_sinks = []  # the writers are the loggers': Lightning flushes and closes them
+
+
+class HeldBackScheduler:
+    """The user's `scheduler` as Lightning steps it while the callback trains:
+    its ``step()`` is held back once for each optimizer step the callback
+    skipped (`skips`: optimizer -> its skipped steps so far, shared by every
+    scheduler of that optimizer), so the schedule resumes where it stopped.
+    Everything else (``state_dict``, ``optimizer``, ``get_last_lr``, ...) is
+    the scheduler's own, so checkpoints are unchanged. With a ``frequency``
+    above 1 the hold falls on the next scheduler step Lightning takes."""
+
+    def __init__(self, scheduler, skips: dict):
+        self.scheduler, self._skips = scheduler, skips
+        self._optimizer = unwrap(scheduler.optimizer)
+        self._held_back = skips.get(self._optimizer, 0)  # skips before it was wrapped are not its own
+
+    def step(self, *args, **kwargs):
+        if self._skips.get(self._optimizer, 0) > self._held_back:
+            self._held_back += 1
+            return None
+        return self.scheduler.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "scheduler":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+class _HistogramsOnly:
+    """A logger's SummaryWriter as `TensorBoardSink` sees it, keeping only the
+    histograms: the scalars already go through the trainer's loggers, and would
+    otherwise be written twice."""
+
+    def __init__(self, experiment):
+        self.add_histogram_raw = experiment.add_histogram_raw
+        self.flush = getattr(experiment, "flush", lambda: None)
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    add_text = add_scalar
