@@ -41,7 +41,6 @@ Histograms: with a logger whose ``experiment`` writes TensorBoard histograms
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from collections.abc import Iterable
@@ -53,7 +52,7 @@ from ..monitor import HealthMonitor
 from ..options import MonitorOptions, backward_end_by_default
 from ..report import Report
 from ..sinks.base import Sink, scalars
-from ..sinks.tensorboard import TensorBoardSink
+from ..sinks.tensorboard import write_histograms
 from ._common import log_learning_rates, skip_by_dropping_gradients, unscale_for_check, unwrap
 
 pl = require("lightning.pytorch", "lightning")
@@ -101,7 +100,7 @@ class HealthCheckCallback(pl.Callback):
         self._saved: dict | None = None  # from load_state_dict, applied as monitors are made
         self._skips: dict[torch.optim.Optimizer, int] = {}  # each optimizer's skipped steps
         self._held_configs: list = []  # Lightning's scheduler configs holding a HeldBackScheduler
-        self._histogram_sinks: list[TensorBoardSink] = []
+        self._tb_writers: list = []
 
     # -- hooks ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -116,7 +115,7 @@ class HealthCheckCallback(pl.Callback):
                 if config.interval == "step" and not config.reduce_on_plateau:
                     config.scheduler = HeldBackScheduler(config.scheduler, self._skips)
                     self._held_configs.append(config)
-        self._histogram_sinks = self._histogram_writers(trainer)
+        self._tb_writers = self._histogram_writers(trainer)
 
     def _monitor_for(self, opt, pl_module) -> HealthMonitor:
         monitor = self.monitors.get(opt)
@@ -172,12 +171,13 @@ class HealthCheckCallback(pl.Callback):
         self._finish(flush=False)
 
     # -- internals ----------------------------------------------------------------------------
-    def _histogram_writers(self, trainer) -> list[TensorBoardSink]:
+    def _histogram_writers(self, trainer) -> list:
+        """The trainer's loggers' writers that take histograms (the scalars
+        already go through `log_metrics`, so only histograms are written there)."""
         if self.histograms is False or (self.histograms is None and not self.log):
             return []
         experiments = [getattr(logger, "experiment", None) for logger in trainer.loggers]
-        writers = [TensorBoardSink(writer=_HistogramsOnly(e), per_tensor=False)
-                   for e in experiments if callable(getattr(e, "add_histogram_raw", None))]
+        writers = [e for e in experiments if callable(getattr(e, "add_histogram_raw", None))]
         if not writers and self.histograms:
             warnings.warn("HealthCheckCallback: histograms=True, but no logger of the trainer writes "
                           "histograms (an `experiment` with `add_histogram_raw`, as TensorBoardLogger's); "
@@ -194,10 +194,9 @@ class HealthCheckCallback(pl.Callback):
             metrics = {prefix + k: v for k, v in scalars(report, per_tensor=self.per_tensor).items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        if self._histogram_sinks and trainer is not None:
-            at_step = dataclasses.replace(report, step=trainer.global_step)  # the scalars' step
-            for sink in self._histogram_sinks:
-                sink(at_step)
+        if self._tb_writers and trainer is not None:
+            for writer in self._tb_writers:
+                write_histograms(writer, report, step=trainer.global_step)  # the scalars' step
 
     def _finish(self, flush: bool = True) -> None:
         for hooks in self._hooks:
@@ -212,7 +211,7 @@ class HealthCheckCallback(pl.Callback):
         for sink in self.sinks:
             if isinstance(sink, Sink):
                 sink.close()
-        self._histogram_sinks = []  # the writers are the loggers': Lightning flushes and closes them
+        self._tb_writers = []  # the loggers': Lightning flushes and closes them
 
 
 class HeldBackScheduler:
@@ -239,18 +238,3 @@ class HeldBackScheduler:
         if name == "scheduler":  # not yet set (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.scheduler, name)
-
-
-class _HistogramsOnly:
-    """A logger's SummaryWriter as `TensorBoardSink` sees it, keeping only the
-    histograms: the scalars already go through the trainer's loggers, and would
-    otherwise be written twice."""
-
-    def __init__(self, experiment):
-        self.add_histogram_raw = experiment.add_histogram_raw
-        self.flush = getattr(experiment, "flush", lambda: None)
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    add_text = add_scalar

@@ -47,13 +47,7 @@ class TensorBoardSink(Sink):
         for tag, value in logged(report).items():
             w.add_scalar(tag, value, step, walltime=report.time)
         if self.histograms:
-            for r in report.rows:
-                edges, counts = value_histogram(r)
-                if counts:
-                    w.add_histogram_raw(f"{HISTOGRAMS}/{r.role}/{r.name}", min=r.min, max=r.max,
-                                        num=sum(counts), sum=r.sum, sum_squares=r.sumsq,
-                                        bucket_limits=edges[1:], bucket_counts=counts,
-                                        global_step=step, walltime=report.time)
+            write_histograms(w, report)
         if report.findings:
             w.add_text("health/findings", findings_text(report), step, walltime=report.time)
 
@@ -61,3 +55,17 @@ class TensorBoardSink(Sink):
         self.writer.flush()
         if self._owns:
             self.writer.close()
+
+
+def write_histograms(writer, report: Report, step: int | None = None) -> None:
+    """The measured histograms of `report`'s rows through a SummaryWriter (or
+    anything with its ``add_histogram_raw``), at `step` (default: the
+    report's); rows without a histogram are skipped."""
+    step = report.step if step is None else step
+    for r in report.rows:
+        edges, counts = value_histogram(r)
+        if counts:
+            writer.add_histogram_raw(f"{HISTOGRAMS}/{r.role}/{r.name}", min=r.min, max=r.max,
+                                     num=sum(counts), sum=r.sum, sum_squares=r.sumsq,
+                                     bucket_limits=edges[1:], bucket_counts=counts,
+                                     global_step=step, walltime=report.time)
