@@ -299,3 +299,31 @@ def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_row
     for a, b in zip(whole, batched):
         assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
         assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)
+
+
+def test_activation_histograms_reach_the_report_and_the_log(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from torchhealth import report_plots
+    from torchhealth.html_report import render
+    from torchhealth.sinks import JsonlSink, read_jsonl
+    model = _mlp(nn.Tanh())
+    x = _x()
+    reports = _run(model, x=x, steps=2)  # histograms every 10th check, from the first
+    rows = {(r.name, r.role): r for r in reports[0].rows}
+    out = rows[("1", "activation")]  # the Tanh's output
+    want = th.tensor_stats([torch.tanh(model[0](x)).detach()])
+    counts = want.hist[0].tolist()
+    assert out.hist == {b: n for b, n in enumerate(counts) if n}
+    assert sum(out.hist.values()) == out.numel - out.zero
+    assert all(r.hist for r in reports[0].rows if r.role.startswith("activation"))
+    path = tmp_path / "run.jsonl"
+    with JsonlSink(path) as sink:
+        sink(reports[0])
+    back = read_jsonl(path)[0]
+    assert [r.hist for r in back.rows] == [r.hist for r in reports[0].rows]
+    drawn, heatmap = [], report_plots.heatmap
+    monkeypatch.setattr(report_plots, "heatmap",
+                        lambda mpl, ax, rows, title: drawn.append((title, len(rows))) or heatmap(mpl, ax, rows, title))
+    render([back], heatmaps=["1"])  # the Tanh module: its output and output gradient over steps
+    assert drawn == [("1: output gradient", 1), ("1: output", 1)]
+    assert not any(r.hist for r in reports[1].rows)  # off the cadence: none

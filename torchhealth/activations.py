@@ -128,9 +128,10 @@ def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor
 
 
 def pass_fields(passes: list[PassStats]) -> dict[str, torch.Tensor]:
-    """The host-copy fields of a step's passes (names ``act{i}``/``near{i}``)."""
+    """The host-copy fields of a step's passes (names ``act{i}``/``near{i}``):
+    the rows, with their histograms on the steps that measured them."""
     out = {}
     for i, p in enumerate(passes):
-        out[f"act{i}"] = p.stats.data[:, :COLS]
+        out[f"act{i}"] = p.stats.data
         out[f"near{i}"] = p.near
     return out

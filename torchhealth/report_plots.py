@@ -195,18 +195,25 @@ def heatmap(mpl, ax, pts: list[tuple[int, Row]], title: str):
 
 
 def heatmaps_plot(mpl, selected: list) -> str:
-    """A gradient and a weight heatmap for each parameter history in `selected`."""
+    """A gradient and a weight heatmap for each parameter history in `selected`
+    (for a watched module's, its output gradient and output)."""
     fig = mpl.figure.Figure(figsize=(13, 3.8 * len(selected)), layout="constrained")
     fig.get_layout_engine().set(h_pad=0.12, w_pad=0.1)  # inches between a panel's labels and the next title
     axes = fig.subplots(len(selected), 2, squeeze=False)
     meshes = [heatmap(mpl, ax, p.rows.get(role, []), f"{p.name}: {what}")
               for row, p in zip(axes, selected)
-              for ax, role, what in zip(row, ("grad", "param"), ("gradient", "weight"))]
+              for ax, (role, what) in zip(row, _panels(p))]
     mesh = next((m for m in meshes if m is not None), None)
     if mesh is not None:  # one scale for all: LogNorm(1e-6, 1)
         bar = fig.colorbar(mesh, ax=axes, label="fraction of the tensor's values", shrink=0.6, aspect=40)
         bar.ax.yaxis.set_major_formatter(mpl.ticker.LogFormatter())
     return png(fig, "log2-magnitude histograms over steps: " + ", ".join(p.name for p in selected))
+
+
+def _panels(p) -> tuple[tuple[str, str], tuple[str, str]]:
+    if "grad" in p.rows or "param" in p.rows:
+        return ("grad", "gradient"), ("param", "weight")
+    return ("activation_grad", "output gradient"), ("activation", "output")
 
 
 def timeline_plot(mpl, reports: list[Report]) -> str:
