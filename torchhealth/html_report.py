@@ -5,10 +5,10 @@ Sections: a summary; the user's scalars (loss, learning rate: `HealthMonitor.log
 when the Reports carry any; gradient and weight norms per parameter over steps;
 for the worst parameters, or the ones named, a heatmap of the log2-magnitude
 histogram over steps with the float16 and bfloat16 limits marked; a timeline of
-the checks that fired; a table of the worst parameters. The figures are drawn
-by `torchhealth.report_plots` and need matplotlib (the optional extra
-``torchhealth[report]``); without it the report keeps its tables and says how
-to get the plots.
+the checks that fired; a table of the worst parameters. The tables are built
+by `torchhealth.report_tables`; the figures by `torchhealth.report_plots`, which
+needs matplotlib (the optional extra ``torchhealth[report]``); without it the
+report keeps its tables and says how to get the plots.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import report_plots as plots
+from . import report_tables as tables
 from ._optional import require
 from .report import Report, Row
 
@@ -34,7 +35,6 @@ INSTALL_HINT = "pip install torchhealth[report]"
 NO_HISTOGRAMS = ("Histograms were not recorded in this run, so there is nothing to draw here. "
                  "Turn them on with <code>histogram=True</code> (e.g. "
                  "<code>HealthCheckedOptimizer(opt, model=model, histogram=True)</code>).")
-_SEVERITIES = ("error", "warning", "info")  # the ones with a style
 # Heatmap rows in one figure at the most: each is 3.8 inches tall, and an image
 # taller than 2^16 pixels cannot be saved.
 MAX_HEATMAPS = 40
@@ -142,74 +142,6 @@ def _choose_heatmaps(heatmaps, ranked: list[tuple[_Param, dict]], params: dict[s
 
 
 # -- tables ------------------------------------------------------------------------
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return "–" if math.isnan(x) else f"{x:.3g}"
-    return str(x)
-
-
-def _table(head: list[str], rows: list[list], classes: list[str] | None = None) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join(f'<tr class="{html.escape(c)}">' + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
-                   for r, c in zip(rows, classes or [""] * len(rows)))
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _worst_table(ranked: list[tuple[_Param, dict]], limit: int) -> str:
-    head = ["parameter", "findings", "checks", "non-finite values", "max grad norm",
-            "max |grad|", "max zero+subnormal", "max saturated", "last weight norm"]
-    rows = [[p.name, w["findings"], w["checks"], w["nonfinite"], w["max_grad_norm"],
-             w["max_grad_absmax"], f"{100 * w['max_zero']:.1f}%" if math.isfinite(w["max_zero"]) else "–",
-             w["saturated"], w["param_norm"]] for p, w in ranked[:limit]]
-    return _table(head, rows, ["bad" if w["findings"] or w["nonfinite"] else "" for _, w in ranked[:limit]])
-
-
-def _findings_table(reports: list[Report], limit: int) -> str:
-    fired = [(r.step, f, r.skipped) for r in reports for f in r.findings]
-    rows = [[s, f.severity, f.check, f.message, "yes" if skipped else ""]
-            for s, f, skipped in fired[:limit]]
-    more = (f"<p>… and {len(fired) - limit} more findings (all of them are in the log).</p>"
-            if len(fired) > limit else "")
-    return _table(["step", "severity", "check", "message", "step skipped"], rows,
-                  [f.severity if f.severity in _SEVERITIES else "" for _, f, _ in fired[:limit]]) + more
-
-
-def _origins(reports: list[Report]) -> list[str]:
-    """Where non-finite values first appeared (`torchhealth.watch`), per step."""
-    found = [r.origin for r in reports if r.origin is not None]
-    if not found:
-        return []
-    rows = [[o["step"], o["module"], o["pass"], o["nan"], o["posinf"], o["neginf"], o["numel"]]
-            for o in found]
-    return ["<p><b>Where it broke</b>: the first module whose output (forward) or output gradient "
-            "(backward) held NaN or Inf, on each step it happened.</p>",
-            _table(["step", "module", "pass", "NaN", "+Inf", "-Inf", "of"], rows)]
-
-
-# -- torch.distributed: how many ranks the records cover, and which rank broke ---------
-def _ranks_line(reports: list[Report]) -> list[str]:
-    """The summary's line on ranks (nothing for a single-process run)."""
-    sizes = sorted({r.world_size for r in reports})
-    if sizes == [1]:
-        return []
-    bad = sorted({k for r in reports for f in r.findings for k in f.ranks or ()})
-    culprits = (f"; non-finite gradients produced on rank(s) {', '.join(map(str, bad))}" if bad else "")
-    return [f"<p>Each record covers {' or '.join(map(str, sizes))} ranks (statistics combined "
-            f"across torch.distributed processes){html.escape(culprits)}.</p>"]
-
-
-def _rank_origins(reports: list[Report]) -> list[str]:
-    """Beside the origin: the ranks whose own gradients were non-finite, per step."""
-    rows = [[r.step, ", ".join(map(str, f.ranks)) or "none (after communication)",
-             r.world_size, ", ".join(f.names)]
-            for r in reports for f in r.findings if f.ranks is not None]
-    if not rows:
-        return []
-    return ["<p><b>Which rank</b>: the ranks whose local gradients held NaN or Inf before "
-            "communication spread them to every rank.</p>",
-            _table(["step", "rank(s)", "of ranks", "parameters"], rows)]
-
-
 # -- the page ------------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1280px;color:#222;padding:0 16px}
@@ -252,11 +184,11 @@ def _sections(mpl, reports: list[Report], params: dict[str, _Param], heatmaps: _
         if mpl:
             parts.append(plots.heatmaps_plot(mpl, heatmaps.selected))
     parts.append("<h2>Checks that fired</h2>")
-    parts += _origins(reports) + _rank_origins(reports)
+    parts += tables.origins(reports) + tables.rank_origins(reports)
     if fired:
         if mpl:
             parts.append(plots.timeline_plot(mpl, reports))
-        parts.append(_findings_table(reports, findings))
+        parts.append(tables.findings_table(reports, findings))
     else:
         parts.append("<p>No check fired in this run.</p>")
     return parts
@@ -285,7 +217,7 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
     cards = [("records", len(reports)), ("steps", f"{reports[0].step}–{reports[-1].step}"),
              ("parameters", len(params)), ("findings", sum(fired.values())), ("steps skipped", skipped)]
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="sub">{html.escape(source or "")} {status}</p>', *_ranks_line(reports),
+             f'<p class="sub">{html.escape(source or "")} {status}</p>', *tables.ranks_line(reports),
              '<div class="cards">' + "".join(f"<div class=card><b>{html.escape(str(v))}</b>"
                                               f"{html.escape(k)}</div>" for k, v in cards) + "</div>"]
     try:
@@ -298,7 +230,7 @@ def render(reports: list[Report], *, title: str = "torchhealth report", source: 
                      f"<code>{INSTALL_HINT}</code>, then run <code>torchhealth report</code> again.</p>")
     with mpl.rc_context({"text.parse_math": False}) if mpl else contextlib.nullcontext():
         parts += _sections(mpl, reports, params, chosen, fired or skipped, findings)
-    parts.append("<h2>Worst parameters</h2>" + _worst_table(ranked, worst))
+    parts.append("<h2>Worst parameters</h2>" + tables.worst_table(ranked, worst))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
