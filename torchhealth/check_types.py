@@ -4,6 +4,7 @@ device) and `RunningState` (what the checks keep on the device between steps).
 The checks themselves, and what each default means, are in `torchhealth.checks`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -112,7 +113,11 @@ class Layout:
         keys = [m if m is not None else ("param", j) for j, m in enumerate(self.modules)]
         order = {m: k for k, m in enumerate(dict.fromkeys(keys))}
         self.module_index = [order[m] for m in keys]
+        self.num_modules = len(order)
         self.num_grads = sum(r == "grad" for r in self.roles)
+        # What no check of this layout can find (checks return constant signals).
+        self.has_state = any(r.startswith("state") for r in self.roles)
+        self.has_lowp = any(d in _LOWP for d in self.dtypes)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -140,13 +145,21 @@ class Layout:
                                            dtype=torch.int64),
                 "has_grad": torch.tensor(has_grad, dtype=torch.bool),
                 "trainable": torch.tensor(self.trainable, dtype=torch.bool),
-                "sparse": torch.tensor([self.sparse[j] for j in self.param_index], dtype=torch.bool),
+                "missing": torch.tensor([t and not h for t, h in zip(self.trainable, has_grad)], dtype=torch.bool),
+                "others_learn": torch.tensor(any(t and h for t, h in zip(self.trainable, has_grad))),
+                "dense": torch.tensor([not self.sparse[j] for j in self.param_index], dtype=torch.bool),
                 "row_param": torch.tensor(self.param_index, dtype=torch.int64),
                 "module": torch.tensor([self.module_index[j] for j in self.param_index], dtype=torch.int64),
                 "candidate": torch.tensor([bool(self.structural[j]) for j in self.param_index],
                                           dtype=torch.bool),
                 "eps": torch.tensor([torch.finfo(d).eps for d in self.dtypes], dtype=torch.float64),
                 "tiny": torch.tensor([torch.finfo(d).tiny for d in self.dtypes], dtype=torch.float64),
+                # Constants of signals that cannot fire (never changed in place).
+                "no_rows": torch.zeros(len(self.roles), dtype=torch.bool),
+                "false": torch.zeros((), dtype=torch.bool),
+                "zero": torch.zeros((), dtype=torch.float64),
+                "inf": torch.full((), math.inf, dtype=torch.float64),
+                "ninf": torch.full((), -math.inf, dtype=torch.float64),
             }
             cached = {k: v.to(device) for k, v in cached.items()}
             self._device_cache[device] = cached

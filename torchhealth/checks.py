@@ -136,8 +136,20 @@ from .check_types import (CHECKS, INFO_KINDS, LEARNS, SEVERITY, STRUCTURAL, UNDE
 
 
 # -- the checks ---------------------------------------------------------------------
+# Every small op costs microseconds on the CPU, whatever the number of rows, and
+# the checks run on every step: row quantities that several checks read are
+# made once per `TensorStats` (`TensorStats.derived`), constants once per
+# `Layout` (`Layout.masks`), and a check that cannot fire for a layout returns
+# constant signals.
 def _signal(check, kind, mask, value, threshold, axis="rows") -> Signal:
-    return Signal(check, kind, mask.any(), mask, value.to(torch.float64), float(threshold), axis)
+    value = value if value.dtype == torch.float64 else value.double()
+    return Signal(check, kind, mask.any(), mask, value, float(threshold), axis)
+
+
+def _never(check, kind, m: dict, value: str, threshold, axis="rows") -> Signal:
+    """A signal that cannot fire for this layout (constant tensors, never
+    changed in place); ``value`` names the constant it reports."""
+    return Signal(check, kind, m["false"], m["no_rows"], m[value], float(threshold), axis)
 
 
 # _no_row_sqrt: per-row norms are compared as squares (sumsq against limit**2)
@@ -151,6 +163,23 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
 
 
+def _ok(stats: TensorStats) -> torch.Tensor:
+    """Rows without NaN or Inf."""
+    return stats.derived("ok", lambda s: s.nonfinite == 0)
+
+
+def _grads(stats: TensorStats, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient rows without NaN/Inf, and gradient rows with some."""
+    grad = layout.masks(stats.device)["grad"]
+    return (stats.derived(("grad_ok", id(layout)), lambda s: grad & _ok(s)),
+            stats.derived(("grad_bad", id(layout)), lambda s: grad & ~_ok(s)))
+
+
+def _mean_square(stats: TensorStats) -> torch.Tensor:
+    """Mean square of each row's finite values (0 for none), float64."""
+    return stats.derived("ms", lambda s: s.sumsq / s.finite.clamp(min=1).double())
+
+
 def total_grad_norm(stats: TensorStats, layout: Layout) -> torch.Tensor:
     """L2 norm over every finite gradient value (float64, 0-d)."""
     m = layout.masks(stats.device)
@@ -162,14 +191,16 @@ def nonfinite(stats: TensorStats, layout: Layout, found_inf: torch.Tensor | None
     gradients are not a model fault when a GradScaler already found them
     (``found_inf`` > 0): loss scaling overflowed and the scaler skips the step."""
     m = layout.masks(stats.device)
-    bad = stats.nonfinite > 0
-    grad_bad = bad & m["grad"]
+    bad = ~_ok(stats)
+    grad_bad = _grads(stats, layout)[1]
     if found_inf is not None:
         grad_bad = grad_bad & ~(found_inf > 0)
     count = stats.nonfinite.double()
-    return [_signal("nonfinite", kind, mask, torch.where(mask, count, 0.0).sum(), 0)
-            for kind, mask in (("grad", grad_bad), ("param", bad & m["param"]),
-                               ("state", bad & m["state"]))]
+    kinds = [("grad", grad_bad), ("param", bad & m["param"])] + \
+        ([("state", bad & m["state"])] if layout.has_state else [])
+    signals = [_signal("nonfinite", kind, mask, torch.where(mask, count, 0.0).sum(), 0)
+               for kind, mask in kinds]
+    return signals if layout.has_state else signals + [_never("nonfinite", "state", m, "zero", 0)]
 
 
 def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
@@ -180,26 +211,26 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     only from finite, non-spiking norms of steps the scaler did not skip."""
     m = layout.masks(stats.device)
     total = total_grad_norm(stats, layout) if total is None else total
-    finite = stats.nonfinite == 0
+    grad_ok, grad_bad = _grads(stats, layout)
     # A norm over the finite part of a gradient that also holds Inf/NaN says
     # nothing the nonfinite check has not said: no finding from those values.
-    clean = ~(m["grad"] & ~finite).any()
-    big = m["grad"] & finite & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
+    clean = ~grad_bad.any()
+    big = grad_ok & (stats.sumsq > th.max_param_norm ** 2)  # see _no_row_sqrt
     x = total.log()
-    std = state.var.clamp(min=0).sqrt()
+    d = x - state.mean
     warm = state.count >= th.warmup
-    margin = torch.clamp(std * th.spike_zscore, min=math.log(th.spike_factor))
-    spike = warm & clean & (x - state.mean > margin)
-    ratio = torch.where(warm, (x - state.mean).exp(), 0.0)
+    margin = (state.var.clamp(min=0).sqrt() * th.spike_zscore).clamp(min=math.log(th.spike_factor))
+    spike = warm & clean & (d > margin)
+    ratio = torch.where(warm, d.exp(), 0.0)
     learn = torch.isfinite(x) & clean & ~spike
     if found_inf is not None:
         learn = learn & ~(found_inf > 0)
-    count = state.count + learn.long()
+    count = state.count + learn
     # Exact running mean while warming up, then an EMA: early steps do not
     # leave a zero-initialised baseline behind.
-    alpha = torch.clamp(1.0 / count.clamp(min=1).double(), min=1.0 - th.spike_decay)
-    delta = torch.where(learn, x - state.mean, 0.0)
-    mean = torch.where(learn, state.mean + alpha * delta, state.mean)
+    alpha = (1.0 / count.clamp(min=1).double()).clamp(min=1.0 - th.spike_decay)
+    delta = torch.where(learn, d, 0.0)
+    mean = state.mean + alpha * delta  # unchanged when not learning (delta = 0)
     var = torch.where(learn, (1 - alpha) * (state.var + alpha * delta * delta), state.var)
     signals = [
         _signal("exploding", "total", (clean & (total > th.max_norm))[None], total, th.max_norm),
@@ -228,14 +259,14 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
     construction (`structural`); ``exploded``: the total norm exploded on this
     step, so every other gradient is small next to it: no relative finding."""
     m = layout.masks(stats.device)
-    g = m["grad"] & (stats.nonfinite == 0)  # non-finite gradients are another check's
+    g, grad_bad = _grads(stats, layout)  # non-finite gradients are another check's
     if exclude is not None:
         g = g & ~exclude
     total = total_grad_norm(stats, layout) if total is None else total
-    any_grad = g.any() & ~(m["grad"] & (stats.nonfinite > 0)).any()
+    any_grad = g.any() & ~grad_bad.any()
     # Mean squares against the squared limit: the same test as on RMS values,
     # without a sqrt over every row (see `_no_row_sqrt`).
-    ms = stats.sumsq / stats.finite.clamp(min=1).double()
+    ms = _mean_square(stats)
     top = _masked_max(ms, g)
     rel2 = ms / top.clamp(min=torch.finfo(torch.float64).tiny)
     limit = relative_rms_limit(layout, th)
@@ -243,7 +274,7 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
     if exploded is not None:
         small = small & ~exploded
     frac = (stats.zero + stats.subnormal).double() / stats.numel.clamp(min=1).double()
-    sparse = g & ~m["sparse"] & (frac > th.max_zero_fraction) & (stats.numel > 0)
+    sparse = g & m["dense"] & (frac > th.max_zero_fraction)  # frac > 0: numel > 0
     low = any_grad & (total < th.min_norm)
     return [
         _signal("vanishing", "total", low[None], total, th.min_norm),
@@ -253,8 +284,6 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
                 limit),
         _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
     ]
-
-
 def structural(stats: TensorStats, layout: Layout, th: Thresholds,
                state: RunningState) -> tuple[list[Signal], torch.Tensor, RunningState]:
     """Gradients that are zero by construction: an info signal naming the
@@ -274,10 +303,9 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     exactly zero without a structural reason is not recognised: a cut path (a
     dead ReLU, an output nobody uses) is the dead and vanishing checks' fault."""
     m = layout.masks(stats.device)
-    g = m["grad"] & (stats.nonfinite == 0)
-    ms = torch.where(g, stats.sumsq / stats.finite.clamp(min=1).double(), 0.0)
-    num_modules = max(layout.module_index, default=-1) + 1
-    ref = ms.new_zeros(num_modules).scatter_reduce(0, m["module"], ms, "amax")[m["module"]]
+    g = _grads(stats, layout)[0]
+    ms = torch.where(g, _mean_square(stats), 0.0)
+    ref = ms.new_zeros(layout.num_modules).scatter_reduce(0, m["module"], ms, "amax")[m["module"]]
     # Squared bounds (see _no_row_sqrt): structural_rms**2, or min(eps, structural_rms**2).
     bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
     quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
@@ -285,15 +313,14 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows[m["grad_rows"]])
     seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g[m["grad_rows"]])
     old = state.structural
+    was = old == STRUCTURAL
     first = ((old == UNDECIDED) | (old == UNREACHED)) & seen & m["trainable"]
-    keep = (old == STRUCTURAL) & (quiet | ~seen)
-    status = torch.where(first | (old == STRUCTURAL),
-                         torch.where((first & quiet) | keep, STRUCTURAL, LEARNS), old)
+    keep = was & (quiet | ~seen)
+    status = torch.where(first | was, torch.where((first & quiet) | keep, STRUCTURAL, LEARNS), old)
     newly = first & quiet
     ratio2 = torch.where(quiet_rows, ms / ref.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     value = (ratio2.amax() if ratio2.numel() else ratio2.new_zeros(())).sqrt()
-    info = Signal("vanishing", "structural", torch.zeros((), dtype=torch.bool, device=stats.device),
-                  newly, value, th.structural_rms, axis="params")
+    info = Signal("vanishing", "structural", m["false"], newly, value, th.structural_rms, axis="params")
     excluded = (status == STRUCTURAL)[m["row_param"]] & m["grad"]
     return [info], excluded, dataclasses.replace(state, structural=status)
 
@@ -317,9 +344,14 @@ def headroom(stats: TensorStats, layout: Layout, th: Thresholds,
     checks at that rate (a linear extrapolation: weights pushed by a constant
     too-large update, the usual float16 drift, grow about linearly)."""
     m = layout.masks(stats.device)
+    if not layout.has_lowp:  # peaks are of low-precision parameters only
+        return [_never("headroom", "overflow", m, "ninf", th.headroom),
+                _never("headroom", "course", m, "inf", th.overflow_horizon),
+                _never("headroom", "underflow", m, "ninf", th.max_subnormal_fraction)], \
+            dataclasses.replace(state, peak=torch.zeros_like(state.peak))
     lowp = m["lowp"]
     use = stats.absmax / m["dtype_max"]
-    finite = stats.nonfinite == 0
+    finite = _ok(stats)
     near = lowp & (use >= th.headroom) & finite  # overflowed: nonfinite's finding
     nonzero = (stats.finite - stats.zero).clamp(min=1).double()
     sub = stats.subnormal.double() / nonzero
@@ -349,18 +381,16 @@ def dead(stats: TensorStats, layout: Layout, th: Thresholds,
     zero by construction (`structural`) or that are unreached are not counted."""
     m = layout.masks(stats.device)
     zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
-    missing = ~m["has_grad"] & m["trainable"]
+    missing = m["missing"]  # trainable, no gradient
     now = missing.index_put((m["grad_param"],), zero_rows)
     counts = torch.where(now & m["trainable"], state.dead + 1, 0)
-    others_learn = (m["has_grad"] & m["trainable"]).any()
-    newly = (state.structural == UNDECIDED) & missing & (counts >= th.dead_after) & others_learn
+    newly = (state.structural == UNDECIDED) & missing & (counts >= th.dead_after) & m["others_learn"]
     status = torch.where(newly, UNREACHED, state.structural)
     counts = torch.where((status == STRUCTURAL) | (status == UNREACHED), 0, counts)
     mask = counts >= th.dead_after
     value = counts.amax().double() if counts.numel() else counts.new_zeros((), dtype=torch.float64)
-    info = Signal("dead", "unreached", torch.zeros((), dtype=torch.bool, device=stats.device),
-                  newly, torch.tensor(float(th.dead_after), dtype=torch.float64, device=stats.device),
-                  th.dead_after, axis="params")
+    info = Signal("dead", "unreached", m["false"], newly,
+                  counts.new_full((), float(th.dead_after), dtype=torch.float64), th.dead_after, axis="params")
     signal = _signal("dead", "dead", mask, value, th.dead_after, axis="params")
     return [signal, info], dataclasses.replace(state, dead=counts, structural=status)
 

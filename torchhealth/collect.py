@@ -77,7 +77,7 @@ def structural_facts(model: torch.nn.Module) -> dict[int, str]:
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
+    return torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -94,6 +94,7 @@ class Collected:
     layout: Layout
     grads: list[torch.Tensor]
     changed_params: bool  # the set of parameters differs from the previous collect
+    devices: list[torch.device]  # of the tensors, in row order (one block of rows each)
 
 
 class Collector:
@@ -146,18 +147,19 @@ class Collector:
                 and _readable(v) and (keys is None or k in keys)]
 
     def collect(self) -> Collected:
+        # Runs every check: per tensor only what can change between steps (the
+        # gradient, its dtype and shape); names and the rest of the Layout are
+        # rebuilt only when the key below changes.
         entries = []  # (tensor, parameter index, role)
-        params = []  # (parameter, name)
+        params = []  # (parameter, group index, index in the group)
         grads = []
         for gi, group in enumerate(self.param_groups):
-            gnames = group.get("param_names")
             for pj, p in enumerate(group["params"]):
                 if not _readable(p):
                     continue
-                name = self._names.get(id(p)) or (gnames[pj] if gnames else f"group{gi}.param{pj}")
                 j = len(params)
-                params.append((p, name))
-                entries.append((_real(p.detach()), j, "param"))
+                params.append((p, gi, pj))
+                entries.append((_real(p), j, "param"))  # tensor_stats records no autograd
                 g = p.grad
                 if g is not None:
                     g = _real(g)
@@ -165,24 +167,35 @@ class Collector:
                     if g.is_sparse:  # duplicate indices add up: read the true gradient
                         g = (g if g.is_coalesced() else g.coalesce())._values()
                     entries.append((g, j, "grad"))
-                entries += [(v, j, f"state.{k}") for k, v in self._state_tensors(p)]
-        entries.sort(key=lambda e: str(e[0].device))  # stable: one block of rows per device
-        key = tuple((j, role, t.dtype, t.device, tuple(t.shape)) for t, j, role in entries) + \
-            tuple((id(p), p.requires_grad) for p, _ in params)
+                if self.optimizer_state:
+                    entries += [(v, j, f"state.{k}") for k, v in self._state_tensors(p)]
+        devices = list(dict.fromkeys(t.device for t, _, _ in entries))
+        if len(devices) > 1:  # stable: one block of rows per device
+            entries.sort(key=lambda e: devices.index(e[0].device))
+        key = [(j, role, t.dtype, t.shape) for t, j, role in entries]
+        key += [(id(p), p.requires_grad) for p, _, _ in params]
+        key.append(tuple(devices))
         if key != self._key:
-            self._layout = Layout(
-                names=[params[j][1] for _, j, _ in entries], roles=[r for _, _, r in entries],
-                dtypes=[t.dtype for t, _, _ in entries], shapes=[tuple(t.shape) for t, _, _ in entries],
-                param_index=[j for _, j, _ in entries], param_names=[n for _, n in params],
-                trainable=[p.requires_grad for p, _ in params],
-                sparse=[id(p) in self._sparse_ids or (p.grad is not None and p.grad.is_sparse)
-                        for p, _ in params],
-                structural=[self._structural.get(id(p), "") for p, _ in params],
-                modules=[self._modules.get(id(p)) for p, _ in params])
+            self._layout = self._build_layout(entries, params)
             self._key = key
-        params_key = tuple(id(p) for p, _ in params)
+        params_key = [id(p) for p, _, _ in params]
         changed = self._params_key is not None and params_key != self._params_key
         if changed:
             log.info("torchhealth: the parameter set changed; dead-parameter counters restart")
         self._params_key = params_key
-        return Collected([t for t, _, _ in entries], self._layout, grads, changed)
+        return Collected([t for t, _, _ in entries], self._layout, grads, changed, devices)
+
+    def _build_layout(self, entries: list, params: list) -> Layout:
+        names = []
+        for p, gi, pj in params:
+            gnames = self.param_groups[gi].get("param_names")
+            names.append(self._names.get(id(p)) or (gnames[pj] if gnames else f"group{gi}.param{pj}"))
+        return Layout(
+            names=[names[j] for _, j, _ in entries], roles=[r for _, _, r in entries],
+            dtypes=[t.dtype for t, _, _ in entries], shapes=[tuple(t.shape) for t, _, _ in entries],
+            param_index=[j for _, j, _ in entries], param_names=names,
+            trainable=[p.requires_grad for p, _, _ in params],
+            sparse=[id(p) in self._sparse_ids or (p.grad is not None and p.grad.is_sparse)
+                    for p, _, _ in params],
+            structural=[self._structural.get(id(p), "") for p, _, _ in params],
+            modules=[self._modules.get(id(p)) for p, _, _ in params])

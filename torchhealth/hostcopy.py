@@ -4,7 +4,7 @@ Everything before it stays on the device. `HostCopy` packs named tensors
 (int64, float64 by bit pattern, bool) into one int64 buffer, starts one copy
 (non-blocking into pinned memory on CUDA, with one event), and unpacks by
 field name, so no reader computes offsets. `read` is the only place that waits
-for the device; `value` and `tensor` only look at what `read` brought back.
+for the device; `tensor` and `value` unpack what it brought back, field by field.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class HostCopy:
             self._buffer = packed
         else:  # other accelerators: a plain (blocking) copy
             self._buffer = packed.cpu()
-        self._host: dict[str, torch.Tensor] | None = None
+        self._landed = False
+        self._host: dict[str, torch.Tensor] = {}
         self._values: dict[str, Any] = {}
 
     @property
@@ -52,24 +53,27 @@ class HostCopy:
         """Whether the copy has landed (reading it would not block)."""
         return self._event is None or self._event.query()
 
-    def read(self) -> dict[str, torch.Tensor]:
-        """The fields as host tensors (waits for the copy the first time)."""
-        if self._host is None:
+    def read(self) -> None:
+        """Waits for the copy to land (the first time only: the one place that waits)."""
+        if not self._landed:
             if self._event is not None:
                 self._event.synchronize()
-            host = {}
-            for name, (dtype, shape, lo, hi) in self._spec.items():
-                flat = self._buffer[lo:hi]
-                flat = flat.view(torch.float64) if dtype == torch.float64 else flat.to(dtype)
-                host[name] = flat.view(shape)
-            self._host = host
-        return self._host
+            self._landed = True
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self.read()[name]
+        """One field as a host tensor (unpacked on first use: most checks read
+        a few flags only)."""
+        t = self._host.get(name)
+        if t is None:
+            self.read()
+            dtype, shape, lo, hi = self._spec[name]
+            flat = self._buffer[lo:hi]
+            flat = flat.view(torch.float64) if dtype == torch.float64 else flat.to(dtype)
+            t = self._host[name] = flat.view(shape)
+        return t
 
     def value(self, name: str) -> Any:
         """A field as Python values (a scalar for a 0-d field, else a list)."""
         if name not in self._values:
-            self._values[name] = self.read()[name].tolist()
+            self._values[name] = self.tensor(name).tolist()
         return self._values[name]

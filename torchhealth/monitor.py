@@ -272,7 +272,7 @@ class HealthMonitor:
     def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
         """collect -> stats -> checks -> policy, on the device; nothing is kept yet."""
         batch = self.collector.collect()
-        stats = self._stats(batch.tensors)
+        stats = self._stats(batch.tensors, batch.devices)
         state = self._running_state(batch, stats.device)
         if found_inf is not None:
             found_inf = found_inf.to(stats.device, non_blocking=True)
@@ -293,7 +293,7 @@ class HealthMonitor:
         """host copy -> in-place actions -> delivery; the running state moves on."""
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
-        late = self._mode(p.batch.tensors) != "step"
+        late = self._mode(p.batch.devices) != "step"
         # Checked at the end of backward: the norm of the gradients the step will
         # use, to say so when other code (clipping) changed them since (sparse
         # gradients may hold duplicate indices: left out).
@@ -334,10 +334,10 @@ class HealthMonitor:
         self._saved_state = d.get("running")
         self._state = None  # rebuilt on the right device at the next check
 
-    def _mode(self, tensors: list[torch.Tensor]) -> str:
+    def _mode(self, devices: list[torch.device]) -> str:
         if self.options.sync != "auto":
             return self.options.sync
-        return "step" if all(t.device.type == "cpu" for t in tensors) else "never"
+        return "step" if all(d.type == "cpu" for d in devices) else "never"
 
     def _running_state(self, batch, device) -> RunningState:
         num_params = len(batch.layout.param_names)
@@ -350,7 +350,7 @@ class HealthMonitor:
             return RunningState.from_state_dict(saved).to(device)
         return RunningState.zeros(num_params, device)
 
-    def _stats(self, tensors: list[torch.Tensor]) -> TensorStats:
+    def _stats(self, tensors: list[torch.Tensor], devices: list[torch.device]) -> TensorStats:
         """One fused tensor_stats call per device; rows end up on the first
         tensor's device (tiny device-to-device copies, no host sync)."""
         if not tensors:
@@ -361,7 +361,6 @@ class HealthMonitor:
             # HSDP), identical on every rank, so every rank reaches the same verdict.
             # Plain tensors beside them are taken as replicated (DDP).
             return distributed.global_stats(tensors, histogram=histogram, plain="replicated")
-        devices = list(dict.fromkeys(t.device for t in tensors))
         if len(devices) == 1:
             return tensor_stats(tensors, histogram=histogram)
         parts = [tensor_stats([t for t in tensors if t.device == d], histogram=histogram)

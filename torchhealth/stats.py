@@ -32,6 +32,7 @@ Semantics of every field:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,25 +89,38 @@ class TensorStats:
     semantics. Nothing here synchronises with the device.
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "_memo")
 
     def __init__(self, data: torch.Tensor):
         if data.dtype != torch.int64 or data.dim() != 2 or data.shape[1] not in (COLS, COLS + BINS):
             raise ValueError(f"TensorStats: expected int64 [T, {COLS}] or [T, {COLS + BINS}], "
                              f"got {data.dtype} {list(data.shape)}")
         self.data = data
+        # Columns and derived fields, made once: the checks read each several times,
+        # and every small op costs microseconds on the CPU (`data` is never
+        # changed in place).
+        self._memo: dict = {}
 
     # -- raw fields ------------------------------------------------------------
-    def _float(self, col: int) -> torch.Tensor:
-        return self.data[:, col].view(torch.float64)
+    def _int(self, col: int) -> torch.Tensor:
+        t = self._memo.get(col)
+        if t is None:
+            t = self._memo[col] = self.data[:, col]
+        return t
 
-    numel = property(lambda self: self.data[:, NUMEL])
-    nan = property(lambda self: self.data[:, NAN])
-    posinf = property(lambda self: self.data[:, POSINF])
-    neginf = property(lambda self: self.data[:, NEGINF])
-    zero = property(lambda self: self.data[:, ZERO])
-    subnormal = property(lambda self: self.data[:, SUBNORMAL])
-    saturated = property(lambda self: self.data[:, SATURATED])
+    def _float(self, col: int) -> torch.Tensor:
+        t = self._memo.get(col)
+        if t is None:
+            t = self._memo[col] = self.data[:, col].view(torch.float64)
+        return t
+
+    numel = property(lambda self: self._int(NUMEL))
+    nan = property(lambda self: self._int(NAN))
+    posinf = property(lambda self: self._int(POSINF))
+    neginf = property(lambda self: self._int(NEGINF))
+    zero = property(lambda self: self._int(ZERO))
+    subnormal = property(lambda self: self._int(SUBNORMAL))
+    saturated = property(lambda self: self._int(SATURATED))
     min = property(lambda self: self._float(MIN))
     max = property(lambda self: self._float(MAX))
     absmax = property(lambda self: self._float(ABSMAX))
@@ -134,13 +148,25 @@ class TensorStats:
         return self.data.shape[0]
 
     # -- derived fields ----------------------------------------------------------
+    def derived(self, key, fn: Callable[[TensorStats], torch.Tensor]) -> torch.Tensor:
+        """``fn(self)``, computed once per `TensorStats` and `key` (the checks
+        share per-row quantities this way)."""
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = fn(self)
+        return t
+
     @property
     def nonfinite(self) -> torch.Tensor:
-        return self.nan + self.posinf + self.neginf
+        if "nonfinite" not in self._memo:
+            self._memo["nonfinite"] = self.data[:, NAN:NEGINF + 1].sum(1)
+        return self._memo["nonfinite"]
 
     @property
     def finite(self) -> torch.Tensor:
-        return self.numel - self.nonfinite
+        if "finite" not in self._memo:
+            self._memo["finite"] = self.numel - self.nonfinite
+        return self._memo["finite"]
 
     @property
     def nonfinite_fraction(self) -> torch.Tensor:
