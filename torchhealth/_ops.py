@@ -85,10 +85,10 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
 
 
 def _all_reach_the_op(tensors, tracing: bool) -> bool:
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
+    if not all(issubclass(c, torch.Tensor) for c in set(map(type, tensors))):
         return False
-    kinds = {(t.layout, t.is_quantized, t.device.type) for t in tensors}
-    return all(lay == torch.strided and not q and (dev != "meta" or tracing) for lay, q, dev in kinds)
+    kinds = {(t.layout, t.is_quantized, t.is_meta) for t in tensors}
+    return all(lay == torch.strided and not q and (not meta or tracing) for lay, q, meta in kinds)
 
 
 def _name_the_bad_tensor(tensors, tracing: bool) -> None:
