@@ -76,6 +76,26 @@ def test_nothing_is_said_when_the_gradients_were_left_alone():
     assert opt.last_report.actions == []
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_gradients_are_read_again_only_when_changed_in_place(monkeypatch, clip):
+    """The norm the step uses is measured again (a second pass over every
+    gradient) only when code between backward and the step changed them in
+    place; untouched gradients cost one pass, the statistics'."""
+    from torchhealth import monitor
+    passes = []
+    monkeypatch.setattr(monitor, "grad_norm_", lambda *a: passes.append(1) or torch.ones((), dtype=torch.float64))
+    model = _model()
+    opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model)
+    for i in range(3):
+        opt.zero_grad()
+        _loss(model, i).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        assert len(passes) == (i + 1 if clip else 0)
+        assert any(a.startswith("gradients changed") for a in opt.last_report.actions) == clip
+
+
 def test_gradient_accumulation_checks_the_accumulated_gradients_once():
     model = _model()
     opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model)

@@ -117,7 +117,8 @@ class _Prepared:
     decision: Decision
     state: RunningState
     origin: distributed.NonfiniteOrigin | None = None  # which ranks' local gradients were non-finite
-    at_backward_end: bool = False
+    # Checked at the end of backward: the gradients' version counters then.
+    versions: list[int] | None = None
 
 
 class HealthMonitor:
@@ -266,7 +267,9 @@ class HealthMonitor:
         self._backwards += 1
         if self._scaled or not self.options.due(step):
             return
-        self._prepared = dataclasses.replace(self._prepare(step, None), at_backward_end=True)
+        prepared = self._prepare(step, None)
+        prepared.versions = [g._version for g in prepared.batch.grads]
+        self._prepared = prepared
 
     # -- stages -----------------------------------------------------------------------
     def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
@@ -294,11 +297,16 @@ class HealthMonitor:
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
         late = self._mode(p.batch.devices) != "step"
-        # Checked at the end of backward: the norm of the gradients the step will
-        # use, to say so when other code (clipping) changed them since (sparse
-        # gradients may hold duplicate indices: left out).
+        # Checked at the end of backward and changed in place since (clipping):
+        # the norm of the gradients the step will use, to report beside the raw
+        # one. In-place ops bump a tensor's version counter, so unchanged
+        # gradients cost no second pass (edits through ``.data`` bypass the
+        # counter and go unseen). Sparse gradients may hold duplicate indices:
+        # left out.
+        changed = p.versions is not None and any(
+            g._version != v for g, v in zip(p.batch.grads, p.versions))
         applied = (grad_norm_(p.batch.grads, p.grad_norm.device)
-                   if p.at_backward_end and not any(g.is_sparse for g in p.batch.grads) else None)
+                   if changed and not any(g.is_sparse for g in p.batch.grads) else None)
         result = CheckResult(p.step, p.stats, p.batch.layout, p.signals, p.decision, p.grad_norm,
                              self.options, late=late, activations=self._activation_passes(p.step),
                              applied_norm=applied, scalars=self._scalars, origin=p.origin,
