@@ -1,7 +1,7 @@
 """Step time of a small transformer under DDP and FSDP2, with and without
 torchhealth, side by side in one run, and what each check sends.
 
-    python benchmarks/bench_distributed.py [--nproc 2] [--steps 30]
+    python benchmarks/bench_distributed.py [--nproc 2] [--steps 30] [--dim 128] [--layers 4]
 
 Starts ``--nproc`` processes on gloo (CPU; NCCL on GPUs is the same script and
 is not run here). Per mode, two identical plain models and the wrapped one
@@ -53,17 +53,17 @@ def counted_all_reduces():
         dist.all_reduce = real
 
 
-def build(mode: str, wrapped: bool):
+def build(mode: str, wrapped: bool, dim: int, layers: int):
     import torchhealth
     from torch.nn.parallel import DistributedDataParallel as DDP
     from train_fsdp2 import TinyLM, shard
 
     torch.manual_seed(0)
-    model = TinyLM(dim=128, layers=4, seq=64)
+    model = TinyLM(dim=dim, layers=layers, seq=64)
     model = shard(model) if mode == "fsdp2" else DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if wrapped:
-        opt = torchhealth.HealthCheckedOptimizer(opt, model=model)
+        opt = torchhealth.HealthCheckedOptimizer(opt, model=model, histogram=False)
         assert opt.monitor.origin_tracker is not None
     return model, opt
 
@@ -96,14 +96,14 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def worker(rank: int, world: int, port: int, steps: int, out) -> None:
+def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     rows = []
     for mode in ("ddp", "fsdp2"):
-        variants = {"plain": build(mode, False), "plain again": build(mode, False),
-                    "wrapped": build(mode, True)}
+        variants = {"plain": build(mode, False, dim, layers), "plain again": build(mode, False, dim, layers),
+                    "wrapped": build(mode, True, dim, layers)}
         names = list(variants)
         times = {k: [] for k in variants}
         checks: list[float] = []
@@ -138,16 +138,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--dim", type=int, default=128, help="the transformer's width")
+    p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from tests.dist_workers import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(args.nproc, free_port(), args.steps, out),
+    mp.start_processes(worker, args=(args.nproc, free_port(), args.steps, args.dim, args.layers, out),
                        nprocs=args.nproc, join=True, start_method="spawn")
     rows = out.get()
-    print(f"{args.nproc} processes, gloo, {args.steps} timed steps, checks every step, no histograms")
+    print(f"{args.nproc} processes, gloo, {args.steps} timed steps, TinyLM(dim={args.dim}, "
+          f"layers={args.layers}), checks every step, no histograms")
     print(f"{'mode':6} {'variant':12} {'params':>6} {'median ms':>10} {'overhead':>9} "
           f"{'IQR':>15} {'all-reduces':>11} {'bytes sent':>10} {'in check()':>10}")
     for mode, name, n, ms, over, lo, hi, calls, sent, in_check in rows:
