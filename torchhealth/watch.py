@@ -10,12 +10,12 @@ Forward hooks on every submodule collect its floating-point outputs (tuples,
 lists, dicts and dataclasses are walked; integer tensors are ignored; other
 objects are skipped, with one warning per module type), and a tensor hook on
 each output collects the gradient flowing into it. The tensors are held only
-until the pass ends: one `tensor_stats` call at the end of the forward pass
+until they are read: one `tensor_stats` call at the end of the forward pass
 (sigmoid/tanh outputs in a second one, which also counts their values near an
 asymptote) and one when backward finishes (an autograd-engine callback); a pass
-that holds more than `READ_BYTES` is read in batches of that size as it goes.
-Each distinct tensor of a batch is read once. Steps that are not due cost one comparison per
-module. See `torchhealth.activations` for what is checked.
+that holds more than `READ_BYTES` is read in batches of about that size as it
+goes. Each distinct tensor is read once. Steps
+that are not due cost one comparison per module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
@@ -57,82 +57,107 @@ def _tensors(obj, path: str = ""):
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
 
 
-def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
-                ) -> tuple[TensorStats, torch.Tensor]:
-    """A pass's rows (one per tensor) and their `PassStats.near` counts, reading
-    each distinct tensor once: a row whose tensor is an earlier row's (a container
-    returning its child's output, a gradient that reaches several outputs through
-    a residual sum) repeats that row. Sigmoid/tanh outputs go in a call of their
-    own with the saturation threshold at ``1 - EPS`` and a histogram, so that the
-    one read also counts their values near an asymptote."""
-    slot: dict = {}
-    unique: list[torch.Tensor] = []
-    bounded: list[bool] = []
-    index = []
-    for t, kind in zip(tensors, kinds):
-        # Every row's tensor is held until this call, so equal keys mean the same elements.
-        i = slot.setdefault((t.data_ptr(), t.device, t.dtype, t.shape, t.stride()), len(unique))
-        if i == len(unique):
-            unique.append(t)
-            bounded.append(False)
-        bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
-        index.append(i)
-    plain = [i for i, b in enumerate(bounded) if not b]
-    sat = [i for i, b in enumerate(bounded) if b]
-    parts, high, tiny = [], [], []
-    if plain:
-        parts.append(tensor_stats([unique[i] for i in plain], histogram=histogram))
-        high.append(parts[-1].numel.new_zeros(len(plain)))
-        tiny.append(high[-1])
-    if sat:
-        stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
-        parts.append(bounded_rows(stats, histogram))
-        high.append(stats.saturated)
-        tiny.append(tiny_counts(stats))
-    position = {u: p for p, u in enumerate(plain + sat)}
-    rows = torch.tensor([position[i] for i in index], device=parts[0].device)
-    return TensorStats.cat(parts)[rows], near_counts(kinds, torch.cat(high)[rows], torch.cat(tiny)[rows])
-
-
-# Bytes of held tensors that start a batched read before the pass ends: holding
-# every output gradient of a backward pass until it ends would keep memory alive
-# that the autograd engine otherwise frees and reuses at once (on a GPU, up to the
-# activations' size again); a read per this many bytes bounds that. Large enough
-# that a small model's pass is still one call (and a large model's a few per
-# GPU-sized activation), small next to a training step's memory.
+# Bytes of held tensors after which the next distinct tensor starts a batched read
+# before the pass ends: holding every output gradient of a backward pass until it
+# ends would keep memory alive that the autograd engine otherwise frees and reuses
+# at once (on a GPU, up to the activations' size again); a read per this many bytes
+# bounds that. Large enough that a small model's pass is still one call (and a
+# large model's a few per GPU-sized activation), small next to a training step's
+# memory. (On the CPU, smaller batches read while the tensors are still in cache
+# were measured slower per byte than one large batch, not faster.)
 READ_BYTES = 64 << 20
 
 
 class _Pending:
-    """A pass's tensors awaiting their batched read, and the rows read so far."""
+    """A pass's rows: their tensors awaiting a batched read, and the statistics
+    read so far. The hooks only append (they run between the model's own ops,
+    with the interpreter's caches cold, so each Python operation there costs many
+    times what it does in a loop); the read does the rest for its whole batch.
 
-    def __init__(self):
-        self.items: list = []  # (name, kind, tensor)
+    Each distinct tensor is read once: a row whose tensor is an earlier one of the
+    same batch (a container returning its child's output, a gradient that reaches
+    several outputs through a residual sum) repeats that tensor's row, and a full
+    batch is read only when a tensor that repeats none of it arrives, so such a
+    repeat, which comes right after its original, still finds it. Sigmoid/tanh
+    outputs go in a call of their own with the saturation threshold at
+    ``1 - EPS`` and a histogram, so that the one read also counts their values
+    near an asymptote. Tensors of other dtypes (integers) give no row."""
+
+    def __init__(self, step: int, histogram: bool):
+        self.step, self.histogram = step, histogram
+        self.items: list = []  # (name, kind, tensor) not read yet
         self.bytes = 0
-        self.read: list = []  # (names, kinds, shapes, dtypes, stats, near) of each batch
+        self.full = False
+        self.names: list[str] = []
+        self.kinds: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[torch.dtype] = []
+        self.rows: list[int] = []  # per row: its tensor's row in the statistics read
+        self.parts: list[tuple[TensorStats, torch.Tensor, torch.Tensor]] = []  # (stats, high, tiny)
+        self.read = 0  # rows of statistics read
 
-    def add(self, name: str, kind: str, t: torch.Tensor, histogram: Callable[[], bool]) -> None:
+    def add(self, name: str, kind: str, t: torch.Tensor) -> None:
+        if self.full and not any(t is u or _same(t, u) for _, _, u in self.items):
+            self.flush()
         self.items.append((name, kind, t))
-        self.bytes += t.numel() * t.element_size()
-        if self.bytes >= READ_BYTES:
-            self.flush(histogram())
+        self.bytes += t.nbytes
+        self.full = self.bytes >= READ_BYTES
 
-    def flush(self, histogram: bool) -> None:
-        if self.items:
-            names, kinds, tensors = zip(*self.items)
-            self.items, self.bytes = [], 0
-            self.read.append((names, kinds, [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
-                              *_pass_stats(list(tensors), list(kinds), histogram)))
+    def flush(self) -> None:
+        slot: dict = {}
+        unique: list[torch.Tensor] = []
+        bounded: list[bool] = []
+        index = []
+        for name, kind, t in self.items:
+            if t.dtype not in SUPPORTED_DTYPES:
+                continue
+            # Every tensor of the batch is still held, so equal keys mean the same elements.
+            i = slot.setdefault(_key(t), len(unique))
+            if i == len(unique):
+                unique.append(t)
+                bounded.append(False)
+            bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+            index.append(i)
+            self.names.append(name)
+            self.kinds.append(kind)
+            self.shapes.append(tuple(t.shape))
+            self.dtypes.append(t.dtype)
+        self.items, self.bytes, self.full = [], 0, False
+        if not unique:
+            return
+        plain = [i for i, b in enumerate(bounded) if not b]
+        sat = [i for i, b in enumerate(bounded) if b]
+        position = [0] * len(unique)
+        for p, i in enumerate(plain + sat):
+            position[i] = self.read + p
+        self.rows += [position[i] for i in index]
+        self.read += len(unique)
+        if plain:
+            stats = tensor_stats([unique[i] for i in plain], histogram=self.histogram)
+            zeros = stats.numel.new_zeros(len(plain))
+            self.parts.append((stats, zeros, zeros))
+        if sat:
+            stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
+            self.parts.append((bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)))
 
-    def finish(self, step: int, name: str, histogram: bool) -> PassStats | None:
+    def finish(self, name: str) -> PassStats | None:
         """The pass's rows, in order, or None if it held no tensor."""
-        self.flush(histogram)
-        if not self.read:
+        self.flush()
+        if not self.rows:
             return None
-        names, kinds, shapes, dtypes, stats, near = zip(*self.read)
-        return PassStats(step, name, [n for b in names for n in b], [k for b in kinds for k in b],
-                         [s for b in shapes for s in b], [d for b in dtypes for d in b],
-                         stats[0] if len(stats) == 1 else TensorStats.cat(list(stats)), torch.cat(near))
+        stats, high, tiny = zip(*self.parts)
+        rows = torch.tensor(self.rows, device=stats[0].device)
+        stats = stats[0] if len(stats) == 1 else TensorStats.cat(list(stats))
+        return PassStats(self.step, name, self.names, self.kinds, self.shapes, self.dtypes, stats[rows],
+                         near_counts(self.kinds, torch.cat(high)[rows], torch.cat(tiny)[rows]))
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _key(a) == _key(b)
 
 
 class Watch:
@@ -165,14 +190,13 @@ class Watch:
         self.last_report: Report | None = None
         names = {m: n for n, m in model.named_modules()}
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
-        self._hooks += [m.register_forward_hook(functools.partial(self._output, names[m], kind_of(m)))
-                        for m in model.modules() if m is not model]
+        self._hooks += [m.register_forward_hook(functools.partial(
+            self._output, names[m], kind_of(m), functools.partial(self._grad, names[m]) if backward else None))
+            for m in model.modules() if m is not model]
         self._hooks.append(model.register_forward_hook(self._end))
         self._skipped_types: set[type] = set()
-        self._step = None  # the step being watched, or None
-        self._outputs = _Pending()  # of the forward pass under way
-        self._grads = _Pending()  # of the backward pass under way
-        self._queued = False
+        self._outputs: _Pending | None = None  # the forward pass under way, on a due step
+        self._grads: _Pending | None = None  # the backward pass under way
         self._passes: dict[int, list[PassStats]] = {}
         model._torchhealth_watch = self
 
@@ -182,13 +206,19 @@ class Watch:
             self._current, self._count = self._count, self._count + 1
             self._deliver(before=self._current)
         step = self._next_step()
-        self._step = step if self.options.due(step) else None
-        self._outputs = _Pending()
-        if self._step is not None:
+        self._outputs = _Pending(step, self._histogram(step)) if self.options.due(step) else None
+        if self._outputs is not None:
             self._record("<input>", OTHER, (args, kwargs), grad=False)
 
-    def _output(self, name, kind, module, inputs, output) -> None:
-        if self._step is not None:
+    def _output(self, name, kind, grad_hook, module, inputs, output) -> None:
+        pending = self._outputs
+        if pending is None:
+            return
+        if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
+            pending.add(name, kind, output)
+            if grad_hook is not None and output.requires_grad:
+                output.register_hook(grad_hook)
+        else:
             self._record(name, kind, output, grad=self.backward, module=module)
 
     def _record(self, name, kind, obj, grad: bool, module=None) -> None:
@@ -201,29 +231,28 @@ class Watch:
             return
         for path, t in found:
             label = name + path if len(found) > 1 else name
-            self._outputs.add(label, kind, t.detach(), lambda: self._histogram(self._step))
+            self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
             if grad and t.requires_grad:
                 t.register_hook(functools.partial(self._grad, label))
 
     def _end(self, module, inputs, output) -> None:
-        if self._step is None:
+        if self._outputs is None:
             return
         self._record("<output>", OTHER, output, grad=self.backward)
-        outs, self._outputs = self._outputs, _Pending()
-        self._add(outs.finish(self._step, "forward", self._histogram(self._step)))
+        outs, self._outputs = self._outputs, None
+        self._add(outs.finish("forward"))
 
     def _grad(self, name, grad) -> None:
-        if not self._queued:
-            self._queued = True
+        if self._grads is None:
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
-        self._grads.add(name, OTHER, grad.detach(), lambda: self._histogram(self._next_step()))
+            step = self._next_step()
+            self._grads = _Pending(step, self._histogram(step))
+        self._grads.add(name, OTHER, grad)
 
     def _backward_end(self) -> None:
-        self._queued = False
-        grads, self._grads = self._grads, _Pending()
-        step = self._next_step()
-        if self.options.due(step):
-            self._add(grads.finish(step, "backward", self._histogram(step)))
+        grads, self._grads = self._grads, None
+        if self.options.due(grads.step):
+            self._add(grads.finish("backward"))
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)
