@@ -56,15 +56,45 @@ def test_an_integer_output_gives_no_row(monkeypatch, read_bytes):
     assert all(t.is_floating_point() for r in reads for t in r)
 
 
-def test_hooks_on_a_step_that_is_not_due_read_nothing_and_register_no_gradient_hook(monkeypatch):
+def test_a_step_that_is_not_due_holds_nothing_and_hooks_no_gradient():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    hooks = []
-    register = torch.Tensor.register_hook
-    monkeypatch.setattr(torch.Tensor, "register_hook", lambda t, h: hooks.append(h) or register(t, h))
-    reports = []
+    reports, grads = [], []
     with th.watch(model, check_every=2, on_report=reports.append) as w:
+        grad = w._grad
+        w._grad = lambda name, g: grads.append(name) or grad(name, g)
         for i in range(2):
             model(_x(i)).pow(2).mean().backward()
-            # On step 0 only: the three modules' outputs and the model's output (the last one's).
-            assert len(hooks) == 4 and w._outputs is None and w._grads is None
+            assert w._outputs is None and w._grads is None and not w._to_hook
+            # Step 0 only: the three modules' output gradients and the model's output's (the last one's).
+            assert sorted(grads) == ["0", "1", "2", "<output>"]
     assert [r.step for r in reports] == [0]
+    assert [(r.name, r.role) for r in reports[0].rows if r.role == "activation_grad"][:2] == \
+        [("2", "activation_grad"), ("<output>", "activation_grad")]
+
+
+def test_an_output_modified_in_place_later_keeps_its_own_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    x = _x()
+    seen = {}
+
+    def capture(name):  # a hook on each output as the module returns it
+        def hook(module, inputs, out):
+            out.register_hook(lambda g: seen.__setitem__(name, g))
+        return hook
+
+    model[0].register_forward_hook(capture("0"))
+    model[1].register_forward_hook(capture("1"))
+    (r,) = _run_one(model, x)
+    rows = {row.name: row for row in r.rows if row.role == "activation_grad"}
+    for name in ("0", "1"):  # the Linear's gradient is the ReLU's masked by it: not the same tensor
+        want = th.tensor_stats([seen[name]], histogram=False)
+        assert rows[name].zero == int(want.zero[0]) and rows[name].sum == float(want.sum[0])
+    assert rows["0"].zero > rows["1"].zero
+
+
+def _run_one(model, x):
+    reports = []
+    with th.watch(model, on_report=reports.append):
+        model(x).pow(2).mean().backward()
+    return reports

@@ -190,12 +190,12 @@ class Watch:
         self.last_report: Report | None = None
         names = {m: n for n, m in model.named_modules()}
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
-        self._hooks += [m.register_forward_hook(functools.partial(
-            self._output, names[m], kind_of(m), functools.partial(self._grad, names[m]) if backward else None))
-            for m in model.modules() if m is not model]
+        self._hooks += [m.register_forward_hook(functools.partial(self._output, names[m], kind_of(m)))
+                        for m in model.modules() if m is not model]
         self._hooks.append(model.register_forward_hook(self._end))
         self._skipped_types: set[type] = set()
         self._outputs: _Pending | None = None  # the forward pass under way, on a due step
+        self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
         self._grads: _Pending | None = None  # the backward pass under way
         self._passes: dict[int, list[PassStats]] = {}
         model._torchhealth_watch = self
@@ -208,20 +208,21 @@ class Watch:
         step = self._next_step()
         self._outputs = _Pending(step, self._histogram(step)) if self.options.due(step) else None
         if self._outputs is not None:
-            self._record("<input>", OTHER, (args, kwargs), grad=False)
+            self._record("<input>", OTHER, (args, kwargs))
+            self._to_hook = []  # the model's inputs: not an output of this pass
 
-    def _output(self, name, kind, grad_hook, module, inputs, output) -> None:
+    def _output(self, name, kind, module, inputs, output) -> None:
         pending = self._outputs
         if pending is None:
             return
         if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
             pending.add(name, kind, output)
-            if grad_hook is not None and output.requires_grad:
-                output.register_hook(grad_hook)
+            if output.requires_grad:
+                self._to_hook.append((output.grad_fn, output.output_nr, name, output))
         else:
-            self._record(name, kind, output, grad=self.backward, module=module)
+            self._record(name, kind, output, module=module)
 
-    def _record(self, name, kind, obj, grad: bool, module=None) -> None:
+    def _record(self, name, kind, obj, module=None) -> None:
         found = _tensors(obj)
         if found is None:
             if module is not None and type(module) not in self._skipped_types:
@@ -232,15 +233,30 @@ class Watch:
         for path, t in found:
             label = name + path if len(found) > 1 else name
             self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
-            if grad and t.requires_grad:
-                t.register_hook(functools.partial(self._grad, label))
+            if t.requires_grad:
+                self._to_hook.append((t.grad_fn, t.output_nr, label, t))
 
     def _end(self, module, inputs, output) -> None:
         if self._outputs is None:
             return
-        self._record("<output>", OTHER, output, grad=self.backward)
+        self._record("<output>", OTHER, output)
         outs, self._outputs = self._outputs, None
         self._add(outs.finish("forward"))
+        to_hook, self._to_hook = self._to_hook, []
+        if self.backward:
+            # Hooked here, in one loop, rather than in each module's hook (where the
+            # interpreter's caches are cold): a pre-hook on the node that made the
+            # output, as it was when the module returned it, sees the gradient flowing
+            # into that output even if a later in-place op replaced the tensor's node.
+            for node, index, name, t in to_hook:
+                if node is None:  # a leaf: its gradient goes to no node of this pass
+                    t.register_hook(functools.partial(self._grad, name))
+                else:
+                    node.register_prehook(functools.partial(self._grad_output, index, name))
+
+    def _grad_output(self, index, name, grad_outputs) -> None:
+        if grad_outputs[index] is not None:
+            self._grad(name, grad_outputs[index])
 
     def _grad(self, name, grad) -> None:
         if self._grads is None:
