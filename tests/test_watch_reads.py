@@ -2,25 +2,26 @@
 across batches; integer outputs none) and that its rows stay exact."""
 import pytest
 import torch
+from test_watch import Residual, Wrap, _x
 from torch import nn
 
 import torchhealth as th
-from test_watch import Residual, Wrap, _x
+from torchhealth import activations
 
 
 def _reads(monkeypatch, model, x, read_bytes):
     """(the lists of tensors passed to tensor_stats, the passes) of one watched step."""
-    monkeypatch.setitem(th.watch.__globals__, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(activations, "READ_BYTES", read_bytes)
     reads = []
-    stats = th.watch.__globals__["tensor_stats"]
-    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    stats = activations.tensor_stats
+    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
     w = th.watch(model)
     out = model(x)
     if out.requires_grad:
         out.pow(2).mean().backward()
     passes = w.take(0)
     w.remove()
-    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", stats)
+    monkeypatch.setattr(activations, "tensor_stats", stats)
     return reads, passes
 
 
