@@ -99,3 +99,49 @@ def _run_one(model, x):
     with th.watch(model, on_report=reports.append):
         model(x).pow(2).mean().backward()
     return reports
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_output_gradients_of_a_leaf_a_custom_function_and_a_multi_output_op_are_the_tensors_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(Lambda(lambda x: x), nn.Linear(4, 8), Lambda(Square.apply),
+                          Lambda(lambda x: x.chunk(2, dim=-1)), Lambda(lambda xs: xs[0] * 3 + xs[1]),
+                          nn.Linear(4, 2))
+    seen = {}
+
+    def capture(name):
+        def hook(module, inputs, out):
+            for i, t in enumerate(out if isinstance(out, tuple) else (out,)):
+                label = f"{name}[{i}]" if isinstance(out, tuple) else name
+                t.register_hook(lambda g, label=label: seen.__setitem__(label, g))
+        return hook
+
+    for name, m in list(model.named_children()):
+        m.register_forward_hook(capture(name))
+    x = torch.randn(3, 4, requires_grad=True)  # module 0 returns this leaf itself
+    (r,) = _run_one(model, x)
+    rows = {row.name: row for row in r.rows if row.role == "activation_grad"}
+    assert set(rows) == set(seen) | {"<output>"}
+    for name, g in seen.items():
+        want = th.tensor_stats([g], histogram=False)
+        assert (rows[name].numel, rows[name].sum) == (int(want.numel[0]), float(want.sum[0])), name
