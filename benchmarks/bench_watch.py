@@ -10,6 +10,9 @@ shared machine falls on all of them alike (each its own copy of the model):
 - backward end: HealthCheckedOptimizer, checks when backward finishes (the default with model=)
 - watch:        backward end, plus watch() on every module, every step
 - anomaly:      AdamW alone inside torch.autograd.detect_anomaly()
+- compared:     with ``--compare-watch FILE``, the watch arm with the `watch` of another
+                version of torchhealth/watch.py (e.g. ``git show main:torchhealth/watch.py``),
+                so that two versions are measured side by side in one run
 
 The goal is stated on the added time: watch's arm over plain, and watch's own
 part (over the backward-end arm), against what anomaly mode adds. Each ratio is
@@ -20,11 +23,13 @@ the wall clock: with ``--threads 1`` it is the step's own work, much less
 disturbed by other processes on a shared machine than wall time.
 
     .venv/bin/python benchmarks/bench_watch.py [--steps 12] [--warmup 2] [--threads N] [--clock wall|cpu]
+        [--compare-watch FILE]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import pathlib
 import platform
@@ -68,6 +73,15 @@ def with_interval(times: dict[str, list[float]], arm: str, base: str, resamples:
             f"{fastest:.3f} from each arm's fastest step)")
 
 
+def load_watch(path: str):
+    """The `watch` of another version of watch.py, loaded as a module of this torchhealth."""
+    spec = importlib.util.spec_from_file_location("torchhealth._compared_watch", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.watch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -75,6 +89,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--compare-watch", metavar="FILE", help="also time the watch arm with this watch.py")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,9 +108,10 @@ def main() -> None:
         if kind in ("plain", "anomaly"):
             return model, inner, None
         opt = th.HealthCheckedOptimizer(inner, model=model, at_backward_end=kind != "step check")
-        return model, opt, th.watch(model, monitor=opt) if kind == "watch" else None
+        watch = {"watch": th.watch, "compared": args.compare_watch and load_watch(args.compare_watch)}.get(kind)
+        return model, opt, watch(model, monitor=opt) if watch else None
 
-    kinds = ["plain", "step check", "backward end", "watch", "anomaly"]
+    kinds = ["plain", "step check", "backward end", "watch", "anomaly"] + ["compared"] * bool(args.compare_watch)
     arms = {k: make(k) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     warnings.simplefilter("ignore")
@@ -127,6 +143,10 @@ def main() -> None:
         print(f"\nof what anomaly mode adds, the watch arm adds {with_interval(times, 'watch', 'plain')}, "
               f"and watch itself (over the backward-end arm) {with_interval(times, 'watch', 'backward end')}"
               f" (goal: at most 0.1)")
+        if args.compare_watch:
+            print(f"the compared watch ({args.compare_watch}) adds {with_interval(times, 'compared', 'plain')}, "
+                  f"and itself {with_interval(times, 'compared', 'backward end')}; this watch over the "
+                  f"compared one: {with_interval(times, 'watch', 'compared')}")
 
 
 if __name__ == "__main__":

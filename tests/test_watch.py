@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import torchhealth as th
+from torchhealth import activations
 
 
 class Sqrt(nn.Module):
@@ -134,8 +135,8 @@ def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(mon
     model = _mlp(nn.ReLU())
     opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)
     calls = []
-    stats = th.watch.__globals__["tensor_stats"]
-    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", lambda t, **k: calls.append(len(t)) or stats(t, **k))
+    stats = activations.tensor_stats
+    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: calls.append(len(t)) or stats(t, **k))
     reports = []
     opt.monitor.on_report(reports.append)
     with th.watch(model, monitor=opt):
@@ -249,8 +250,8 @@ def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, h
     for m in list(model.modules())[1:]:
         m.register_forward_hook(capture)
     reads = []
-    stats = th.watch.__globals__["tensor_stats"]
-    monkeypatch.setitem(th.watch.__globals__, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    stats = activations.tensor_stats
+    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
     w = th.watch(model, thresholds=th.Thresholds(), check_every=1)
     w.options = dataclasses.replace(w.options, histogram=histogram)
     x = _x()
@@ -280,16 +281,16 @@ def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_row
     model = _mlp(nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
 
     def passes(read_bytes):
-        monkeypatch.setitem(th.watch.__globals__, "READ_BYTES", read_bytes)
+        monkeypatch.setattr(activations, "READ_BYTES", read_bytes)
         calls = []
-        stats = th.watch.__globals__["tensor_stats"]
-        monkeypatch.setitem(th.watch.__globals__, "tensor_stats",
+        stats = activations.tensor_stats
+        monkeypatch.setattr(activations, "tensor_stats",
                             lambda t, **k: calls.append(len(t)) or stats(t, **k))
         w = th.watch(model)
         model(_x()).pow(2).mean().backward()
         out = w.take(0)
         w.remove()
-        monkeypatch.setitem(th.watch.__globals__, "tensor_stats", stats)
+        monkeypatch.setattr(activations, "tensor_stats", stats)
         return out, calls
 
     whole, calls = passes(1 << 30)

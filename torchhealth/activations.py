@@ -15,6 +15,9 @@ copy of one step's passes into Report rows, findings and the origin:
 - **range**: softmax/softmin/sigmoid outputs outside [0, 1].
 - **dead_units**: ReLU/ReLU6 outputs more than ``Thresholds.max_dead_fraction``
   exactly zero: those units pass no gradient.
+
+`PendingPass` collects a pass's tensors from `torchhealth.watch`'s hooks and
+reads them in batches into a `PassStats`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._ops import SUPPORTED_DTYPES, tensor_stats
 from .report import Finding, Row, rows_from_stats
 from .stats import BINS_PER_SIGN, COLS, EXP_MIN, SATURATED, TensorStats
 
@@ -82,6 +86,109 @@ def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> tor
     sig = torch.tensor([k == SIGMOID for k in kinds], device=device)
     bounded = torch.tensor([k in (SIGMOID, TANH) for k in kinds], device=device)
     return torch.where(bounded, high, 0) + torch.where(sig, tiny, 0)
+
+
+# Bytes of held tensors after which the next distinct tensor starts a batched read
+# before the pass ends: holding every output gradient of a backward pass until it
+# ends would keep memory alive that the autograd engine otherwise frees and reuses
+# at once (on a GPU, up to the activations' size again); a read per this many bytes
+# bounds that. Large enough that a small model's pass is still one call (and a
+# large model's a few per GPU-sized activation), small next to a training step's
+# memory. (On the CPU, smaller batches read while the tensors are still in cache
+# were measured slower per byte than one large batch, not faster.)
+READ_BYTES = 64 << 20
+
+
+class PendingPass:
+    """A pass's rows: their tensors awaiting a batched read, and the statistics
+    read so far. The hooks only append (they run between the model's own ops,
+    with the interpreter's caches cold, so each Python operation there costs many
+    times what it does in a loop); the read does the rest for its whole batch.
+
+    Each distinct tensor is read once: a row whose tensor is an earlier one of the
+    same batch (a container returning its child's output, a gradient that reaches
+    several outputs through a residual sum) repeats that tensor's row, and a full
+    batch is read only when a tensor that repeats none of it arrives, so such a
+    repeat, which comes right after its original, still finds it. Sigmoid/tanh
+    outputs go in a call of their own with the saturation threshold at
+    ``1 - EPS`` and a histogram, so that the one read also counts their values
+    near an asymptote. Tensors of other dtypes (integers) give no row."""
+
+    def __init__(self, step: int, histogram: bool):
+        self.step, self.histogram = step, histogram
+        self.items: list = []  # (name, kind, tensor) not read yet
+        self.bytes = 0
+        self.full = False
+        self.names: list[str] = []
+        self.kinds: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[torch.dtype] = []
+        self.rows: list[int] = []  # per row: its tensor's row in the statistics read
+        self.parts: list[tuple[TensorStats, torch.Tensor, torch.Tensor]] = []  # (stats, high, tiny)
+        self.read = 0  # rows of statistics read
+
+    def add(self, name: str, kind: str, t: torch.Tensor) -> None:
+        if self.full and not any(t is u or _same(t, u) for _, _, u in self.items):
+            self.flush()
+        self.items.append((name, kind, t))
+        self.bytes += t.nbytes
+        self.full = self.bytes >= READ_BYTES
+
+    def flush(self) -> None:
+        slot: dict = {}
+        unique: list[torch.Tensor] = []
+        bounded: list[bool] = []
+        index = []
+        for name, kind, t in self.items:
+            if t.dtype not in SUPPORTED_DTYPES:
+                continue
+            # Every tensor of the batch is still held, so equal keys mean the same elements.
+            i = slot.setdefault(_key(t), len(unique))
+            if i == len(unique):
+                unique.append(t)
+                bounded.append(False)
+            bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+            index.append(i)
+            self.names.append(name)
+            self.kinds.append(kind)
+            self.shapes.append(tuple(t.shape))
+            self.dtypes.append(t.dtype)
+        self.items, self.bytes, self.full = [], 0, False
+        if not unique:
+            return
+        plain = [i for i, b in enumerate(bounded) if not b]
+        sat = [i for i, b in enumerate(bounded) if b]
+        position = [0] * len(unique)
+        for p, i in enumerate(plain + sat):
+            position[i] = self.read + p
+        self.rows += [position[i] for i in index]
+        self.read += len(unique)
+        if plain:
+            stats = tensor_stats([unique[i] for i in plain], histogram=self.histogram)
+            zeros = stats.numel.new_zeros(len(plain))
+            self.parts.append((stats, zeros, zeros))
+        if sat:
+            stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
+            self.parts.append((bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)))
+
+    def finish(self, name: str) -> PassStats | None:
+        """The pass's rows, in order, or None if it held no tensor."""
+        self.flush()
+        if not self.rows:
+            return None
+        stats, high, tiny = zip(*self.parts)
+        rows = torch.tensor(self.rows, device=stats[0].device)
+        stats = stats[0] if len(stats) == 1 else TensorStats.cat(list(stats))
+        return PassStats(self.step, name, self.names, self.kinds, self.shapes, self.dtypes, stats[rows],
+                         near_counts(self.kinds, torch.cat(high)[rows], torch.cat(tiny)[rows]))
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _key(a) == _key(b)
 
 
 def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],

@@ -10,12 +10,12 @@ Forward hooks on every submodule collect its floating-point outputs (tuples,
 lists, dicts and dataclasses are walked; integer tensors are ignored; other
 objects are skipped, with one warning per module type), and a tensor hook on
 each output collects the gradient flowing into it. The tensors are held only
-until the pass ends: one `tensor_stats` call at the end of the forward pass
+until they are read: one `tensor_stats` call at the end of the forward pass
 (sigmoid/tanh outputs in a second one, which also counts their values near an
 asymptote) and one when backward finishes (an autograd-engine callback); a pass
-that holds more than `READ_BYTES` is read in batches of that size as it goes.
-Each distinct tensor of a batch is read once. Steps that are not due cost one comparison per
-module. See `torchhealth.activations` for what is checked.
+that holds more than `activations.READ_BYTES` is read in batches of about that
+size as it goes. Each distinct tensor is read once. Steps
+that are not due cost one comparison per module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
@@ -33,13 +33,18 @@ from collections.abc import Callable
 
 import torch
 
-from ._ops import SUPPORTED_DTYPES, tensor_stats
-from .activations import EPS, OTHER, SIGMOID, TANH, PassStats, activation_findings, bounded_rows, \
-    kind_of, near_counts, pass_fields, tiny_counts
+from ._ops import SUPPORTED_DTYPES
+from .activations import (
+    OTHER,
+    PassStats,
+    PendingPass,
+    activation_findings,
+    kind_of,
+    pass_fields,
+)
 from .checks import Thresholds
 from .hostcopy import HostCopy
 from .report import Report
-from .stats import TensorStats
 
 
 def _tensors(obj, path: str = ""):
@@ -55,84 +60,6 @@ def _tensors(obj, path: str = ""):
         return [x for f in dataclasses.fields(obj)
                 for x in (_tensors(getattr(obj, f.name), f"{path}.{f.name}") or [])]
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
-
-
-def _pass_stats(tensors: list[torch.Tensor], kinds: list[str], histogram: bool
-                ) -> tuple[TensorStats, torch.Tensor]:
-    """A pass's rows (one per tensor) and their `PassStats.near` counts, reading
-    each distinct tensor once: a row whose tensor is an earlier row's (a container
-    returning its child's output, a gradient that reaches several outputs through
-    a residual sum) repeats that row. Sigmoid/tanh outputs go in a call of their
-    own with the saturation threshold at ``1 - EPS`` and a histogram, so that the
-    one read also counts their values near an asymptote."""
-    slot: dict = {}
-    unique: list[torch.Tensor] = []
-    bounded: list[bool] = []
-    index = []
-    for t, kind in zip(tensors, kinds):
-        # Every row's tensor is held until this call, so equal keys mean the same elements.
-        i = slot.setdefault((t.data_ptr(), t.device, t.dtype, t.shape, t.stride()), len(unique))
-        if i == len(unique):
-            unique.append(t)
-            bounded.append(False)
-        bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
-        index.append(i)
-    plain = [i for i, b in enumerate(bounded) if not b]
-    sat = [i for i, b in enumerate(bounded) if b]
-    parts, high, tiny = [], [], []
-    if plain:
-        parts.append(tensor_stats([unique[i] for i in plain], histogram=histogram))
-        high.append(parts[-1].numel.new_zeros(len(plain)))
-        tiny.append(high[-1])
-    if sat:
-        stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
-        parts.append(bounded_rows(stats, histogram))
-        high.append(stats.saturated)
-        tiny.append(tiny_counts(stats))
-    position = {u: p for p, u in enumerate(plain + sat)}
-    rows = torch.tensor([position[i] for i in index], device=parts[0].device)
-    return TensorStats.cat(parts)[rows], near_counts(kinds, torch.cat(high)[rows], torch.cat(tiny)[rows])
-
-
-# Bytes of held tensors that start a batched read before the pass ends: holding
-# every output gradient of a backward pass until it ends would keep memory alive
-# that the autograd engine otherwise frees and reuses at once (on a GPU, up to the
-# activations' size again); a read per this many bytes bounds that. Large enough
-# that a small model's pass is still one call (and a large model's a few per
-# GPU-sized activation), small next to a training step's memory.
-READ_BYTES = 64 << 20
-
-
-class _Pending:
-    """A pass's tensors awaiting their batched read, and the rows read so far."""
-
-    def __init__(self):
-        self.items: list = []  # (name, kind, tensor)
-        self.bytes = 0
-        self.read: list = []  # (names, kinds, shapes, dtypes, stats, near) of each batch
-
-    def add(self, name: str, kind: str, t: torch.Tensor, histogram: Callable[[], bool]) -> None:
-        self.items.append((name, kind, t))
-        self.bytes += t.numel() * t.element_size()
-        if self.bytes >= READ_BYTES:
-            self.flush(histogram())
-
-    def flush(self, histogram: bool) -> None:
-        if self.items:
-            names, kinds, tensors = zip(*self.items)
-            self.items, self.bytes = [], 0
-            self.read.append((names, kinds, [tuple(t.shape) for t in tensors], [t.dtype for t in tensors],
-                              *_pass_stats(list(tensors), list(kinds), histogram)))
-
-    def finish(self, step: int, name: str, histogram: bool) -> PassStats | None:
-        """The pass's rows, in order, or None if it held no tensor."""
-        self.flush(histogram)
-        if not self.read:
-            return None
-        names, kinds, shapes, dtypes, stats, near = zip(*self.read)
-        return PassStats(step, name, [n for b in names for n in b], [k for b in kinds for k in b],
-                         [s for b in shapes for s in b], [d for b in dtypes for d in b],
-                         stats[0] if len(stats) == 1 else TensorStats.cat(list(stats)), torch.cat(near))
 
 
 class Watch:
@@ -169,10 +96,9 @@ class Watch:
                         for m in model.modules() if m is not model]
         self._hooks.append(model.register_forward_hook(self._end))
         self._skipped_types: set[type] = set()
-        self._step = None  # the step being watched, or None
-        self._outputs = _Pending()  # of the forward pass under way
-        self._grads = _Pending()  # of the backward pass under way
-        self._queued = False
+        self._outputs: PendingPass | None = None  # the forward pass under way, on a due step
+        self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
+        self._grads: PendingPass | None = None  # the backward pass under way
         self._passes: dict[int, list[PassStats]] = {}
         model._torchhealth_watch = self
 
@@ -182,16 +108,23 @@ class Watch:
             self._current, self._count = self._count, self._count + 1
             self._deliver(before=self._current)
         step = self._next_step()
-        self._step = step if self.options.due(step) else None
-        self._outputs = _Pending()
-        if self._step is not None:
-            self._record("<input>", OTHER, (args, kwargs), grad=False)
+        self._outputs = PendingPass(step, self._histogram(step)) if self.options.due(step) else None
+        if self._outputs is not None:
+            self._record("<input>", OTHER, (args, kwargs))
+            self._to_hook = []  # the model's inputs: not an output of this pass
 
     def _output(self, name, kind, module, inputs, output) -> None:
-        if self._step is not None:
-            self._record(name, kind, output, grad=self.backward, module=module)
+        pending = self._outputs
+        if pending is None:
+            return
+        if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
+            pending.add(name, kind, output)
+            if output.requires_grad:
+                self._to_hook.append((output.grad_fn, output.output_nr, name, output))
+        else:
+            self._record(name, kind, output, module=module)
 
-    def _record(self, name, kind, obj, grad: bool, module=None) -> None:
+    def _record(self, name, kind, obj, module=None) -> None:
         found = _tensors(obj)
         if found is None:
             if module is not None and type(module) not in self._skipped_types:
@@ -201,29 +134,43 @@ class Watch:
             return
         for path, t in found:
             label = name + path if len(found) > 1 else name
-            self._outputs.add(label, kind, t.detach(), lambda: self._histogram(self._step))
-            if grad and t.requires_grad:
-                t.register_hook(functools.partial(self._grad, label))
+            self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
+            if t.requires_grad:
+                self._to_hook.append((t.grad_fn, t.output_nr, label, t))
 
     def _end(self, module, inputs, output) -> None:
-        if self._step is None:
+        if self._outputs is None:
             return
-        self._record("<output>", OTHER, output, grad=self.backward)
-        outs, self._outputs = self._outputs, _Pending()
-        self._add(outs.finish(self._step, "forward", self._histogram(self._step)))
+        self._record("<output>", OTHER, output)
+        outs, self._outputs = self._outputs, None
+        self._add(outs.finish("forward"))
+        to_hook, self._to_hook = self._to_hook, []
+        if self.backward:
+            # Hooked here, in one loop, rather than in each module's hook (where the
+            # interpreter's caches are cold): a pre-hook on the node that made the
+            # output, as it was when the module returned it, sees the gradient flowing
+            # into that output even if a later in-place op replaced the tensor's node.
+            for node, index, name, t in to_hook:
+                if node is None:  # a leaf: its gradient goes to no node of this pass
+                    t.register_hook(functools.partial(self._grad, name))
+                else:
+                    node.register_prehook(functools.partial(self._grad_output, index, name))
+
+    def _grad_output(self, index, name, grad_outputs) -> None:
+        if grad_outputs[index] is not None:
+            self._grad(name, grad_outputs[index])
 
     def _grad(self, name, grad) -> None:
-        if not self._queued:
-            self._queued = True
+        if self._grads is None:
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
-        self._grads.add(name, OTHER, grad.detach(), lambda: self._histogram(self._next_step()))
+            step = self._next_step()
+            self._grads = PendingPass(step, self._histogram(step))
+        self._grads.add(name, OTHER, grad)
 
     def _backward_end(self) -> None:
-        self._queued = False
-        grads, self._grads = self._grads, _Pending()
-        step = self._next_step()
-        if self.options.due(step):
-            self._add(grads.finish(step, "backward", self._histogram(step)))
+        grads, self._grads = self._grads, None
+        if self.options.due(grads.step):
+            self._add(grads.finish("backward"))
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)

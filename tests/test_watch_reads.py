@@ -1,0 +1,147 @@
+"""torchhealth.watch: what each batched read holds (each distinct tensor once, also
+across batches; integer outputs none) and that its rows stay exact."""
+import pytest
+import torch
+from test_watch import Residual, Wrap, _x
+from torch import nn
+
+import torchhealth as th
+from torchhealth import activations
+
+
+def _reads(monkeypatch, model, x, read_bytes):
+    """(the lists of tensors passed to tensor_stats, the passes) of one watched step."""
+    monkeypatch.setattr(activations, "READ_BYTES", read_bytes)
+    reads = []
+    stats = activations.tensor_stats
+    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    w = th.watch(model)
+    out = model(x)
+    if out.requires_grad:
+        out.pow(2).mean().backward()
+    passes = w.take(0)
+    w.remove()
+    monkeypatch.setattr(activations, "tensor_stats", stats)
+    return reads, passes
+
+
+def test_a_repeat_after_a_full_batch_is_not_read_again_and_rows_match_one_batch(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), Residual(), nn.Linear(8, 8), Wrap(),
+                          nn.Linear(8, 2))
+    x = _x()
+    whole_reads, whole = _reads(monkeypatch, model, x, 1 << 30)
+    # A budget of one byte: every batch is full as soon as it holds a tensor, so each
+    # distinct tensor is its own read; the ReLU's (in place on its Linear's output),
+    # Wrap's (its Sigmoid's) and the model's output (the last Linear's) repeat the
+    # tensor just before them, and the Tanh's output gradient is the residual sum's.
+    reads, batched = _reads(monkeypatch, model, x, 1)
+    assert all(len(r) == 1 for r in reads)
+    assert len(reads) == sum(len(r) for r in whole_reads) == 8 + 7
+    for a, b in zip(whole, batched):
+        assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
+        assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)
+
+
+class ArgMax(nn.Module):
+    def forward(self, x):
+        return x.argmax(-1)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 1 << 30])
+def test_an_integer_output_gives_no_row(monkeypatch, read_bytes):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), ArgMax())
+    reads, (forward,) = _reads(monkeypatch, model, _x(), read_bytes)
+    assert forward.modules == ["<input>", "0", "1"]
+    assert forward.dtypes == [torch.float32] * 3
+    assert all(t.is_floating_point() for r in reads for t in r)
+
+
+def test_a_step_that_is_not_due_holds_nothing_and_hooks_no_gradient():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    reports, grads = [], []
+    with th.watch(model, check_every=2, on_report=reports.append) as w:
+        grad = w._grad
+        w._grad = lambda name, g: grads.append(name) or grad(name, g)
+        for i in range(2):
+            model(_x(i)).pow(2).mean().backward()
+            assert w._outputs is None and w._grads is None and not w._to_hook
+            # Step 0 only: the three modules' output gradients and the model's output's (the last one's).
+            assert sorted(grads) == ["0", "1", "2", "<output>"]
+    assert [r.step for r in reports] == [0]
+    assert [(r.name, r.role) for r in reports[0].rows if r.role == "activation_grad"][:2] == \
+        [("2", "activation_grad"), ("<output>", "activation_grad")]
+
+
+def test_an_output_modified_in_place_later_keeps_its_own_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+    x = _x()
+    seen = {}
+
+    def capture(name):  # a hook on each output as the module returns it
+        def hook(module, inputs, out):
+            out.register_hook(lambda g: seen.__setitem__(name, g))
+        return hook
+
+    model[0].register_forward_hook(capture("0"))
+    model[1].register_forward_hook(capture("1"))
+    (r,) = _run_one(model, x)
+    rows = {row.name: row for row in r.rows if row.role == "activation_grad"}
+    for name in ("0", "1"):  # the Linear's gradient is the ReLU's masked by it: not the same tensor
+        want = th.tensor_stats([seen[name]], histogram=False)
+        assert rows[name].zero == int(want.zero[0]) and rows[name].sum == float(want.sum[0])
+    assert rows["0"].zero > rows["1"].zero
+
+
+def _run_one(model, x):
+    reports = []
+    with th.watch(model, on_report=reports.append):
+        model(x).pow(2).mean().backward()
+    return reports
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_output_gradients_of_a_leaf_a_custom_function_and_a_multi_output_op_are_the_tensors_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(Lambda(lambda x: x), nn.Linear(4, 8), Lambda(Square.apply),
+                          Lambda(lambda x: x.chunk(2, dim=-1)), Lambda(lambda xs: xs[0] * 3 + xs[1]),
+                          nn.Linear(4, 2))
+    seen = {}
+
+    def capture(name):
+        def hook(module, inputs, out):
+            for i, t in enumerate(out if isinstance(out, tuple) else (out,)):
+                label = f"{name}[{i}]" if isinstance(out, tuple) else name
+                t.register_hook(lambda g, label=label: seen.__setitem__(label, g))
+        return hook
+
+    for name, m in list(model.named_children()):
+        m.register_forward_hook(capture(name))
+    x = torch.randn(3, 4, requires_grad=True)  # module 0 returns this leaf itself
+    (r,) = _run_one(model, x)
+    rows = {row.name: row for row in r.rows if row.role == "activation_grad"}
+    assert set(rows) == set(seen) | {"<output>"}
+    for name, g in seen.items():
+        want = th.tensor_stats([g], histogram=False)
+        assert (rows[name].numel, rows[name].sum) == (int(want.numel[0]), float(want.sum[0])), name
