@@ -38,6 +38,8 @@ inline vd hi_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__
 inline vd lo_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
 inline vd hi_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p + 4)); }
 
+inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+
 inline uint32_t reduce_add(vu v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128((__m256i)v),
                             _mm256_extracti128_si256((__m256i)v, 1));

@@ -52,6 +52,8 @@ inline vd hi_double(vf x) {
 inline vd lo_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
 inline vd hi_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)); }
 
+inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+
 inline uint32_t reduce_add(vu v) {
   return static_cast<uint32_t>(_mm512_reduce_add_epi32((__m512i)v));
 }

@@ -86,6 +86,10 @@ inline bool any_lane(vu m) {
 inline vd lo_double_at(const float* p) { return lo_double(load(p)); }
 inline vd hi_double_at(const float* p) { return hi_double(load(p)); }
 
+// Rounded once where the compiler contracts it (aarch64, -ffp-contract=fast),
+// else twice: the bound of add_sums holds either way.
+inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
+
 inline uint32_t reduce_add(vu v) {
   uint32_t s = 0;
   for (int l = 0; l < kLanes; ++l) s += v[l];

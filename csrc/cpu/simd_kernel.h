@@ -71,6 +71,9 @@ inline vd hi_double(vf x);
 // (memory-source conversions: no cross-lane extract of the high half).
 inline vd lo_double_at(const float* p);
 inline vd hi_double_at(const float* p);
+// a * b + c per lane, rounded once where the ISA has FMA (see add_sums for the
+// error bound, which holds either way).
+inline vf fmadd(vf a, vf b, vf c);
 // The sum of the lanes (callers keep it below 2^32).
 inline uint32_t reduce_add(vu v);
 // Bitwise majority and parity of three vectors: one vpternlogd each on AVX-512.
@@ -139,10 +142,32 @@ struct Consts {
   bool small_is_subnormal;
 };
 
-// The sums in double, value by value: float32 -> float64 is exact, and so is
-// the square. (Float partial sums would halve pass 1's work and stay inside
-// SUM_RTOL, but sums would then differ between partitions of the same data by
-// ~1e-8 relative, more than tests/test_stats.py allows.)
+// The sums. The fast pass adds each lane's values in float32 over kFlush
+// registers, then flushes the two float32 partials exactly into the lane's
+// float64 accumulators; the careful pass adds every value in float64.
+//
+// Why the documented bound |sum - exact| <= SUM_RTOL * sum|x| (1e-6,
+// torchhealth/stats.py) still holds, for sum and sumsq alike: a float32 partial
+// of k = kFlush = 8 values starts from 0, so it is reached by at most k
+// roundings (the first add is exact; each square is rounded once by the FMA,
+// or twice without FMA: then each term carries one rounding for the product
+// and one for the add, which is the same count as a dot product of length k),
+// each of relative error u = 2^-24 on a partial whose magnitude is at most the
+// sum of the |terms| so far. So |partial - exact| <= gamma_k * sum|terms| with
+// gamma_k = k*u / (1 - k*u) < 4.8e-7 for k = 8 (k <= 16 would still give
+// 9.5e-7). The float64 part adds one rounding of 2^-53 per flush and per
+// chunk merge (chunks of 2^16 values are merged in order): below 1e-8
+// relative for any tensor under 2^40 values. Two conditions keep the float32 partials
+// meaningful, and the fast pass checks both for every block: no nonzero |x|
+// below 2^-63 (anz, for float32 and bfloat16; float16 and float8 values are
+// at least 2^-24), so every square is at least 2^-126 and normal and every
+// partial of x is a multiple of 2^-86, never subnormal, whatever the FTZ/DAZ
+// state; and no float overflow (a square or partial above FLT_MAX becomes
+// Inf, the block's sums turn non-finite and the careful pass, all in float64,
+// recomputes it). Sums of the same data split differently into tensors or
+// chunks may then differ by ~1e-8 relative, inside the bound.
+constexpr int kFlush = 8;
+
 inline void add_sums(vd dl, vd dh, Block& b) {
   b.s0 += dl;
   b.s1 += dh;
@@ -150,9 +175,12 @@ inline void add_sums(vd dl, vd dh, Block& b) {
   b.q1 += dh * dh;
 }
 inline void accumulate_sums(vf x, Block& b) { add_sums(lo_double(x), hi_double(x), b); }
-// The same for the vector at p, converted from memory (the fast pass).
-inline void accumulate_sums_at(const float* p, Block& b) {
-  add_sums(lo_double_at(p), hi_double_at(p), b);
+// Flushes float32 partials s (sum) and q (sum of squares) exactly.
+inline void flush_sums(vf s, vf q, Block& b) {
+  b.s0 += lo_double(s);
+  b.s1 += hi_double(s);
+  b.q0 += lo_double(q);
+  b.q1 += hi_double(q);
 }
 
 // Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
@@ -173,8 +201,8 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
   const vu inf = splat(0x7f800000u);
   if (!kCareful) {
     const vi small = splat_i(static_cast<int32_t>(c.small_bits));
-    for (int v = 0; v < nv; ++v) {
-      const vf x = load(p + v * kLanes);
+    auto step = [&](const float* q, vf& ps, vf& pq) {
+      const vf x = load(q);
       const vu a = (vu)x & absmask;
       if (kZero) b.zero = count_zero(b.zero, a);
       if (kSmall) b.small = count_lt(b.small, (vi)a, small);
@@ -184,7 +212,19 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
       }
       b.vmin = x < b.vmin ? x : b.vmin;
       b.vmax = x > b.vmax ? x : b.vmax;
-      accumulate_sums_at(p + v * kLanes, b);
+      ps += x;
+      pq = fmadd(x, x, pq);
+    };
+    int v = 0;
+    for (; v + kFlush <= nv; v += kFlush) {
+      vf ps{}, pq{};
+      for (int j = 0; j < kFlush; ++j) step(p + (v + j) * kLanes, ps, pq);
+      flush_sums(ps, pq, b);
+    }
+    if (v < nv) {
+      vf ps{}, pq{};
+      for (; v < nv; ++v) step(p + v * kLanes, ps, pq);
+      flush_sums(ps, pq, b);
     }
     // Every lane saw a value and, if the block is clean, all were finite.
     const vf neg_min = -b.vmin;
