@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "chunk_kernel.h"
 
@@ -83,8 +84,6 @@ inline bool any_lane(vu m) {
   return r != 0;
 }
 
-inline vd lo_double_at(const float* p) { return lo_double(load(p)); }
-inline vd hi_double_at(const float* p) { return hi_double(load(p)); }
 
 // Rounded once where the compiler contracts it (aarch64, -ffp-contract=fast),
 // else twice: the bound of add_sums holds either way.
