@@ -23,6 +23,7 @@ namespace torchhealth {
 namespace cpu {
 namespace avx2 {
 
+constexpr bool kUnsignedMin = true;
 constexpr int kLanes = 8;
 
 #include "simd_kernel.h"

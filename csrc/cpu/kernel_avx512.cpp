@@ -35,6 +35,7 @@ namespace torchhealth {
 namespace cpu {
 namespace avx512 {
 
+constexpr bool kUnsignedMin = true;
 constexpr int kLanes = 16;
 
 #include "simd_kernel.h"

@@ -2,8 +2,7 @@
 // extensions and no ISA intrinsic, at the build's baseline ISA (SSE2 on x86-64,
 // NEON on aarch64, VSX on ppc64le, ...). It is what cpu_kernels() picks where
 // no x86 kernel applies, with the same exact columns as the others; its sums
-// add in the same lane order as the avx2 kernel (8 float32 lanes), so they are
-// within the documented bound of the others and usually the same bits as avx2.
+// add in its own lane order (4 float32 lanes), within the documented bound.
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -13,9 +12,9 @@
 
 #if defined(__GNUC__)  // GCC and Clang
 
-// Two conversions compilers do not find from portable code (they convert a
-// 2-float vector lane by lane): float -> double of a register half, and a
-// per-lane variable shift, which SSE2 lacks.
+// What compilers do not find from portable code: float -> double of a
+// register half (they convert a 2-float vector lane by lane), a per-lane
+// variable shift, which SSE2 lacks, and a test of all lanes at once.
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #elif defined(__aarch64__)
@@ -33,6 +32,11 @@ namespace torchhealth {
 namespace cpu {
 namespace generic {
 
+#if defined(__SSE4_1__) || !defined(__SSE2__)
+constexpr bool kUnsignedMin = true;  // NEON, VSX, SSE4.1: a vector unsigned min
+#else
+constexpr bool kUnsignedMin = false;
+#endif
 constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
 
 #include "simd_kernel.h"
@@ -78,11 +82,17 @@ inline vf half_to_float(vh h) {
   return (vf)(r | sign);
 }
 
+#if defined(__SSE2__)
+inline bool any_lane(vu m) { return _mm_movemask_epi8((__m128i)m) != 0; }
+#elif defined(__aarch64__)
+inline bool any_lane(vu m) { return vmaxvq_u32((uint32x4_t)m) != 0; }
+#else
 inline bool any_lane(vu m) {
   uint32_t r = 0;
   for (int l = 0; l < kLanes; ++l) r |= m[l];
   return r != 0;
 }
+#endif
 
 
 // Rounded once where the compiler contracts it (aarch64, -ffp-contract=fast),

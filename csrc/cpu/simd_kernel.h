@@ -44,7 +44,8 @@
 // pair), plus a transpose and reduction per block. On CPUs that split 512-bit
 // ops in two, both ISAs then run at about the same speed.
 
-// The includer defines kLanes, the float32 lanes of its registers (8 for AVX2,
+// The includer defines kUnsignedMin, whether the ISA has a vector unsigned
+// min (SSE4.1 and later; not SSE2), and kLanes, the float32 lanes of its registers (8 for AVX2,
 // 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
 // machine register: wider vectors than the ISA has are lowered lane by lane
 // through the stack.
@@ -244,10 +245,12 @@ struct FromFloat8 {
 // Consts), and the caller checks that afterwards from the sums (NaN and Inf
 // make them non-finite), amax and anz or small; kCareful=true makes no
 // assumption. anz (the smallest nonzero |x| bits, minus 1) serves the
-// histogram and, when kSmall is false, the tiny-value check of float32 and
-// bfloat16 (anz >= small_bits - 1: no nonzero |x| below small_bits), which
-// costs one vector op less per register than counting small. kSmall (count
-// |x| bits < small_bits) is needed for float16, whose subnormal count it gives.
+// histogram and then the tiny-value check of float32 and bfloat16 (anz >=
+// small_bits - 1: no nonzero |x| below small_bits), since pass 2 needs it and
+// the zero count is left out. kSmall (count |x| bits < small_bits) gives
+// float16's subnormal count and, without the histogram, the tiny-value check
+// of float32 and bfloat16 (small == zero): a signed compare, where anz needs
+// an unsigned min that SSE2 (the generic kernel) lacks.
 // kZero=false leaves the zero count out: with the histogram, the caller
 // derives it from pass 2 (a clean block's values are all finite, so its zeros
 // are the values pass 2 does not bin).
@@ -334,11 +337,18 @@ inline vu one_hot(const typename L::type* p, uint32_t base, HistOut* h, int& nou
   const vu bits = (vu)L::load_v(p);
   // sign|exponent minus base: j for a positive value in the window, 256 + j
   // for a negative one, whose slot 16 + j is then the smaller (unsigned) of k0
-  // and k0 - 240. Positive values below the window wrap to huge shifts; -0
-  // gives min(256 - base, wrapped 16 - base) >= 32 when 16 < base <= 224.
+  // and k0 - 240, or k0 - 240 taken by the sign bit where the ISA has no
+  // unsigned min (SSE2; the two agree on every lane the variants keep).
+  // Positive values below the window wrap to huge shifts; -0 gives
+  // min(256 - base, wrapped 16 - base) >= 32 when 16 < base <= 224.
   const vu k0 = (bits >> 23) - base;
-  const vu k1 = k0 - 240u;
-  const vu k = k0 < k1 ? k0 : k1;
+  vu k;
+  if constexpr (kUnsignedMin) {
+    const vu k1 = k0 - 240u;
+    k = k0 < k1 ? k0 : k1;
+  } else {
+    k = k0 - ((vu)((vi)bits >> 31) & 240u);
+  }
   vu oh = one_bit(k);
   if (kMasked == 1) {
     // a - 1 < base_bits - 1 (unsigned): nonzero and below the window.
@@ -552,7 +562,9 @@ inline void fast_pass1(const typename L::type* f, int nv, const Consts& c, bool 
     }
     pass1<false, true, false, false, L>(f, nv, c, b);
   } else if (!c.small_is_subnormal) {
-    pass1<false, true, false, true, L>(f, nv, c, b);
+    // No histogram: counting |x| below 2^-63 (a signed compare) checks for
+    // tiny values; anz would need an unsigned min, which SSE2 lacks.
+    pass1<false, false, true, true, L>(f, nv, c, b);
   } else if (hist) {
     pass1<false, true, true, true, L>(f, nv, c, b);
   } else {
@@ -611,9 +623,11 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
       fast_pass1<Fast>(f, nv, c, hist, b, copied ? buf : nullptr);
       uint32_t amax = hmax_u31(b.amax);
       uint32_t anz = hmin_u(b.anz);
-      // float32, bfloat16: no nonzero |x| below small_bits (all zero: anz = ~0).
-      const bool clean = sums_are_finite(b) && amax < c.clean_max &&
-                         (c.small_is_subnormal || anz >= c.small_bits - 1);
+      // float32, bfloat16: no nonzero |x| below small_bits: from anz with the
+      // histogram, else from the count of small values, all zeros.
+      const bool no_tiny = c.small_is_subnormal ||
+                           (hist ? anz >= c.small_bits - 1 : hsum_u(b.small) == hsum_u(b.zero));
+      const bool clean = sums_are_finite(b) && amax < c.clean_max && no_tiny;
       if (!clean) {
         // The careful pass and pass 2 read one private copy: were another
         // thread writing the tensor, both still see the same values, so each
