@@ -32,20 +32,27 @@ namespace torchhealth {
 namespace cpu {
 namespace generic {
 
-#if defined(__SSE4_1__) || !defined(__SSE2__)
-constexpr bool kUnsignedMin = true;  // NEON, VSX, SSE4.1: a vector unsigned min
+#if defined(__SSE2__)
+constexpr bool kUnsignedMin = false;  // the SSE2 one_bit below relies on the sign-bit slot
 #else
-constexpr bool kUnsignedMin = false;
+constexpr bool kUnsignedMin = true;  // NEON, VSX: a vector unsigned min
 #endif
 constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
 
 #include "simd_kernel.h"
 
 #if defined(__SSE2__)
-// 2^k as a float, truncated to int32: 1 << k for k <= 30, and for k = 31 the
-// overflow result 0x80000000, which is 1 << 31.
+// 2^k as a float, truncated to int32: 1 << k for 0 <= k <= 30, for k = 31 the
+// overflow result 0x80000000, which is 1 << 31, and 0 for -32768 <= k < 0,
+// whose biased exponent k + 127 is clamped at 0 by a 16-bit signed max (the
+// high half of a negative lane is -1, of a nonnegative one 0), so that
+// 2^k is below 1 or 0. With the sign-bit slot of one_hot (kUnsignedMin
+// false), every lane one_hot keeps has such a k: in-window values 0..31,
+// zeros and values below the window -240..-1; lanes with larger k (NaN, Inf)
+// are masked off by the variants that can meet them.
 inline vu one_bit(vu k) {
-  return (vu)(k < 32u) & (vu)_mm_cvttps_epi32((__m128)((k + 127u) << 23));
+  const __m128i e = _mm_max_epi16((__m128i)(k + 127u), _mm_setzero_si128());
+  return (vu)_mm_cvttps_epi32(_mm_castsi128_ps(_mm_slli_epi32(e, 23)));
 }
 inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
 inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }
