@@ -35,11 +35,11 @@
 //    subnormals, which are binned by mantissa) are rare and go one by one
 //    through hist_bin().
 //
-// Cost (benchmarks/RESULTS.md): pass 1 is ~11 vector ops per register of
-// float32 values with the histogram (AVX-512: load, abs, anz 2, min, max, and
-// 6 for the exact double sums, converted from memory so that no cross-lane
-// extract is needed; the zero count costs 2 more without the histogram);
-// pass 2 another ~8 (AVX-512) to
+// Cost (benchmarks/RESULTS.md): pass 1 is ~8 vector ops per register of
+// float32 values with the histogram (AVX-512: load, abs, anz 2, min, max, a
+// float32 add and an FMA for the sums, see add_sums, plus 4 conversions and 4
+// double adds per kFlush registers; without the histogram the zero and small
+// counts take 4 instead of anz's 2); pass 2 another ~8 (AVX-512) to
 // ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
 // pair), plus a transpose and reduction per block. On CPUs that split 512-bit
 // ops in two, both ISAs then run at about the same speed.
