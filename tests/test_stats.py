@@ -237,8 +237,13 @@ def test_total_and_merge_are_exact_combinations(dtype):
     merged = a.merge(b).data
     assert torch.equal(merged[0, exact], whole[0, exact])
     assert torch.equal(merged[1, exact], whole[0, exact])
-    assert merged[0, S.SUM].view(torch.float64) == pytest.approx(
-        whole[0, S.SUM].view(torch.float64).item(), rel=1e-9)
+    # Sums of differently split data are each within the documented bound of
+    # the exact sum (the kernels add short float32 partials, so sums of
+    # different splits need not agree to the last bits).
+    finite = x.double().nan_to_num(0, 0, 0)
+    exact, bound = math.fsum(finite.tolist()), S.SUM_RTOL * finite.abs().sum().item()
+    for got in (merged[0, S.SUM], merged[1, S.SUM], whole[0, S.SUM], total[0, S.SUM]):
+        assert abs(got.view(torch.float64).item() - exact) <= bound
 
 
 def test_total_of_nothing_is_the_identity():

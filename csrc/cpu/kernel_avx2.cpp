@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "chunk_kernel.h"
 
@@ -22,6 +23,7 @@ namespace torchhealth {
 namespace cpu {
 namespace avx2 {
 
+constexpr bool kUnsignedMin = true;
 constexpr int kLanes = 8;
 
 #include "simd_kernel.h"
@@ -35,8 +37,8 @@ inline bool any_lane(vu m) { return !_mm256_testz_si256((__m256i)m, (__m256i)m);
 inline vd lo_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)x)); }
 inline vd hi_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x, 1)); }
 
-inline vd lo_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
-inline vd hi_double_at(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p + 4)); }
+
+inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 
 inline uint32_t reduce_add(vu v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128((__m256i)v),

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "chunk_kernel.h"
 
@@ -34,6 +35,7 @@ namespace torchhealth {
 namespace cpu {
 namespace avx512 {
 
+constexpr bool kUnsignedMin = true;
 constexpr int kLanes = 16;
 
 #include "simd_kernel.h"
@@ -49,8 +51,8 @@ inline vd hi_double(vf x) {
   return (vd)_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)x), 1)));
 }
 
-inline vd lo_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
-inline vd hi_double_at(const float* p) { return (vd)_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)); }
+
+inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 
 inline uint32_t reduce_add(vu v) {
   return static_cast<uint32_t>(_mm512_reduce_add_epi32((__m512i)v));

@@ -2,19 +2,19 @@
 // extensions and no ISA intrinsic, at the build's baseline ISA (SSE2 on x86-64,
 // NEON on aarch64, VSX on ppc64le, ...). It is what cpu_kernels() picks where
 // no x86 kernel applies, with the same exact columns as the others; its sums
-// add in the same lane order as the avx2 kernel (8 float32 lanes), so they are
-// within the documented bound of the others and usually the same bits as avx2.
+// add in its own lane order (4 float32 lanes), within the documented bound.
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "chunk_kernel.h"
 
 #if defined(__GNUC__)  // GCC and Clang
 
-// Two conversions compilers do not find from portable code (they convert a
-// 2-float vector lane by lane): float -> double of a register half, and a
-// per-lane variable shift, which SSE2 lacks.
+// What compilers do not find from portable code: float -> double of a
+// register half (they convert a 2-float vector lane by lane), a per-lane
+// variable shift, which SSE2 lacks, and a test of all lanes at once.
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #elif defined(__aarch64__)
@@ -32,15 +32,27 @@ namespace torchhealth {
 namespace cpu {
 namespace generic {
 
+#if defined(__SSE2__)
+constexpr bool kUnsignedMin = false;  // the SSE2 one_bit below relies on the sign-bit slot
+#else
+constexpr bool kUnsignedMin = true;  // NEON, VSX: a vector unsigned min
+#endif
 constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
 
 #include "simd_kernel.h"
 
 #if defined(__SSE2__)
-// 2^k as a float, truncated to int32: 1 << k for k <= 30, and for k = 31 the
-// overflow result 0x80000000, which is 1 << 31.
+// 2^k as a float, truncated to int32: 1 << k for 0 <= k <= 30, for k = 31 the
+// overflow result 0x80000000, which is 1 << 31, and 0 for -32768 <= k < 0,
+// whose biased exponent k + 127 is clamped at 0 by a 16-bit signed max (the
+// high half of a negative lane is -1, of a nonnegative one 0), so that
+// 2^k is below 1 or 0. With the sign-bit slot of one_hot (kUnsignedMin
+// false), every lane one_hot keeps has such a k: in-window values 0..31,
+// zeros and values below the window -240..-1; lanes with larger k (NaN, Inf)
+// are masked off by the variants that can meet them.
 inline vu one_bit(vu k) {
-  return (vu)(k < 32u) & (vu)_mm_cvttps_epi32((__m128)((k + 127u) << 23));
+  const __m128i e = _mm_max_epi16((__m128i)(k + 127u), _mm_setzero_si128());
+  return (vu)_mm_cvttps_epi32(_mm_castsi128_ps(_mm_slli_epi32(e, 23)));
 }
 inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
 inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }
@@ -77,14 +89,22 @@ inline vf half_to_float(vh h) {
   return (vf)(r | sign);
 }
 
+#if defined(__SSE2__)
+inline bool any_lane(vu m) { return _mm_movemask_epi8((__m128i)m) != 0; }
+#elif defined(__aarch64__)
+inline bool any_lane(vu m) { return vmaxvq_u32((uint32x4_t)m) != 0; }
+#else
 inline bool any_lane(vu m) {
   uint32_t r = 0;
   for (int l = 0; l < kLanes; ++l) r |= m[l];
   return r != 0;
 }
+#endif
 
-inline vd lo_double_at(const float* p) { return lo_double(load(p)); }
-inline vd hi_double_at(const float* p) { return hi_double(load(p)); }
+
+// Rounded once where the compiler contracts it (aarch64, -ffp-contract=fast),
+// else twice: the bound of add_sums holds either way.
+inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
 
 inline uint32_t reduce_add(vu v) {
   uint32_t s = 0;

@@ -9,8 +9,11 @@
 // Semantics are exactly those of update() in stats.h, which this file calls for
 // chunk tails and for values the vector paths leave out. How:
 //
-//  * A chunk is cut into blocks of kBlock = 240 * kLanes float32 values
-//    (16-bit dtypes are widened exactly into an L1-resident buffer first).
+//  * A chunk is cut into blocks of kBlock = 240 * kLanes float32 values.
+//    float32 and bfloat16 (bits << 16, exact) are read in place; float16 and
+//    float8 are widened exactly into an L1-resident buffer first, and so is
+//    bfloat16 by pass 1 when the histogram follows (pass 2 reads float32
+//    from L1 more cheaply than it widens bfloat16 again).
 //  * Pass 1 (fast) reads a block and computes, per lane, min, max, the
 //    smallest nonzero |x| (anz) and the sums in double; float16 also counts
 //    |x| below small_bits (its subnormals), and the zero count is kept except
@@ -32,16 +35,17 @@
 //    subnormals, which are binned by mantissa) are rare and go one by one
 //    through hist_bin().
 //
-// Cost (benchmarks/RESULTS.md): pass 1 is ~11 vector ops per register of
-// float32 values with the histogram (AVX-512: load, abs, anz 2, min, max, and
-// 6 for the exact double sums, converted from memory so that no cross-lane
-// extract is needed; the zero count costs 2 more without the histogram);
-// pass 2 another ~8 (AVX-512) to
+// Cost (benchmarks/RESULTS.md): pass 1 is ~8 vector ops per register of
+// float32 values with the histogram (AVX-512: load, abs, anz 2, min, max, a
+// float32 add and an FMA for the sums, see add_sums, plus 4 conversions and 4
+// double adds per kFlush registers; without the histogram the zero and small
+// counts take 4 instead of anz's 2); pass 2 another ~8 (AVX-512) to
 // ~11 (AVX2, whose carry-save adders take 5 ops instead of one vpternlogd
 // pair), plus a transpose and reduction per block. On CPUs that split 512-bit
 // ops in two, both ISAs then run at about the same speed.
 
-// The includer defines kLanes, the float32 lanes of its registers (8 for AVX2,
+// The includer defines kUnsignedMin, whether the ISA has a vector unsigned
+// min (SSE4.1 and later; not SSE2), and kLanes, the float32 lanes of its registers (8 for AVX2,
 // 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
 // machine register: wider vectors than the ISA has are lowered lane by lane
 // through the stack.
@@ -67,10 +71,9 @@ inline bool any_lane(vu m);
 // The low and high halves of a vector, converted exactly to double.
 inline vd lo_double(vf x);
 inline vd hi_double(vf x);
-// The same from memory: lanes [0, kLanes/2) and [kLanes/2, kLanes) of p
-// (memory-source conversions: no cross-lane extract of the high half).
-inline vd lo_double_at(const float* p);
-inline vd hi_double_at(const float* p);
+// a * b + c per lane, rounded once where the ISA has FMA (see add_sums for the
+// error bound, which holds either way).
+inline vf fmadd(vf a, vf b, vf c);
 // The sum of the lanes (callers keep it below 2^32).
 inline uint32_t reduce_add(vu v);
 // Bitwise majority and parity of three vectors: one vpternlogd each on AVX-512.
@@ -139,10 +142,32 @@ struct Consts {
   bool small_is_subnormal;
 };
 
-// The sums in double, value by value: float32 -> float64 is exact, and so is
-// the square. (Float partial sums would halve pass 1's work and stay inside
-// SUM_RTOL, but sums would then differ between partitions of the same data by
-// ~1e-8 relative, more than tests/test_stats.py allows.)
+// The sums. The fast pass adds each lane's values in float32 over kFlush
+// registers, then flushes the two float32 partials exactly into the lane's
+// float64 accumulators; the careful pass adds every value in float64.
+//
+// Why the documented bound |sum - exact| <= SUM_RTOL * sum|x| (1e-6,
+// torchhealth/stats.py) still holds, for sum and sumsq alike: a float32 partial
+// of k = kFlush = 8 values starts from 0, so it is reached by at most k
+// roundings (the first add is exact; each square is rounded once by the FMA,
+// or twice without FMA: then each term carries one rounding for the product
+// and one for the add, which is the same count as a dot product of length k),
+// each of relative error u = 2^-24 on a partial whose magnitude is at most the
+// sum of the |terms| so far. So |partial - exact| <= gamma_k * sum|terms| with
+// gamma_k = k*u / (1 - k*u) < 4.8e-7 for k = 8 (k <= 16 would still give
+// 9.5e-7). The float64 part adds one rounding of 2^-53 per flush and per
+// chunk merge (chunks of 2^16 values are merged in order): below 1e-8
+// relative for any tensor under 2^40 values. Two conditions keep the float32 partials
+// meaningful, and the fast pass checks both for every block: no nonzero |x|
+// below 2^-63 (anz, for float32 and bfloat16; float16 and float8 values are
+// at least 2^-24), so every square is at least 2^-126 and normal and every
+// partial of x is a multiple of 2^-86, never subnormal, whatever the FTZ/DAZ
+// state; and no float overflow (a square or partial above FLT_MAX becomes
+// Inf, the block's sums turn non-finite and the careful pass, all in float64,
+// recomputes it). Sums of the same data split differently into tensors or
+// chunks may then differ by ~1e-8 relative, inside the bound.
+constexpr int kFlush = 8;
+
 inline void add_sums(vd dl, vd dh, Block& b) {
   b.s0 += dl;
   b.s1 += dh;
@@ -150,31 +175,98 @@ inline void add_sums(vd dl, vd dh, Block& b) {
   b.q1 += dh * dh;
 }
 inline void accumulate_sums(vf x, Block& b) { add_sums(lo_double(x), hi_double(x), b); }
-// The same for the vector at p, converted from memory (the fast pass).
-inline void accumulate_sums_at(const float* p, Block& b) {
-  add_sums(lo_double_at(p), hi_double_at(p), b);
+// Flushes float32 partials s (sum) and q (sum of squares) exactly.
+inline void flush_sums(vf s, vf q, Block& b) {
+  b.s0 += lo_double(s);
+  b.s1 += hi_double(s);
+  b.q0 += lo_double(q);
+  b.q1 += hi_double(q);
 }
+
+// How each input dtype reaches float32. load_v() gives a register of kLanes
+// values as float32; kDirect dtypes are read that way by pass 1 and pass 2
+// (bfloat16: bits << 16 is exact and costs one op, less than writing and
+// re-reading a widened copy); the others are widened into the block buffer
+// by to_buf() first. to_buf() also makes the private float32 copy that the
+// careful pass and its pass 2 read.
+struct FromFloat {
+  using type = float;
+  static constexpr bool kDirect = true;
+  static vf load_v(const float* p) { return load(p); }
+  static void to_buf(const float* p, int n, float* buf) { std::memcpy(buf, p, sizeof(float) * n); }
+  static float scalar(float x) { return x; }
+};
+struct FromBFloat16 {
+  using type = uint16_t;
+  static constexpr bool kDirect = true;
+  static vf load_v(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void to_buf(const uint16_t* p, int n, float* buf) {
+    for (int i = 0; i < n; i += kLanes) {
+      const vf w = load_v(p + i);
+      std::memcpy(buf + i, &w, sizeof w);
+    }
+  }
+  static float scalar(uint16_t x) { return float_from_bits(static_cast<uint32_t>(x) << 16); }
+};
+struct FromHalf {
+  using type = uint16_t;
+  static constexpr bool kDirect = false;
+  static void to_buf(const uint16_t* p, int n, float* buf) {
+    for (int i = 0; i < n; i += kLanes) {
+      vh h;
+      std::memcpy(&h, p + i, sizeof h);
+      const vf w = half_to_float(h);
+      std::memcpy(buf + i, &w, sizeof w);
+    }
+  }
+  static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
+};
+
+// float8 through a table of its 256 values (built by baseline code,
+// dispatch.cpp); then the float16 path: its subnormals are counted by the fast
+// pass, as float16's are.
+template <const float* (*kTable)()>
+struct FromFloat8 {
+  using type = uint8_t;
+  static constexpr bool kDirect = false;
+  static void to_buf(const uint8_t* p, int n, float* buf) {
+    const float* t = kTable();
+    for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
+  }
+  static float scalar(uint8_t x) { return kTable()[x]; }
+};
 
 // Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
 // every value is finite, below the saturation threshold and not tiny (see
 // Consts), and the caller checks that afterwards from the sums (NaN and Inf
 // make them non-finite), amax and anz or small; kCareful=true makes no
 // assumption. anz (the smallest nonzero |x| bits, minus 1) serves the
-// histogram and, when kSmall is false, the tiny-value check of float32 and
-// bfloat16 (anz >= small_bits - 1: no nonzero |x| below small_bits), which
-// costs one vector op less per register than counting small. kSmall (count
-// |x| bits < small_bits) is needed for float16, whose subnormal count it gives.
+// histogram and then the tiny-value check of float32 and bfloat16 (anz >=
+// small_bits - 1: no nonzero |x| below small_bits), since pass 2 needs it and
+// the zero count is left out. kSmall (count |x| bits < small_bits) gives
+// float16's subnormal count and, without the histogram, the tiny-value check
+// of float32 and bfloat16 (small == zero): a signed compare, where anz needs
+// an unsigned min that SSE2 (the generic kernel) lacks.
 // kZero=false leaves the zero count out: with the histogram, the caller
 // derives it from pass 2 (a clean block's values are all finite, so its zeros
 // are the values pass 2 does not bin).
-template <bool kCareful, bool kAnz, bool kSmall = true, bool kZero = true>
-inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
+template <bool kCareful, bool kAnz, bool kSmall = true, bool kZero = true, typename L = FromFloat,
+          bool kCopy = false>
+inline void pass1(const typename L::type* p, int nv, const Consts& c, Block& out, float* copy = nullptr) {
+  // A local copy: float loads from p could alias out's float vectors, which
+  // would then be stored to memory on every iteration.
+  Block b = out;
   const vu absmask = splat(0x7fffffffu);
   const vu inf = splat(0x7f800000u);
   if (!kCareful) {
     const vi small = splat_i(static_cast<int32_t>(c.small_bits));
-    for (int v = 0; v < nv; ++v) {
-      const vf x = load(p + v * kLanes);
+    auto step = [&](int v, vf& ps, vf& pq) {
+      const vf x = L::load_v(p + v * kLanes);
+      if (kCopy) std::memcpy(copy + v * kLanes, &x, sizeof x);
       const vu a = (vu)x & absmask;
       if (kZero) b.zero = count_zero(b.zero, a);
       if (kSmall) b.small = count_lt(b.small, (vi)a, small);
@@ -184,16 +276,29 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
       }
       b.vmin = x < b.vmin ? x : b.vmin;
       b.vmax = x > b.vmax ? x : b.vmax;
-      accumulate_sums_at(p + v * kLanes, b);
+      ps += x;
+      pq = fmadd(x, x, pq);
+    };
+    int v = 0;
+    for (; v + kFlush <= nv; v += kFlush) {
+      vf ps{}, pq{};
+      for (int j = 0; j < kFlush; ++j) step(v + j, ps, pq);
+      flush_sums(ps, pq, b);
+    }
+    if (v < nv) {
+      vf ps{}, pq{};
+      for (; v < nv; ++v) step(v, ps, pq);
+      flush_sums(ps, pq, b);
     }
     // Every lane saw a value and, if the block is clean, all were finite.
     const vf neg_min = -b.vmin;
     b.amax = (vu)(b.vmax > neg_min ? b.vmax : neg_min) & absmask;
     if (kSmall && c.small_is_subnormal) b.sub = b.small - b.zero;
+    out = b;
     return;
   }
   for (int v = 0; v < nv; ++v) {
-    const vf x = load(p + v * kLanes);
+    const vf x = L::load_v(p + v * kLanes);
     const vu bits = (vu)x;
     const vu a = bits & absmask;
     const vu a1 = a - 1;  // zero wraps to the largest value: min ignores zeros
@@ -216,6 +321,7 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
       accumulate_sums((vf)((vu)fin & bits), b);  // non-finite values add +0
     }
   }
+  out = b;
 }
 
 // One value's window slot as a one-hot bit. In the unmasked variant
@@ -226,16 +332,23 @@ inline void pass1(const float* p, int nv, const Consts& c, Block& b) {
 // 16 < base <= 224: only nonzero values below the window need masking, and
 // the block's largest value sets the window's top, so none is above it),
 // kMasked = 2 for any block.
-template <int kMasked>
-inline vu one_hot(const float* p, uint32_t base, HistOut* h, int& nout) {
-  const vu bits = (vu)load(p);
+template <int kMasked, typename L>
+inline vu one_hot(const typename L::type* p, uint32_t base, HistOut* h, int& nout) {
+  const vu bits = (vu)L::load_v(p);
   // sign|exponent minus base: j for a positive value in the window, 256 + j
   // for a negative one, whose slot 16 + j is then the smaller (unsigned) of k0
-  // and k0 - 240. Positive values below the window wrap to huge shifts; -0
-  // gives min(256 - base, wrapped 16 - base) >= 32 when 16 < base <= 224.
+  // and k0 - 240, or k0 - 240 taken by the sign bit where the ISA has no
+  // unsigned min (SSE2; the two agree on every lane the variants keep).
+  // Positive values below the window wrap to huge shifts; -0 gives
+  // min(256 - base, wrapped 16 - base) >= 32 when 16 < base <= 224.
   const vu k0 = (bits >> 23) - base;
-  const vu k1 = k0 - 240u;
-  const vu k = k0 < k1 ? k0 : k1;
+  vu k;
+  if constexpr (kUnsignedMin) {
+    const vu k1 = k0 - 240u;
+    k = k0 < k1 ? k0 : k1;
+  } else {
+    k = k0 - ((vu)((vi)bits >> 31) & 240u);
+  }
   vu oh = one_bit(k);
   if (kMasked == 1) {
     // a - 1 < base_bits - 1 (unsigned): nonzero and below the window.
@@ -279,17 +392,17 @@ inline void csa(vu& h, vu& l, vu a, vu b, vu c) {
 // Pass 2 over nv <= kBlockRegs vectors: the histogram of the window [base, base+16)
 // of biased float32 exponents, both signs. Returns how many values it binned
 // (every finite nonzero value of the block).
-template <int kMasked>
-inline int64_t pass2(const float* p, int nv, uint32_t base, HistOut* h) {
+template <int kMasked, typename L>
+inline int64_t pass2(const typename L::type* p, int nv, uint32_t base, HistOut* h) {
   int nout = 0;  // out-of-window values binned one by one (masked variant)
   int64_t binned = 0;
   // plane[i] holds bit i of each (lane, position) count.
   vu ones{}, twos{}, fours{}, eights{}, p16{}, p32{}, p64{}, p128{};
   int v = 0;
   for (; v + 16 <= nv; v += 16) {
-    const float* q = p + v * kLanes;
+    const typename L::type* q = p + v * kLanes;
     vu twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
-#define TORCHHEALTH_D(i) one_hot<kMasked>(q + (i) * kLanes, base, h, nout)
+#define TORCHHEALTH_D(i) one_hot<kMasked, L>(q + (i) * kLanes, base, h, nout)
     csa(twosA, ones, ones, TORCHHEALTH_D(0), TORCHHEALTH_D(1));
     csa(twosB, ones, ones, TORCHHEALTH_D(2), TORCHHEALTH_D(3));
     csa(foursA, twos, twos, twosA, twosB);
@@ -314,7 +427,7 @@ inline int64_t pass2(const float* p, int nv, uint32_t base, HistOut* h) {
     p128 ^= c;  // no carry out: a count never exceeds kBlockRegs <= 255
   }
   for (; v < nv; ++v) {
-    vu c = one_hot<kMasked>(p + v * kLanes, base, h, nout), t;
+    vu c = one_hot<kMasked, L>(p + v * kLanes, base, h, nout), t;
     t = ones & c; ones ^= c; c = t;
     t = twos & c; twos ^= c; c = t;
     t = fours & c; fours ^= c; c = t;
@@ -435,57 +548,54 @@ struct ChunkAcc {
   }
 };
 
-// How each input dtype reaches float32.
-struct FromFloat {
-  using type = float;
-  static const float* widen(const float* p, int, float*) { return p; }
-  static float scalar(float x) { return x; }
-};
-struct FromBFloat16 {
-  using type = uint16_t;
-  static const float* widen(const uint16_t* p, int n, float* buf) {
-    for (int i = 0; i < n; i += kLanes) {
-      vh h;
-      std::memcpy(&h, p + i, sizeof h);
-      const vu w = __builtin_convertvector(h, vu) << 16;
-      std::memcpy(buf + i, &w, sizeof w);
+// Pass 1 (fast) over a block in the variant its dtype and the histogram need;
+// with copy (bfloat16 with the histogram), it also stores the widened values
+// there for pass 2, which then reads float32 again.
+template <typename L>
+inline void fast_pass1(const typename L::type* f, int nv, const Consts& c, bool hist, Block& b,
+                       float* copy) {
+  // float32, bfloat16: anz also checks for tiny values; with the histogram
+  // the zeros of a clean block are counted from pass 2.
+  if (hist && !c.small_is_subnormal) {
+    if constexpr (!std::is_same_v<L, FromFloat>) {
+      if (copy != nullptr) return pass1<false, true, false, false, L, true>(f, nv, c, b, copy);
     }
-    return buf;
+    pass1<false, true, false, false, L>(f, nv, c, b);
+  } else if (!c.small_is_subnormal) {
+    // No histogram: counting |x| below 2^-63 (a signed compare) checks for
+    // tiny values; anz would need an unsigned min, which SSE2 lacks.
+    pass1<false, false, true, true, L>(f, nv, c, b);
+  } else if (hist) {
+    pass1<false, true, true, true, L>(f, nv, c, b);
+  } else {
+    pass1<false, false, true, true, L>(f, nv, c, b);
   }
-  static float scalar(uint16_t x) { return float_from_bits(static_cast<uint32_t>(x) << 16); }
-};
-struct FromHalf {
-  using type = uint16_t;
-  static const float* widen(const uint16_t* p, int n, float* buf) {
-    for (int i = 0; i < n; i += kLanes) {
-      vh h;
-      std::memcpy(&h, p + i, sizeof h);
-      const vf w = half_to_float(h);
-      std::memcpy(buf + i, &w, sizeof w);
-    }
-    return buf;
-  }
-  static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
-};
+}
 
-// float8 through a table of its 256 values (built by baseline code,
-// dispatch.cpp); then the float16 path: its subnormals are counted by the fast
-// pass, as float16's are.
-template <const float* (*kTable)()>
-struct FromFloat8 {
-  using type = uint8_t;
-  static const float* widen(const uint8_t* p, int n, float* buf) {
-    const float* t = kTable();
-    for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
-    return buf;
+// Pass 2 over a block whose largest finite |x| bits are amax != 0 and smallest
+// nonzero ones anz + 1. Returns how many values it binned.
+template <typename L>
+inline int64_t hist_pass2(const typename L::type* f, int nv, uint32_t amax, uint32_t anz, bool clean,
+                          HistOut* h) {
+  const uint32_t top = amax >> 23;  // largest biased exponent of a finite value
+  const uint32_t base = top > 16 ? top - 15 : 1;  // never exponent 0 (subnormals)
+  if (clean && base > 16 && base <= 224) {
+    if (anz + 1 >= (base << 23)) return pass2<0, L>(f, nv, base, h);
+    return pass2<1, L>(f, nv, base, h);  // a few values below the window
   }
-  static float scalar(uint8_t x) { return kTable()[x]; }
-};
+  return pass2<2, L>(f, nv, base, h);
+}
 
 template <typename From>
 Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, HistOut* h) {
   alignas(64) float buf[kBlock];
   static_assert(kLanes <= 16, "byte counts of pass 2 are summed in 16-bit fields");
+  // Pass 1 and pass 2 of a clean block read the input (kDirect) or its
+  // float32 copy in buf.
+  using Fast = std::conditional_t<From::kDirect, From, FromFloat>;
+  // bfloat16 with the histogram: pass 1 also writes the float32 copy to buf,
+  // which pass 2 reads more cheaply than it would widen again.
+  const bool copied = From::kDirect && !std::is_same_v<From, FromFloat> && h->counts != nullptr;
   Consts c;
   c.sat_bits = bits_of(lim.saturation);
   c.clean_max = c.sat_bits < 0x7f800000u ? c.sat_bits : 0x7f800000u;
@@ -493,60 +603,47 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
   c.small_bits = c.mn_bits > 0x20000000u ? c.mn_bits : 0x20000000u;  // 2^-63
   c.small_is_subnormal = c.small_bits == c.mn_bits;
   const bool hist = h->counts != nullptr;
+  const bool zero_from_hist = hist && !c.small_is_subnormal;
   ChunkAcc ck;
   Acc tail = Acc::identity();
   for (int64_t off = 0; off < n; off += kBlock) {
     const int len = static_cast<int>(n - off < kBlock ? n - off : kBlock);
     const int nv = len / kLanes;
     if (nv > 0) {
-      const float* f = From::widen(p + off, nv * kLanes, buf);
+      const typename From::type* src = p + off;
+      const typename Fast::type* f;
+      if constexpr (From::kDirect) {
+        f = src;
+      } else {
+        From::to_buf(src, nv * kLanes, buf);
+        f = buf;
+      }
       Block b;
       b.init();
-      // float32, bfloat16: anz also checks for tiny values; with the
-      // histogram the zeros of a clean block are counted from pass 2.
-      const bool zero_from_hist = hist && !c.small_is_subnormal;
-      if (zero_from_hist) {
-        pass1<false, true, false, false>(f, nv, c, b);
-      } else if (!c.small_is_subnormal) {
-        pass1<false, true, false, true>(f, nv, c, b);
-      } else if (hist) {
-        pass1<false, true, true>(f, nv, c, b);
-      } else {
-        pass1<false, false, true>(f, nv, c, b);
-      }
+      fast_pass1<Fast>(f, nv, c, hist, b, copied ? buf : nullptr);
       uint32_t amax = hmax_u31(b.amax);
       uint32_t anz = hmin_u(b.anz);
-      // float32, bfloat16: no nonzero |x| below small_bits (all zero: anz = ~0).
-      const bool clean = sums_are_finite(b) && amax < c.clean_max &&
-                         (c.small_is_subnormal || anz >= c.small_bits - 1);
+      // float32, bfloat16: no nonzero |x| below small_bits: from anz with the
+      // histogram, else from the count of small values, all zeros.
+      const bool no_tiny = c.small_is_subnormal ||
+                           (hist ? anz >= c.small_bits - 1 : hsum_u(b.small) == hsum_u(b.zero));
+      const bool clean = sums_are_finite(b) && amax < c.clean_max && no_tiny;
       if (!clean) {
         // The careful pass and pass 2 read one private copy: were another
         // thread writing the tensor, both still see the same values, so each
-        // value is classified exactly once (16-bit and float8 blocks already
-        // are copies).
-        if (f != buf) {
-          std::memcpy(buf, f, sizeof(float) * nv * kLanes);
-          f = buf;
-        }
+        // value is classified exactly once (buf already holds a copy of
+        // the other dtypes, and of bfloat16 when copied).
+        if (From::kDirect && !copied) From::to_buf(src, nv * kLanes, buf);
         b.init();
-        pass1<true, true>(f, nv, c, b);
+        pass1<true, true>(buf, nv, c, b);
         amax = hmax_u31(b.amax);
         anz = hmin_u(b.anz);
       }
       ck.merge(b, !clean);  // b.zero is 0 when clean && zero_from_hist
       int64_t binned = 0;
       if (hist && amax != 0) {
-        const uint32_t top = amax >> 23;  // largest biased exponent of a finite value
-        const uint32_t base = top > 16 ? top - 15 : 1;  // never exponent 0 (subnormals)
-        if (clean && base > 16 && base <= 224) {
-          if (anz + 1 >= (base << 23)) {
-            binned = pass2<0>(f, nv, base, h);
-          } else {
-            binned = pass2<1>(f, nv, base, h);  // a few values below the window
-          }
-        } else {
-          binned = pass2<2>(f, nv, base, h);
-        }
+        binned = clean && !copied ? hist_pass2<Fast>(f, nv, amax, anz, true, h)
+                                  : hist_pass2<FromFloat>(buf, nv, amax, anz, clean, h);
       }
       // A clean block holds only finite values: the ones not binned are zeros.
       if (clean && zero_from_hist) ck.zero += int64_t{nv} * kLanes - binned;
