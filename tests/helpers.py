@@ -22,20 +22,28 @@ def assert_matches_reference(tensors, **kwargs):
     column and within the documented bound on sum and sumsq."""
     got = torchhealth.tensor_stats(tensors, **kwargs).data.cpu()
     want = reference.tensor_stats([t.detach().cpu() for t in tensors], **kwargs)
+    assert_rows_agree(got, want, tensors)
+    return got
+
+
+def assert_rows_agree(got: torch.Tensor, want: torch.Tensor, tensors, label: str = "") -> None:
+    """Statistics rows of `tensors` from two computations (two backends, or two
+    calls that split or batch them differently): bit for bit on every exact
+    column, within the documented bound on sum and sumsq."""
+    got, want = got.cpu(), want.cpu()
     assert got.shape == want.shape
     exact = EXACT + list(range(COLS, got.shape[1]))
     mismatch = (got[:, exact] != want[:, exact]).nonzero()
     assert mismatch.numel() == 0, (
-        f"first mismatches (row, column among exact columns): {mismatch[:5].tolist()}; "
+        f"{label}: first mismatches (row, column among exact columns): {mismatch[:5].tolist()}; "
         f"got {got[mismatch[0, 0], exact].tolist()[:COLS]} want {want[mismatch[0, 0], exact].tolist()[:COLS]}")
     # Scales for the bound: sum(|x|) and sum(x^2) over the finite values, in float64.
     finite = [torch.where(torch.isfinite(t.detach().cpu().double()), t.detach().cpu().double(), 0.0)
               for t in tensors]
     abs_sum = torch.tensor([f.abs().sum().item() for f in finite], dtype=torch.float64)
     sq_sum = torch.tensor([(f * f).sum().item() for f in finite], dtype=torch.float64)
-    _within_bound(got[:, SUM].view(torch.float64), want[:, SUM].view(torch.float64), abs_sum, "sum")
-    _within_bound(got[:, SUMSQ].view(torch.float64), want[:, SUMSQ].view(torch.float64), sq_sum, "sumsq")
-    return got
+    _within_bound(got[:, SUM].view(torch.float64), want[:, SUM].view(torch.float64), abs_sum, f"{label} sum")
+    _within_bound(got[:, SUMSQ].view(torch.float64), want[:, SUMSQ].view(torch.float64), sq_sum, f"{label} sumsq")
 
 
 def specials(dtype: torch.dtype) -> list[float]:

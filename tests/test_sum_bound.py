@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import torchhealth
 from torchhealth import stats as S
 
 from helpers import assert_matches_reference
