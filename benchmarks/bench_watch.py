@@ -6,6 +6,9 @@ Arms, interleaved step by step in a rotating order so that the noise of a
 shared machine falls on all of them alike (each its own copy of the model):
 
 - plain:        AdamW alone
+- plain again:  a second, identical plain arm: what identical work measures on this
+                machine (each arm is its own model instance, whose memory layout alone
+                can shift its step time by a few percent), the noise floor of the table
 - step check:   HealthCheckedOptimizer, checks at optimizer-step time (at_backward_end=False)
 - backward end: HealthCheckedOptimizer, checks when backward finishes (the default with model=)
 - watch:        backward end, plus watch() on every module, every step
@@ -105,13 +108,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = transformers.GPT2LMHeadModel(config)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if kind in ("plain", "anomaly"):
+        if kind in ("plain", "plain again", "anomaly"):
             return model, inner, None
         opt = th.HealthCheckedOptimizer(inner, model=model, at_backward_end=kind != "step check")
         watch = {"watch": th.watch, "compared": args.compare_watch and load_watch(args.compare_watch)}.get(kind)
         return model, opt, watch(model, monitor=opt) if watch else None
 
-    kinds = ["plain", "step check", "backward end", "watch", "anomaly"] + ["compared"] * bool(args.compare_watch)
+    kinds = ["plain", "plain again", "step check", "backward end", "watch", "anomaly"] + ["compared"] * bool(args.compare_watch)
     arms = {k: make(k) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     warnings.simplefilter("ignore")
@@ -139,6 +142,9 @@ def main() -> None:
     for k in kinds:
         m = statistics.median(times[k])
         print(f"| {k} | {1e3 * m:.1f} | {m / base:.3f} | {100 * (m / base - 1):+.1f}% |")
+    noise = statistics.median(times["plain again"]) / base - 1
+    print(f"\nidentical work (plain again over plain) measures {100 * noise:+.1f}%: arms closer "
+          "than that to each other are not told apart by this run")
     if statistics.median(times["anomaly"]) > base:
         print(f"\nof what anomaly mode adds, the watch arm adds {with_interval(times, 'watch', 'plain')}, "
               f"and watch itself (over the backward-end arm) {with_interval(times, 'watch', 'backward end')}"
