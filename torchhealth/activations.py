@@ -128,7 +128,7 @@ class PendingPass:
         self.read = 0  # rows of statistics read
 
     def add(self, name: str, kind: str, t: torch.Tensor) -> None:
-        if self.full and not any(t is u or _same(t, u) for _, _, u in self.items):
+        if self.full and not any(t is u or _key(t) == _key(u) for _, _, u in self.items):
             self.flush()
         self.items.append((name, kind, t))
         self.bytes += t.nbytes
@@ -185,10 +185,6 @@ class PendingPass:
 
 def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return _key(a) == _key(b)
 
 
 def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],

@@ -284,6 +284,8 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
                 limit),
         _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
     ]
+
+
 def structural(stats: TensorStats, layout: Layout, th: Thresholds,
                state: RunningState) -> tuple[list[Signal], torch.Tensor, RunningState]:
     """Gradients that are zero by construction: an info signal naming the

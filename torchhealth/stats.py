@@ -103,16 +103,10 @@ class TensorStats:
 
     # -- raw fields ------------------------------------------------------------
     def _int(self, col: int) -> torch.Tensor:
-        t = self._memo.get(col)
-        if t is None:
-            t = self._memo[col] = self.data[:, col]
-        return t
+        return self.derived(col, lambda s: s.data[:, col])
 
     def _float(self, col: int) -> torch.Tensor:
-        t = self._memo.get(col)
-        if t is None:
-            t = self._memo[col] = self.data[:, col].view(torch.float64)
-        return t
+        return self.derived(col, lambda s: s.data[:, col].view(torch.float64))
 
     numel = property(lambda self: self._int(NUMEL))
     nan = property(lambda self: self._int(NAN))
@@ -149,8 +143,8 @@ class TensorStats:
 
     # -- derived fields ----------------------------------------------------------
     def derived(self, key, fn: Callable[[TensorStats], torch.Tensor]) -> torch.Tensor:
-        """``fn(self)``, computed once per `TensorStats` and `key` (the checks
-        share per-row quantities this way)."""
+        """``fn(self)``, computed once per `TensorStats` and `key` (this class's
+        columns and fields, and the per-row quantities the checks share)."""
         t = self._memo.get(key)
         if t is None:
             t = self._memo[key] = fn(self)
@@ -158,15 +152,11 @@ class TensorStats:
 
     @property
     def nonfinite(self) -> torch.Tensor:
-        if "nonfinite" not in self._memo:
-            self._memo["nonfinite"] = self.data[:, NAN:NEGINF + 1].sum(1)
-        return self._memo["nonfinite"]
+        return self.derived("nonfinite", lambda s: s.data[:, NAN:NEGINF + 1].sum(1))
 
     @property
     def finite(self) -> torch.Tensor:
-        if "finite" not in self._memo:
-            self._memo["finite"] = self.numel - self.nonfinite
-        return self._memo["finite"]
+        return self.derived("finite", lambda s: s.numel - s.nonfinite)
 
     @property
     def nonfinite_fraction(self) -> torch.Tensor:
