@@ -5,6 +5,7 @@ every scenario of tests/dist_scenarios.py; each test checks one scenario's
 outcome on every rank.
 """
 import pytest
+import torch
 import torch.distributed as dist
 
 from dist_workers import run_scenarios
@@ -27,3 +28,12 @@ def results():
 def test_scenario(results, world, scenario):
     failure = results[world][scenario]
     assert failure is None, failure
+
+
+def test_origin_flags_count_each_tensor_holding_a_nan_or_inf_of_any_float_or_complex_dtype():
+    from torchhealth.distributed._origin import _nonfinite
+
+    fine, nan, inf = torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64):
+        flags = _nonfinite([t.to(dtype) for t in (fine, nan, torch.empty(0), inf)])
+        assert flags.dtype == torch.int32 and flags.tolist() == [0, 1, 0, 1], dtype

@@ -12,8 +12,8 @@ every check right after the statistics and resets it on steps that are not
 checked, so a Report names the ranks of the step it describes.
 
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
-  bucket (one fused ``_foreach_norm(inf)`` per bucket: NaN and Inf survive a
-  max-abs) and then runs the normal all-reduce. Slots are parameters.
+  bucket (one call of the fused statistics per bucket, histogram off) and then
+  runs the normal all-reduce. Slots are parameters.
 - FSDP2 has no DDP-style comm hook; its public ``set_custom_reduce_scatter``
   replaces the reduce-scatter of each ``fully_shard`` module, whose input is
   this rank's unsharded local gradients of that module. Slots are FSDP modules
@@ -25,26 +25,39 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
 class NonfiniteOrigin:
     """Result of `gather`, on the device until read.
 
     ``ranks``: bool ``[world]``, True for the ranks of ``group`` whose local
     gradients held NaN or Inf before communication. ``slot_ranks``: int32
     ``[slots]``, how many ranks saw a non-finite local gradient in each slot.
-    ``slot_names``: the parameter names of each slot.
+    ``slot_names``: the parameter names of each slot. The all-reduce behind
+    them may still be in flight: the first use of ``ranks`` or ``slot_ranks``
+    waits for it (on CUDA the stream waits, not the host).
     """
 
-    ranks: torch.Tensor
-    slot_ranks: torch.Tensor
-    slot_names: tuple[tuple[str, ...], ...]
-    group: object = None
+    def __init__(self, payload: torch.Tensor, world: int, slot_names, group=None, work=None):
+        self._payload, self._world, self._work = payload, world, work
+        self.slot_names, self.group = slot_names, group
+
+    def _landed(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._payload
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        return self._landed()[:self._world] > 0
+
+    @property
+    def slot_ranks(self) -> torch.Tensor:
+        return self._landed()[self._world:]
 
     def describe(self) -> dict:
         """Host-side summary (reads the device tensors: call it where the
@@ -76,16 +89,18 @@ class _OriginTracker:
 
     def gather(self, *, reset: bool = True) -> NonfiniteOrigin:
         """Combine every rank's flags (one SUM all-reduce; every rank of the
-        group must call it on the same steps). No host sync."""
+        group must call it on the same steps). No host sync: the all-reduce
+        runs while the caller goes on (the monitor's checks), until the
+        result is first read."""
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         bad = (self._flags > 0).to(torch.int32)
         payload = torch.zeros(world + len(bad), dtype=torch.int32, device=bad.device)
         payload[rank] = bad.amax() if len(bad) else 0
         payload[world:] = bad
-        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
+        work = dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         if reset:
             self.reset()
-        return NonfiniteOrigin(payload[:world] > 0, payload[world:], self.slot_names, self.group)
+        return NonfiniteOrigin(payload, world, self.slot_names, self.group, work)
 
     def nonfinite_ranks(self, *, reset: bool = True) -> torch.Tensor:
         """bool ``[world]``: the ranks whose local gradients were non-finite."""
@@ -97,13 +112,19 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _nonfinite(tensors) -> torch.Tensor:
+    """int32 per tensor: 1 if it holds a NaN or Inf. The fused statistics
+    (histogram off) read each value once, at memory speed: 0.2 ms for 0.9M
+    float32 values where ``_foreach_norm(inf)`` or ``isfinite().all()`` took 3 ms."""
+    from .._ops import tensor_stats
+
+    if any(t.is_complex() for t in tensors):  # the only gradients the statistics do not take
+        return torch.stack([(~torch.isfinite(t).all()).to(torch.int32) for t in tensors])
+    return (tensor_stats(tensors, histogram=False).nonfinite > 0).to(torch.int32)
+
+
 def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
-    keep, idx = tracker._slots_of(bucket.parameters())
-    if keep:
-        grads = bucket.gradients()
-        norms = torch._foreach_norm([grads[k] for k in keep], float("inf"))
-        bad = ~torch.isfinite(torch.stack(norms))  # a DDP bucket holds one dtype
-        tracker._flags.index_add_(0, idx, bad.to(torch.int32))
+    tracker._flags.index_add_(0, tracker._slots_of(bucket.parameters()), _nonfinite(bucket.gradients()))
     return tracker._inner(tracker._inner_state, bucket)
 
 
@@ -127,18 +148,15 @@ class DDPNonfiniteTracker(_OriginTracker):
         self._inner_state = hook_state if hook is not None else ddp_model.process_group
         ddp_model.register_comm_hook(self, _checked_allreduce)
 
-    def _slots_of(self, params) -> tuple[list[int], torch.Tensor]:
-        """Positions of the non-empty gradients in a bucket (an empty one has no
-        infinity norm) and their slots, cached: buckets are rebuilt only once,
-        after the first iteration."""
+    def _slots_of(self, params) -> torch.Tensor:
+        """The slots of a bucket's parameters, cached: buckets are rebuilt
+        only once, after the first iteration."""
         key = tuple(id(p) for p in params)
-        hit = self._slot_cache.get(key)
-        if hit is None:
-            keep = [k for k, p in enumerate(params) if p.numel()]
-            idx = torch.tensor([self._slot[key[k]] for k in keep], dtype=torch.int64,
-                               device=self._flags.device)
-            hit = self._slot_cache[key] = (keep, idx)
-        return hit
+        idx = self._slot_cache.get(key)
+        if idx is None:
+            idx = self._slot_cache[key] = torch.tensor([self._slot[k] for k in key], dtype=torch.int64,
+                                                       device=self._flags.device)
+        return idx
 
 
 def _owned_parameters(model: torch.nn.Module, fsdp_cls) -> dict[int, list[str]]:
@@ -181,7 +199,7 @@ def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-            tracker._flags[slot] += (~torch.isfinite(input_tensor).all()).to(torch.int32)
+            tracker._flags[slot] += _nonfinite([input_tensor])[0]
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
                                               async_op=async_op)
 
