@@ -2,13 +2,17 @@
 `torch.autograd.detect_anomaly`, on a Hugging Face GPT-2 (random init from
 `GPT2Config`, nothing downloaded), on the CPU.
 
-Arms, interleaved step by step in a rotating order so that the noise of a
-shared machine falls on all of them alike (each its own copy of the model):
+Arms, interleaved step by step in an order drawn afresh each round (seeded),
+so that the noise of a shared machine, and whatever one arm leaves behind for
+the next (anomaly mode's freed graph), falls on all of them alike. All arms train one and the same
+model with one and the same AdamW: an arm's monitor, hooks and watch are
+attached just before its step and removed just after it, outside the timed
+region. (With a model per arm, each instance's memory layout alone shifted its
+step time by several percent, more than the costs measured here.)
 
 - plain:        AdamW alone
 - plain again:  a second, identical plain arm: what identical work measures on this
-                machine (each arm is its own model instance, whose memory layout alone
-                can shift its step time by a few percent), the noise floor of the table
+                machine, the noise floor of the table
 - step check:   HealthCheckedOptimizer, checks at optimizer-step time (at_backward_end=False)
 - backward end: HealthCheckedOptimizer, checks when backward finishes (the default with model=)
 - watch:        backward end, plus watch() on every module, every step
@@ -104,25 +108,34 @@ def main() -> None:
                                      n_head=4)
     ids = torch.randint(0, 2000, (8, 128), generator=torch.Generator().manual_seed(0))
 
-    def make(kind):
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config)
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if kind in ("plain", "plain again", "anomaly"):
-            return model, inner, None
-        opt = th.HealthCheckedOptimizer(inner, model=model, at_backward_end=kind != "step check")
-        watch = {"watch": th.watch, "compared": args.compare_watch and load_watch(args.compare_watch)}.get(kind)
-        return model, opt, watch(model, monitor=opt) if watch else None
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    watches = {"watch": th.watch, "compared": args.compare_watch and load_watch(args.compare_watch)}
+
+    def wrapper():  # checks at step time; the backward-end hooks are attached per step
+        return th.HealthCheckedOptimizer(inner, model=model, at_backward_end=False)
 
     kinds = ["plain", "plain again", "step check", "backward end", "watch", "anomaly"] + ["compared"] * bool(args.compare_watch)
-    arms = {k: make(k) for k in kinds}
+    optimizers = {k: inner if k in ("plain", "plain again", "anomaly") else wrapper() for k in kinds}
+
+    def attach(kind) -> list:
+        """What `kind` adds to the model for one step: handles to remove after it."""
+        opt = optimizers[kind]
+        if kind in ("plain", "plain again", "anomaly", "step check"):
+            return []
+        handles = [opt.monitor.check_at_backward_end(lambda: opt.steps)]
+        return handles + [watches[kind](model, monitor=opt)] if kind in watches else handles
+
     times: dict[str, list[float]] = {k: [] for k in kinds}
     warnings.simplefilter("ignore")
     load = os.getloadavg()[0]
+    shuffle = random.Random(0).shuffle
     for step in range(args.warmup + args.steps):
-        order = kinds[step % len(kinds):] + kinds[:step % len(kinds)]
+        order = list(kinds)
+        shuffle(order)
         for k in order:
-            model, opt, _ = arms[k]
+            opt, handles = optimizers[k], attach(k)
             ctx = torch.autograd.detect_anomaly() if k == "anomaly" else contextlib.nullcontext()
             t0 = clock()
             with ctx:
@@ -131,7 +144,9 @@ def main() -> None:
                 opt.step()
             if step >= args.warmup:
                 times[k].append(clock() - t0)
-    n_params = sum(p.numel() for p in arms["plain"][0].parameters())
+            for h in handles:
+                h.remove()
+    n_params = sum(p.numel() for p in model.parameters())
     base = statistics.median(times["plain"])
     print(f"GPT-2 ({args.layers} layers, n_embd 256, {n_params / 1e6:.1f}M parameters), batch 8 x 128 "
           f"tokens, {args.steps} steps after {args.warmup} warm-up, torch {torch.__version__}, "
