@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 import torchhealth
-from dist_scenarios import _Net
+from dist_scenarios import _counting_all_reduces, _Net
 
 BAD_RANK, BAD_STEP = 1, 2
 
@@ -71,13 +71,22 @@ def _assert_names_bad_rank(reports, world, first_names):
             ranked[0].message
 
 
-def ddp_report_names_rank(rank, world):
+def ddp_report_names_rank(rank, world, sync="auto"):
     """DDP: the NaN of rank 1's batch reaches every rank through the all-reduce;
-    every rank's Report names rank 1 and the parameters, with no call by hand."""
+    every rank's Report names rank 1 and the parameters, with no call by hand.
+    The ranks are gathered in one small all-reduce: with the verdict read at
+    the step (sync "auto" on the CPU), only on the step that has a non-finite
+    gradient to name; with sync="never", at every check."""
     model, net = _ddp_net()
-    opt, reports = _train(model, net, rank, world)
+    with _counting_all_reduces(torchhealth_only=True) as calls:
+        opt, reports = _train(model, net, rank, world, sync=sync)
     assert opt.monitor.origin_tracker is torchhealth.distributed.track_origin(model)
     _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")
+    assert len(calls) == (1 if sync == "auto" else 4), calls
+
+
+def ddp_report_names_rank_never(rank, world):
+    ddp_report_names_rank(rank, world, sync="never")
 
 
 def fsdp_report_names_rank(rank, world):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import pytest
 import torch
@@ -166,12 +167,14 @@ def errors(rank, world):
 
 
 @contextlib.contextmanager
-def _counting_all_reduces():
-    """The real all-reduce, with the op and bytes of each call recorded."""
+def _counting_all_reduces(torchhealth_only: bool = False):
+    """The real all-reduce, with the op and bytes of each call recorded (only
+    the calls torchhealth makes, with ``torchhealth_only``)."""
     calls, real = [], dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
-        calls.append((kwargs.get("op"), tensor.numel() * tensor.element_size()))
+        if not torchhealth_only or sys._getframe(1).f_globals.get("__name__", "").startswith("torchhealth"):
+            calls.append((kwargs.get("op"), tensor.numel() * tensor.element_size()))
         return real(tensor, *args, **kwargs)
 
     dist.all_reduce = counting

@@ -158,7 +158,7 @@ class HealthMonitor:
         self.micro_batches = 0  # backward passes before the last check (with check_at_backward_end)
         self._scalars: dict[str, float | torch.Tensor] = {}  # logged for the next check
         # Under DDP/FSDP2: flags set inside the gradients' communication, gathered
-        # at each check (torchhealth.distributed.track_origin).
+        # by the checks that need them (torchhealth.distributed.track_origin).
         self.origin_tracker = distributed.origin_tracker_for(
             model if model is not None or not isinstance(source, torch.nn.Module) else source)
         self.world_size = _world_size()  # ranks each Report covers
@@ -279,8 +279,10 @@ class HealthMonitor:
         state = self._running_state(batch, stats.device)
         if found_inf is not None:
             found_inf = found_inf.to(stats.device, non_blocking=True)
-        # After the statistics' collectives, in the same order on every rank.
-        origin = self.origin_tracker.gather() if self.origin_tracker is not None else None
+        # After the statistics' collectives, in the same order on every rank. With
+        # sync="step" it waits for the verdict instead (see `_commit`).
+        late = self._mode(batch.devices) != "step"
+        origin = self.origin_tracker.gather() if self.origin_tracker is not None and late else None
         grad_norm = total_grad_norm(stats, batch.layout)
         signals, state = run_checks(stats, batch.layout, self.options.thresholds, state,
                                     found_inf, grad_norm)
@@ -312,6 +314,15 @@ class HealthMonitor:
                              applied_norm=applied, scalars=self._scalars, origin=p.origin,
                              world_size=self.world_size)
         self._scalars = {}
+        if self.origin_tracker is not None and not late:
+            # The host reads this verdict now, so the ranks are gathered only when
+            # there is one to name: when a gradient is non-finite after
+            # communication, which every rank sees alike (a healthy step costs no
+            # collective). sync="never" gathers at every check, in `_prepare`.
+            if result.nonfinite_grads:
+                result.origin = self.origin_tracker.gather()
+            else:
+                self.origin_tracker.reset()
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)
         self.checks += 1

@@ -124,8 +124,11 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         if f is None:
             continue
         if rank_origin is not None and hit and (s.check, s.kind) == ("nonfinite", "grad"):
+            # Gathered with the check (sync="never"): its flags are in the copy;
+            # else after the host read (sync="step"), and read now.
             f = _with_ranks(f, rank_origin.describe_flags(copy.value("origin_ranks"),
-                                                          copy.value("origin_slots")))
+                                                          copy.value("origin_slots"))
+                            if "origin_ranks" in copy.fields else rank_origin.describe())
         if f.severity != "info" and not any(x.primary for x in findings):
             f = dataclasses.replace(f, primary=True)
         findings.append(f)

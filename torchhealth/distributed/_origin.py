@@ -7,9 +7,11 @@ local gradients, as a device flag (no host sync), like Megatron-LM's
 in one small SUM all-reduce of ``4 * (world_size + slots)`` bytes.
 
 `HealthMonitor` given a DDP or FSDP2 model installs a tracker itself
-(`origin_tracker_for`; `track_origin` to choose its arguments), gathers it at
-every check right after the statistics and resets it on steps that are not
-checked, so a Report names the ranks of the step it describes.
+(`origin_tracker_for`; `track_origin` to choose its arguments) and gathers it
+after the statistics at every check with sync="never"; with sync="step" only
+when the verdict it has just read shows a non-finite gradient (the same on
+every rank, after communication). It resets the flags on every other check and
+on steps that are not checked, so a Report names the ranks of the step it describes.
 
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
   bucket (one call of the fused statistics per bucket, histogram off) and then
