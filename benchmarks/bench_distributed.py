@@ -6,9 +6,9 @@ torchhealth, side by side in one run, and what each check sends.
 Starts ``--nproc`` processes on gloo (CPU; NCCL on GPUs is the same script and
 is not run here). Per mode, two identical plain models and the wrapped one
 (``model=`` given, so Reports name the rank of a non-finite gradient: the
-origin tracker is installed and gathered at every check) train in the same
-processes, one step each in turn, in an order that rotates every step, so all
-see the same machine load. The table gives each arm's median step time, its
+origin tracker is installed, its flags gathered on a step with a non-finite
+gradient) train in the same processes, one step each in turn, in an order that
+rotates every step, so all see the same machine load. The table gives each arm's median step time, its
 overhead against the first plain arm as the median of the step-by-step ratios
 with their interquartile range, and the all-reduces and bytes torchhealth
 issued per check (counted on the real calls); "in check()": the median time
