@@ -108,8 +108,12 @@ inline int64_t output_columns(bool histogram) {
 // its numel elements in one span starting at data_ptr(): statistics do not
 // depend on order, so it is read in memory order without a copy. Anything else
 // (e.g. a strided slice) is made contiguous first.
+inline bool reads_in_place(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense();
+}
+
 inline at::Tensor dense_span(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+  return reads_in_place(t) ? t : t.contiguous();
 }
 
 }  // namespace torchhealth

@@ -3,6 +3,7 @@ once at import (the compiled extension, or the pure-PyTorch reference)."""
 from __future__ import annotations
 
 import numbers
+import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,11 +85,22 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
     return list(tensors), saturation
 
 
+# Each property is read by map() in C, one at a time: a Python loop, or a
+# tuple per tensor (which wakes the garbage collector every few hundred
+# tensors), costs several times more per tensor.
+_LAYOUT = operator.attrgetter("layout")
+_QUANTIZED = operator.attrgetter("is_quantized")
+_META = operator.attrgetter("is_meta")
+
+
 def _all_reach_the_op(tensors, tracing: bool) -> bool:
     if not all(issubclass(c, torch.Tensor) for c in set(map(type, tensors))):
         return False
-    kinds = {(t.layout, t.is_quantized, t.is_meta) for t in tensors}
-    return all(lay == torch.strided and not q and (not meta or tracing) for lay, q, meta in kinds)
+    if tracing:  # dynamo traces a Python loop, not operator.attrgetter
+        return all(t.layout == torch.strided and not t.is_quantized for t in tensors)
+    if not all(lay == torch.strided for lay in set(map(_LAYOUT, tensors))):
+        return False
+    return not any(map(_QUANTIZED, tensors)) and not any(map(_META, tensors))
 
 
 def _name_the_bad_tensor(tensors, tracing: bool) -> None:
