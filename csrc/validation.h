@@ -25,7 +25,8 @@ inline bool is_supported_dtype(at::ScalarType dt) {
 // pure-PyTorch reference makes the same checks with the same words
 // (reference.check_op_inputs; tests/test_stats.py compares the two). What
 // never reaches a kernel (non-tensors, sparse or quantized layouts, the meta
-// device) is refused by the Python API before dispatch.
+// device) is named by the Python API: non-tensors before dispatch, the rest
+// once the dispatcher refuses them or the fake kernel answers.
 
 // The dtype as Python spells it, so that messages read the same from both sides.
 inline std::string dtype_name(at::ScalarType dt) {

@@ -3,7 +3,6 @@ once at import (the compiled extension, or the pure-PyTorch reference)."""
 from __future__ import annotations
 
 import numbers
-import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,8 +45,11 @@ _BACKEND = _load()
 if _BACKEND.name == "extension":
     @torch.library.register_fake("torchhealth::tensor_stats")
     def _tensor_stats_fake(tensors, histogram=True, saturation=None):
-        return tensors[0].new_empty((len(tensors), COLS + (BINS if histogram else 0)),
-                                    dtype=torch.int64)
+        # Rows on the meta device if any input is there (the Meta key outranks
+        # the CPU's, so a CPU list with one meta tensor lands here): `_op` then
+        # names that tensor.
+        like = next((t for t in tensors if t.is_meta), tensors[0])
+        return like.new_empty((len(tensors), COLS + (BINS if histogram else 0)), dtype=torch.int64)
 
 
 def backend() -> Backend:
@@ -55,12 +57,15 @@ def backend() -> Backend:
     return _BACKEND
 
 
-# Validation is split at the language boundary. Here: what Python must check
-# because it never reaches a kernel (the argument types, non-tensors, sparse
-# and quantized layouts, which the dispatcher would refuse without naming the
-# tensor, and the meta device outside tracing). The op itself (C++ in
-# csrc/validation.h, or `reference.check_op_inputs` when the extension is not
-# built) checks dtypes, devices and the saturation value, in the same words.
+# Validation is split at the language boundary. Here: the arguments' types and
+# non-tensors. What the dispatcher refuses without naming the tensor (sparse and
+# quantized layouts) and the meta device outside tracing (the fake kernel would
+# answer with meta rows) are named here too, but only once the op has refused
+# or answered so: reading three properties of every tensor first cost about
+# 1 us per tensor, more than the op itself for many small tensors. The op
+# itself (C++ in csrc/validation.h, or `reference.check_op_inputs` when the
+# extension is not built) checks dtypes, devices and the saturation value, in
+# the same words.
 def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float | None]:
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensor_stats: tensors must be a list or tuple of tensors, got "
@@ -75,32 +80,22 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
             saturation = float(saturation)
         except OverflowError:
             raise ValueError(f"tensor_stats: saturation = {saturation!r} is too large for a float") from None
-    tracing = torch.compiler.is_compiling()
-    # The common case in one sweep (a model's worth of tensors costs ~1 us each
-    # in the loop below, as much as the op itself for many small tensors); the
-    # loop runs only to name the tensor that fails. The op records no
-    # autograd, so nothing needs detaching.
-    if not _all_reach_the_op(tensors, tracing):
-        _name_the_bad_tensor(tensors, tracing)
+    if not all(issubclass(c, torch.Tensor) for c in set(map(type, tensors))):
+        _name_the_bad_tensor(tensors, torch.compiler.is_compiling())
     return list(tensors), saturation
 
 
-# Each property is read by map() in C, one at a time: a Python loop, or a
-# tuple per tensor (which wakes the garbage collector every few hundred
-# tensors), costs several times more per tensor.
-_LAYOUT = operator.attrgetter("layout")
-_QUANTIZED = operator.attrgetter("is_quantized")
-_META = operator.attrgetter("is_meta")
-
-
-def _all_reach_the_op(tensors, tracing: bool) -> bool:
-    if not all(issubclass(c, torch.Tensor) for c in set(map(type, tensors))):
-        return False
-    if tracing:  # dynamo traces a Python loop, not operator.attrgetter
-        return all(t.layout == torch.strided and not t.is_quantized for t in tensors)
-    if not all(lay == torch.strided for lay in set(map(_LAYOUT, tensors))):
-        return False
-    return not any(map(_QUANTIZED, tensors)) and not any(map(_META, tensors))
+def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None) -> torch.Tensor:
+    """The extension's op; a tensor it cannot read is named once it refuses."""
+    tracing = torch.compiler.is_compiling()
+    try:
+        data = torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation)
+    except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
+        _name_the_bad_tensor(tensors, tracing)
+        raise
+    if data.is_meta and not tracing:
+        _name_the_bad_tensor(tensors, tracing)
+    return data
 
 
 def _name_the_bad_tensor(tensors, tracing: bool) -> None:
@@ -142,5 +137,6 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
         return distributed.dtensor_stats(tensors, histogram=histogram, saturation=saturation)
     tensors, saturation = _validate(tensors, histogram, saturation)
     if _BACKEND.name == "extension" and tensors:
-        return TensorStats(torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation))
+        return TensorStats(_op(tensors, histogram, saturation))
+    _name_the_bad_tensor(tensors, torch.compiler.is_compiling())  # the reference would not name it
     return TensorStats(reference.tensor_stats(tensors, histogram, saturation))
