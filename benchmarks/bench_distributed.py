@@ -8,12 +8,12 @@ is not run here). Per mode, two identical plain models and the wrapped one
 (``model=`` given, so Reports name the rank of a non-finite gradient: the
 origin tracker is installed, its flags gathered on a step with a non-finite
 gradient) train in the same processes, one step each in turn, in an order that
-rotates every step, so all see the same machine load. The table gives each arm's median step time, its
-overhead against the first plain arm as the median of the step-by-step ratios
-with their interquartile range, and the all-reduces and bytes torchhealth
-issued per check (counted on the real calls); "in check()": the median time
-spent in the monitor's check per step, as a share of the plain step. The
-second plain arm is the noise floor: its "overhead" is what identical work
+rotates every step, so all see the same machine load. The table gives each
+arm's median step time, its overhead against the first plain arm as the median
+of the step-by-step ratios with their interquartile range, and the all-reduces
+and bytes torchhealth issued per check (counted on the real calls); "in
+check()": the median time spent in the monitor's check per step, as a share of
+the plain step. The second plain arm is the noise floor: its "overhead" is what identical work
 measures on this machine.
 Checks run every step with histograms off.
 """

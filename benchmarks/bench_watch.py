@@ -4,10 +4,10 @@
 
 Arms, interleaved step by step in an order drawn afresh each round (seeded),
 so that the noise of a shared machine, and whatever one arm leaves behind for
-the next (anomaly mode's freed graph), falls on all of them alike. All arms train one and the same
-model with one and the same AdamW: an arm's monitor, hooks and watch are
-attached just before its step and removed just after it, outside the timed
-region. (With a model per arm, each instance's memory layout alone shifted its
+the next (anomaly mode's freed graph), falls on all of them alike. All arms
+train one and the same model with one and the same AdamW: an arm's monitor,
+hooks and watch are attached just before its step and removed just after it,
+outside the timed region. (With a model per arm, each instance's memory layout alone shifted its
 step time by several percent, more than the costs measured here.)
 
 - plain:        AdamW alone

@@ -61,11 +61,11 @@ def backend() -> Backend:
 # non-tensors. What the dispatcher refuses without naming the tensor (sparse and
 # quantized layouts) and the meta device outside tracing (the fake kernel would
 # answer with meta rows) are named here too, but only once the op has refused
-# or answered so: reading three properties of every tensor first cost about
-# 1 us per tensor, more than the op itself for many small tensors. The op
-# itself (C++ in csrc/validation.h, or `reference.check_op_inputs` when the
-# extension is not built) checks dtypes, devices and the saturation value, in
-# the same words.
+# or answered so: reading three properties of every tensor first cost more
+# than the op itself for many small tensors. The op records no autograd, so
+# nothing needs detaching. The op itself (C++ in csrc/validation.h, or
+# `reference.check_op_inputs` when the extension is not built) checks dtypes,
+# devices and the saturation value, in the same words.
 def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float | None]:
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"tensor_stats: tensors must be a list or tuple of tensors, got "

@@ -116,8 +116,9 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def _nonfinite(tensors) -> torch.Tensor:
     """int32 per tensor: 1 if it holds a NaN or Inf. The fused statistics
-    (histogram off) read each value once, at memory speed: 0.2 ms for 0.9M
-    float32 values where ``_foreach_norm(inf)`` or ``isfinite().all()`` took 3 ms."""
+    (histogram off) read each value once, at memory speed, in one call for the
+    whole bucket (``_foreach_norm(inf)`` and ``isfinite().all()`` cost many
+    times more: benchmarks/RESULTS.md, issue 8)."""
     from .._ops import tensor_stats
 
     if any(t.is_complex() for t in tensors):  # the only gradients the statistics do not take
