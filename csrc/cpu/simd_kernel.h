@@ -143,12 +143,11 @@ struct Consts {
   bool prefetch;  // pass 1 reads the input itself (see kPrefetchBytes), not the block buffer
 };
 
-// Pass 1 asks for the input kPrefetchBytes ahead of what it reads. A tensor in
-// DRAM is then read at about the memory floor: without it the hardware
-// prefetcher alone kept too few lines in flight, and one thread read float32
-// at 1.45x the time of torch.sum over the same bytes (GPT-2 small, AMD Zen 3;
-// 1.12x with it; 1024 to 4096 bytes measured about alike, benchmarks/RESULTS.md).
-// Prefetches do not fault, so reading past the end of a tensor is harmless.
+// Pass 1 asks for the input kPrefetchBytes ahead of what it reads: the hardware
+// prefetcher alone keeps too few lines in flight for a loop this long per cache
+// line, and a tensor in DRAM was read well below the memory floor without it
+// (benchmarks/RESULTS.md; 1 to 4 KB ahead measured about alike). Prefetches do
+// not fault, so asking past the end of a tensor is harmless.
 constexpr int kPrefetchBytes = 2048;
 
 // The sums. The fast pass adds each lane's values in float32 over kFlush
@@ -410,8 +409,7 @@ inline void csa(vu& h, vu& l, vu a, vu b, vu c) {
 // ``ahead``: the next block of the input, or nullptr. Pass 2 reads its block
 // from L1 and computes; meanwhile it asks for the next block (one 16-register
 // step's share per iteration, into L2 so that two blocks never crowd L1), which
-// pass 1 would otherwise wait for: float32 with the histogram, GPT-2 small in
-// DRAM, 2 threads, AMD Zen 3: 80.6 -> 71.0 ms (benchmarks/RESULTS.md).
+// pass 1 would otherwise wait for (benchmarks/RESULTS.md).
 template <int kMasked, typename L>
 inline int64_t pass2(const typename L::type* p, int nv, uint32_t base, HistOut* h, const char* ahead, int ahead_step) {
   int nout = 0;  // out-of-window values binned one by one (masked variant)
