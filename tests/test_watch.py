@@ -329,3 +329,56 @@ def test_activation_histograms_reach_the_report_and_the_log(tmp_path, monkeypatc
     render([back], heatmaps=["1"])  # the Tanh module: its output and output gradient over steps
     assert drawn == [("1: output gradient", 1), ("1: output", 1)]
     assert not any(r.hist for r in reports[1].rows)  # off the cadence: none
+
+
+@pytest.mark.parametrize("middle", [
+    (nn.ReLU(),), (nn.Tanh(),), (nn.Sigmoid(),), (Sqrt(),), (nn.Softmax(dim=1),)],
+    ids=["relu", "tanh", "sigmoid", "sqrt", "softmax"])
+@pytest.mark.parametrize("fault", ["none", "saturate", "kill", "nan"])
+def test_the_fast_verdict_on_activations_agrees_with_their_findings(middle, fault):
+    """`any_finding` (whole columns, what a monitor asks on every step) says
+    exactly when `activation_findings` (a Row per activation) finds something."""
+    model = _mlp(*middle)
+    with torch.no_grad():
+        if fault == "saturate":
+            model[0].weight.mul_(80)
+        elif fault == "kill":
+            model[0].bias.fill_(-100.0)
+        elif fault == "nan":
+            model[0].weight[0, 0] = float("nan")
+    passes = []
+    w = th.watch(model, on_report=lambda r: None)
+    w._add = lambda p: p is not None and passes.append(p)
+    x = _x() - (3.0 if isinstance(middle[0], Sqrt) else 0.0)  # sqrt of negatives: NaN
+    model(x).pow(2).mean().backward()
+    w.remove()
+    th_ = th.Thresholds()
+    host = [(p, p.stats.data, p.near) for p in passes]
+    found = activation_findings_of(host, th_)
+    assert activations.any_finding(host, th_.max_saturated_fraction, th_.max_dead_fraction) == bool(found)
+    real = {"nan": True, "kill": isinstance(middle[0], nn.ReLU),
+            "saturate": isinstance(middle[0], (nn.Tanh, nn.Sigmoid))}.get(fault, False)
+    if real or isinstance(middle[0], Sqrt):
+        assert found  # the faults are real: the agreement is not all "nothing"
+
+
+def activation_findings_of(host, thresholds):
+    return activations.activation_findings(host, thresholds.max_saturated_fraction,
+                                           thresholds.max_dead_fraction)[1]
+
+
+def test_an_activation_finding_alone_makes_the_monitor_warn(recwarn):
+    """With no sink and no parameter finding, the monitor still sees an activation
+    finding (dead ReLUs) and warns; a healthy step warns nothing."""
+    for dead in (False, True):
+        model = _mlp(nn.ReLU())
+        if dead:
+            with torch.no_grad():
+                model[0].bias.fill_(-100.0)
+        opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model=model)
+        recwarn.clear()
+        with th.watch(model, monitor=opt):
+            model(_x()).pow(2).mean().backward()
+            opt.step()
+        said = [str(w.message) for w in recwarn if "dead_units" in str(w.message)]
+        assert bool(said) == dead, said

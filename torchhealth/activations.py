@@ -187,6 +187,34 @@ def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
 
 
+def flagged(p: PassStats, data: torch.Tensor, near: torch.Tensor, max_saturated_fraction: float,
+            max_dead_fraction: float) -> dict[str, torch.Tensor]:
+    """Per row of pass `p`, from its host copy (``data``, ``near``): which rows
+    hold NaN/Inf (``"nonfinite"``) and, in a forward pass, which trip each check
+    of `CHECKS`. Whole columns at once: a healthy step decides that nothing fired
+    without making a `Row` per activation."""
+    s = TensorStats(data)
+    out = {"nonfinite": s.nonfinite > 0}
+    if p.name != "forward":
+        return out
+    finite = s.finite.clamp(min=1).double()
+
+    def kind(*kinds: str) -> torch.Tensor:
+        return torch.tensor([k in kinds for k in p.kinds], dtype=torch.bool)
+
+    out["saturation"] = kind(SIGMOID, TANH) & (near.double() / finite > max_saturated_fraction)
+    out["range"] = kind(PROB, SIGMOID) & (s.finite > 0) & ((s.min < 0) | (s.max > 1))
+    out["dead_units"] = kind(RELU) & (s.zero.double() / finite > max_dead_fraction)
+    return out
+
+
+def any_finding(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],
+                max_saturated_fraction: float, max_dead_fraction: float) -> bool:
+    """Whether `activation_findings` of the same passes would find anything."""
+    return any(bool(m.any()) for p, data, near in passes
+               for m in flagged(p, data, near, max_saturated_fraction, max_dead_fraction).values())
+
+
 def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],
                         max_saturated_fraction: float, max_dead_fraction: float
                         ) -> tuple[list[Row], list[Finding], dict | None]:
@@ -197,7 +225,9 @@ def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor
         prows = rows_from_stats(TensorStats(data), p.modules, [p.role] * len(p.modules), p.shapes,
                                 p.dtypes)
         rows += prows
-        bad = [r for r in prows if r.nonfinite]
+        flags = {k: m.tolist() for k, m in
+                 flagged(p, data, near, max_saturated_fraction, max_dead_fraction).items()}
+        bad = [r for r, f in zip(prows, flags["nonfinite"]) if f]
         if bad and origin is None:
             r = bad[0]
             origin = {"module": r.name, "pass": p.name, "step": p.step, "numel": r.numel,
@@ -211,23 +241,29 @@ def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor
                 [r.name], float(r.nonfinite), 0.0))
         if p.name != "forward":
             continue
-        for r, kind, n in zip(prows, p.kinds, near.tolist()):
+        for i, (r, kind, n) in enumerate(zip(prows, p.kinds, near.tolist())):
             finite = max(r.numel - r.nonfinite, 1)
-            if kind in (SIGMOID, TANH) and n / finite > max_saturated_fraction:
+            if flags["saturation"][i]:
                 findings.append(Finding("saturation", "warning",
                                         f"{r.name} ({kind}): {100 * n / finite:.1f}% of outputs within "
                                         f"2^{EPS_EXP} of an asymptote (their gradients vanish)",
                                         [r.name], n / finite, max_saturated_fraction))
-            if kind in (PROB, SIGMOID) and r.numel > r.nonfinite and (r.min < 0 or r.max > 1):
+            if flags["range"][i]:
                 findings.append(Finding("range", "error",
                                         f"{r.name} ({kind}): probabilities outside [0, 1] "
                                         f"(min {r.min:.4g}, max {r.max:.4g})", [r.name]))
-            if kind == RELU and r.zero / finite > max_dead_fraction:
+            if flags["dead_units"][i]:
                 findings.append(Finding("dead_units", "warning",
                                         f"{r.name}: {100 * r.zero / finite:.1f}% of outputs are exactly "
                                         f"zero (units that pass no gradient)",
                                         [r.name], r.zero / finite, max_dead_fraction))
     return rows, findings, origin
+
+
+def host_passes(passes: list[PassStats], copy) -> list[tuple[PassStats, torch.Tensor, torch.Tensor]]:
+    """Each pass with its rows and near counts from ``copy`` (a `HostCopy` of
+    `pass_fields`), as `activation_findings` and `any_finding` take them."""
+    return [(p, copy.tensor(f"act{i}"), copy.tensor(f"near{i}")) for i, p in enumerate(passes)]
 
 
 def pass_fields(passes: list[PassStats]) -> dict[str, torch.Tensor]:

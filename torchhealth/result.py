@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from . import user_scalars
-from .activations import PassStats, activation_findings, pass_fields
+from .activations import PassStats, activation_findings, any_finding, host_passes, pass_fields
 from .checks import Layout, Signal, any_fired, finding
 from .policy import Decision, describe
 from .hostcopy import HostCopy
@@ -76,7 +76,9 @@ class CheckResult:
         flags = self.copy.value("fired")
         return self.escalated or any(f and self.options.policy[s.check] != "ignore"
                                      for s, f in zip(self.signals, flags)) or \
-            (bool(self.activations) and bool(self.report().findings))
+            (bool(self.activations) and any_finding(host_passes(self.activations, self.copy),
+                                                    self.options.thresholds.max_saturated_fraction,
+                                                    self.options.thresholds.max_dead_fraction))
 
     @property
     def skipped(self) -> bool:
@@ -157,9 +159,8 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         actions.append(f"raise: {copy.value('consecutive_skips')} consecutive skipped steps "
                        f"(escalate_after={options.escalate_after})")
     th = options.thresholds
-    act_rows, act_findings, origin = activation_findings(
-        [(p, copy.tensor(f"act{i}"), copy.tensor(f"near{i}")) for i, p in enumerate(activations)],
-        th.max_saturated_fraction, th.max_dead_fraction)
+    act_rows, act_findings, origin = activation_findings(host_passes(activations, copy),
+                                                         th.max_saturated_fraction, th.max_dead_fraction)
     return Report(step=step, rows=rows + act_rows, findings=act_findings + findings, actions=actions,
                   skipped=bool(copy.value("skip")), origin=origin,
                   scalars=user_scalars.values(scalars or {}, copy), world_size=world_size)

@@ -39,6 +39,7 @@ from .activations import (
     PassStats,
     PendingPass,
     activation_findings,
+    host_passes,
     kind_of,
     pass_fields,
 )
@@ -193,9 +194,8 @@ class Watch:
             passes = self.take(step)
             copy = HostCopy(pass_fields(passes))
             th = self.options.thresholds
-            rows, findings, origin = activation_findings(
-                [(p, copy.tensor(f"act{i}"), copy.tensor(f"near{i}")) for i, p in enumerate(passes)],
-                th.max_saturated_fraction, th.max_dead_fraction)
+            rows, findings, origin = activation_findings(host_passes(passes, copy),
+                                                         th.max_saturated_fraction, th.max_dead_fraction)
             self.last_report = Report(step=step, rows=rows, findings=findings, origin=origin)
             for cb in list(self._on_report):
                 cb(self.last_report)
