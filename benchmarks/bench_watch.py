@@ -16,6 +16,9 @@ step time by several percent, more than the costs measured here.)
 - step check:   HealthCheckedOptimizer, checks at optimizer-step time (at_backward_end=False)
 - backward end: HealthCheckedOptimizer, checks when backward finishes (the default with model=)
 - watch:        backward end, plus watch() on every module, every step
+- watch alone:  AdamW alone, plus watch() on every module, every step, without a
+                monitor (the watch delivers its own Reports): watch's own cost against
+                the same plain arm as anomaly mode's
 - anomaly:      AdamW alone inside torch.autograd.detect_anomaly()
 - compared:     with ``--compare-watch FILE``, the watch arm with the `watch` of another
                 version of torchhealth/watch.py (e.g. ``git show main:torchhealth/watch.py``),
@@ -25,7 +28,10 @@ The goal is stated on the added time: watch's arm over plain, and watch's own
 part (over the backward-end arm), against what anomaly mode adds. Each ratio is
 given with a 90% bootstrap interval over the steps (resampled rounds), which is
 the noise of the run, and from each arm's fastest step (other processes
-only ever add time). ``--clock cpu`` times the process's CPU time instead of
+only ever add time); then paired: the median of each round's difference
+between the two arms over that of anomaly and plain (the arms of a round run
+back to back, so a load that changes from round to round leaves the
+differences alone). ``--clock cpu`` times the process's CPU time instead of
 the wall clock: with ``--threads 1`` it is the step's own work, much less
 disturbed by other processes on a shared machine than wall time.
 
@@ -70,14 +76,27 @@ def added_ratio(times: dict[str, list[float]], arm: str, base: str, rounds: list
     return (at[arm] - at[base]) / (at["anomaly"] - at["plain"])
 
 
-def with_interval(times: dict[str, list[float]], arm: str, base: str, resamples: int = 2000) -> str:
+def paired_ratio(times: dict[str, list[float]], arm: str, base: str, rounds: list[int]) -> float:
+    """median over rounds of (arm - base) / median over rounds of (anomaly - plain):
+    differences within each round, whose arms ran back to back, so that load that
+    changes between rounds falls out of both."""
+    def added(a, b):
+        return statistics.median(times[a][i] - times[b][i] for i in rounds)
+    return added(arm, base) / added("anomaly", "plain")
+
+
+def with_interval(times: dict[str, list[float]], arm: str, base: str, resamples: int = 2000,
+                  ratio=None) -> str:
+    """The ratio, its 90% bootstrap interval over resampled rounds, and (for the
+    ratio of medians) the ratio of each arm's fastest step."""
+    ratio = ratio or added_ratio
     n = len(times["plain"])
     rng = random.Random(0)
-    boot = sorted(added_ratio(times, arm, base, [rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    boot = sorted(ratio(times, arm, base, [rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
     lo, hi = boot[int(0.05 * resamples)], boot[int(0.95 * resamples) - 1]
-    fastest = added_ratio(times, arm, base, list(range(n)), min)
-    return (f"{added_ratio(times, arm, base, list(range(n))):.3f} (90% interval {lo:.3f} to {hi:.3f}; "
-            f"{fastest:.3f} from each arm's fastest step)")
+    fastest = "" if ratio is not added_ratio else \
+        f"; {added_ratio(times, arm, base, list(range(n)), min):.3f} from each arm's fastest step"
+    return f"{ratio(times, arm, base, list(range(n))):.3f} (90% interval {lo:.3f} to {hi:.3f}{fastest})"
 
 
 def load_watch(path: str):
@@ -116,12 +135,16 @@ def main() -> None:
     def wrapper():  # checks at step time; the backward-end hooks are attached per step
         return th.HealthCheckedOptimizer(inner, model=model, at_backward_end=False)
 
-    kinds = ["plain", "plain again", "step check", "backward end", "watch", "anomaly"] + ["compared"] * bool(args.compare_watch)
-    optimizers = {k: inner if k in ("plain", "plain again", "anomaly") else wrapper() for k in kinds}
+    kinds = ["plain", "plain again", "step check", "backward end", "watch", "watch alone", "anomaly"] + \
+        ["compared"] * bool(args.compare_watch)
+    plain = ("plain", "plain again", "anomaly", "watch alone")
+    optimizers = {k: inner if k in plain else wrapper() for k in kinds}
 
     def attach(kind) -> list:
         """What `kind` adds to the model for one step: handles to remove after it."""
         opt = optimizers[kind]
+        if kind == "watch alone":
+            return [th.watch(model)]
         if kind in ("plain", "plain again", "anomaly", "step check"):
             return []
         handles = [opt.monitor.check_at_backward_end(lambda: opt.steps)]
@@ -142,6 +165,8 @@ def main() -> None:
                 opt.zero_grad()
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
+                if k == "watch alone":
+                    handles[0].flush()  # its Report, which a next step would deliver
             if step >= args.warmup:
                 times[k].append(clock() - t0)
             for h in handles:
@@ -164,6 +189,11 @@ def main() -> None:
         print(f"\nof what anomaly mode adds, the watch arm adds {with_interval(times, 'watch', 'plain')}, "
               f"and watch itself (over the backward-end arm) {with_interval(times, 'watch', 'backward end')}"
               f" (goal: at most 0.1)")
+        print(f"paired within each round (median of the per-round differences): the watch arm "
+              f"{with_interval(times, 'watch', 'plain', ratio=paired_ratio)}, watch itself "
+              f"{with_interval(times, 'watch', 'backward end', ratio=paired_ratio)}")
+        print(f"watch alone (no monitor) over plain: {with_interval(times, 'watch alone', 'plain')}; "
+              f"paired {with_interval(times, 'watch alone', 'plain', ratio=paired_ratio)}")
         if args.compare_watch:
             print(f"the compared watch ({args.compare_watch}) adds {with_interval(times, 'compared', 'plain')}, "
                   f"and itself {with_interval(times, 'compared', 'backward end')}; this watch over the "
