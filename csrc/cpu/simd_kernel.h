@@ -411,7 +411,8 @@ inline void csa(vu& h, vu& l, vu a, vu b, vu c) {
 // step's share per iteration, into L2 so that two blocks never crowd L1), which
 // pass 1 would otherwise wait for (benchmarks/RESULTS.md).
 template <int kMasked, typename L>
-inline int64_t pass2(const typename L::type* p, int nv, uint32_t base, HistOut* h, const char* ahead, int ahead_step) {
+inline int64_t pass2(const typename L::type* p, int nv, uint32_t base, HistOut* h, const char* ahead,
+                     int ahead_step) {
   int nout = 0;  // out-of-window values binned one by one (masked variant)
   int64_t binned = 0;
   // plane[i] holds bit i of each (lane, position) count.
