@@ -147,7 +147,8 @@ struct Consts {
 // prefetcher alone keeps too few lines in flight for a loop this long per cache
 // line, and a tensor in DRAM was read well below the memory floor without it
 // (benchmarks/RESULTS.md; 1 to 4 KB ahead measured about alike). Prefetches do
-// not fault, so asking past the end of a tensor is harmless.
+// not fault, so asking past the end of a tensor is harmless (the address is made
+// as an integer: a pointer past the end would be undefined).
 constexpr int kPrefetchBytes = 2048;
 
 // The sums. The fast pass adds each lane's values in float32 over kFlush
@@ -292,8 +293,11 @@ inline void pass1(const typename L::type* p, int nv, const Consts& c, Block& out
     int v = 0;
     for (; v + kFlush <= nv; v += kFlush) {
       if (c.prefetch) {
-        const char* ahead = reinterpret_cast<const char*>(p + v * kLanes) + kPrefetchBytes;
-        for (int o = 0; o < kFlushBytes<L>; o += 64) __builtin_prefetch(ahead + o);
+        // An address, not a pointer into the tensor: it may lie past its end.
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(p + v * kLanes) + kPrefetchBytes;
+        for (int o = 0; o < kFlushBytes<L>; o += 64) {
+          __builtin_prefetch(reinterpret_cast<const void*>(ahead + o));
+        }
       }
       vf ps{}, pq{};
       for (int j = 0; j < kFlush; ++j) step(v + j, ps, pq);
