@@ -13,8 +13,8 @@ arm's median step time, its overhead against the first plain arm as the median
 of the step-by-step ratios with their interquartile range, and the all-reduces
 and bytes torchhealth issued per check (counted on the real calls); "in
 check()": the median time spent in the monitor's check per step, as a share of
-the plain step. The second plain arm is the noise floor: its "overhead" is what identical work
-measures on this machine.
+the plain step. The second plain arm is the noise floor: its "overhead" is what
+identical work measures on this machine.
 Checks run every step with histograms off.
 """
 from __future__ import annotations

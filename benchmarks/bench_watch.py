@@ -7,8 +7,9 @@ so that the noise of a shared machine, and whatever one arm leaves behind for
 the next (anomaly mode's freed graph), falls on all of them alike. All arms
 train one and the same model with one and the same AdamW: an arm's monitor,
 hooks and watch are attached just before its step and removed just after it,
-outside the timed region. (With a model per arm, each instance's memory layout alone shifted its
-step time by several percent, more than the costs measured here.)
+outside the timed region. (With a model per arm, each instance's memory layout
+alone shifted its step time by several percent, more than the costs measured
+here.)
 
 - plain:        AdamW alone
 - plain again:  a second, identical plain arm: what identical work measures on this
@@ -86,10 +87,9 @@ def paired_ratio(times: dict[str, list[float]], arm: str, base: str, rounds: lis
 
 
 def with_interval(times: dict[str, list[float]], arm: str, base: str, resamples: int = 2000,
-                  ratio=None) -> str:
+                  ratio=added_ratio) -> str:
     """The ratio, its 90% bootstrap interval over resampled rounds, and (for the
     ratio of medians) the ratio of each arm's fastest step."""
-    ratio = ratio or added_ratio
     n = len(times["plain"])
     rng = random.Random(0)
     boot = sorted(ratio(times, arm, base, [rng.randrange(n) for _ in range(n)]) for _ in range(resamples))

@@ -346,25 +346,18 @@ def test_the_fast_verdict_on_activations_agrees_with_their_findings(middle, faul
             model[0].bias.fill_(-100.0)
         elif fault == "nan":
             model[0].weight[0, 0] = float("nan")
-    passes = []
-    w = th.watch(model, on_report=lambda r: None)
-    w._add = lambda p: p is not None and passes.append(p)
-    x = _x() - (3.0 if isinstance(middle[0], Sqrt) else 0.0)  # sqrt of negatives: NaN
-    model(x).pow(2).mean().backward()
-    w.remove()
-    th_ = th.Thresholds()
+    with th.watch(model) as w:
+        x = _x() - (3.0 if isinstance(middle[0], Sqrt) else 0.0)  # sqrt of negatives: NaN
+        model(x).pow(2).mean().backward()
+        passes = w.take(0)  # step 0's forward and backward passes, before any Report
+    limits = th.Thresholds().max_saturated_fraction, th.Thresholds().max_dead_fraction
     host = [(p, p.stats.data, p.near) for p in passes]
-    found = activation_findings_of(host, th_)
-    assert activations.any_finding(host, th_.max_saturated_fraction, th_.max_dead_fraction) == bool(found)
+    found = activations.activation_findings(host, *limits)[1]
+    assert len(passes) == 2 and activations.any_finding(host, *limits) == bool(found)
     real = {"nan": True, "kill": isinstance(middle[0], nn.ReLU),
             "saturate": isinstance(middle[0], (nn.Tanh, nn.Sigmoid))}.get(fault, False)
     if real or isinstance(middle[0], Sqrt):
         assert found  # the faults are real: the agreement is not all "nothing"
-
-
-def activation_findings_of(host, thresholds):
-    return activations.activation_findings(host, thresholds.max_saturated_fraction,
-                                           thresholds.max_dead_fraction)[1]
 
 
 def test_an_activation_finding_alone_makes_the_monitor_warn(recwarn):
