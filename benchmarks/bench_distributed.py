@@ -10,7 +10,7 @@ origin tracker is installed, its flags gathered on a step with a non-finite
 gradient) train in the same processes, one step each in turn, in an order that
 rotates every step, so all see the same machine load. The table gives each
 arm's median step time, its overhead against the first plain arm as the median
-of the step-by-step ratios with their interquartile range, and the all-reduces
+of the step-by-step ratios with their interquartile range, and the collectives
 and bytes torchhealth issued per check (counted on the real calls); "in
 check()": the median time spent in the monitor's check per step, as a share of
 the plain step. The second plain arm is the noise floor: its "overhead" is what
@@ -20,7 +20,6 @@ Checks run every step with histograms off.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import statistics
@@ -33,24 +32,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-
-
-@contextlib.contextmanager
-def counted_all_reduces():
-    """The real all-reduce; records the bytes of each call torchhealth makes
-    (DDP's own gradient all-reduces go through it too when a hook is set)."""
-    sent, real = [], dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("torchhealth"):
-            sent.append(tensor.numel() * tensor.element_size())
-        return real(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield sent
-    finally:
-        dist.all_reduce = real
 
 
 def build(mode: str, wrapped: bool, dim: int, layers: int):
@@ -77,7 +58,7 @@ def step(model, opt, tokens) -> None:
 
 def time_checks(monitor, spent: list) -> None:
     """Records the wall time of each `HealthMonitor.check` call (statistics,
-    their all-reduces, the origin gather, checks, policy and Report): the part
+    their collectives, the origin gather, checks, policy and Report): the part
     of the overhead that machine noise cannot hide in a small difference."""
     real = monitor.check
 
@@ -97,6 +78,8 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, out) -> None:
+    from torchhealth.distributed import counted_collectives
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -116,7 +99,7 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
                 model, opt = variants[name]
                 dist.barrier()
                 t0 = time.perf_counter()
-                with counted_all_reduces() as calls:
+                with counted_collectives() as calls:
                     step(model, opt, tokens)
                 dt = time.perf_counter() - t0
                 if i >= 3:  # warm-up steps are not timed
@@ -128,7 +111,7 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
             ratios = [t / b for t, b in zip(times[name], times["plain"])]
             lo, mid, hi = (100 * (r - 1) for r in quartiles(ratios))
             rows.append((mode, name, n_params, statistics.median(times[name]) * 1e3, mid, lo, hi,
-                         len(sent[name]), sum(sent[name]), in_check if name == "wrapped" else 0.0))
+                         len(sent[name]), sum(c.bytes for c in sent[name]), in_check if name == "wrapped" else 0.0))
     if rank == 0:
         out.put(rows)
     dist.destroy_process_group()
@@ -152,7 +135,7 @@ def main() -> None:
     print(f"{args.nproc} processes, gloo, {args.steps} timed steps, TinyLM(dim={args.dim}, "
           f"layers={args.layers}), checks every step, no histograms")
     print(f"{'mode':6} {'variant':12} {'params':>6} {'median ms':>10} {'overhead':>9} "
-          f"{'IQR':>15} {'all-reduces':>11} {'bytes sent':>10} {'in check()':>10}")
+          f"{'IQR':>15} {'collectives':>11} {'bytes sent':>10} {'in check()':>10}")
     for mode, name, n, ms, over, lo, hi, calls, sent, in_check in rows:
         iqr = f"[{lo:+.1f}, {hi:+.1f}]%"
         print(f"{mode:6} {name:12} {n:6d} {ms:10.2f} {over:+8.1f}% {iqr:>15} {calls:11d} {sent:10d} "

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 import torchhealth
-from dist_scenarios import _counting_all_reduces, _Net
+from dist_scenarios import _Net
 
 BAD_RANK, BAD_STEP = 1, 2
 
@@ -78,7 +78,7 @@ def ddp_report_names_rank(rank, world, sync="auto"):
     the step (sync "auto" on the CPU), only on the step that has a non-finite
     gradient to name; with sync="never", at every check."""
     model, net = _ddp_net()
-    with _counting_all_reduces(torchhealth_only=True) as calls:
+    with torchhealth.distributed.counted_collectives() as calls:
         opt, reports = _train(model, net, rank, world, sync=sync)
     assert opt.monitor.origin_tracker is torchhealth.distributed.track_origin(model)
     _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")

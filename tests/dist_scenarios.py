@@ -6,9 +6,7 @@ beyond ``full_tensor()``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 
 import pytest
 import torch
@@ -18,8 +16,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import torchhealth
+from torchhealth.distributed import _combine
 from torchhealth.distributed import (DDPNonfiniteTracker, FSDPNonfiniteTracker, all_reduce_stats,
-                                     by_mesh, global_stats, payload_bytes)
+                                     by_mesh, counted_collectives, global_stats, payload_bytes)
 from dist_workers import assert_same_stats
 
 NAN, INF = math.nan, math.inf
@@ -166,56 +165,58 @@ def errors(rank, world):
             all_reduce_stats(stats, only_zero)
 
 
-@contextlib.contextmanager
-def _counting_all_reduces(torchhealth_only: bool = False):
-    """The real all-reduce, with the op and bytes of each call recorded (only
-    the calls torchhealth makes, with ``torchhealth_only``)."""
-    calls, real = [], dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        if not torchhealth_only or sys._getframe(1).f_globals.get("__name__", "").startswith("torchhealth"):
-            calls.append((kwargs.get("op"), tensor.numel() * tensor.element_size()))
-        return real(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
-
-
 def _rank_tensors(r):
     return [_special((3 + r, 4), seed=10 + r), torch.randn(r + 1, generator=torch.Generator().manual_seed(r))]
 
 
 def combine_plain(rank, world):
+    """`all_reduce_stats` both ways (one all-gather while it is small, else SUM
+    and MAX all-reduces): the statistics of the whole, on every rank."""
     mine = _rank_tensors(rank)
     everyone = [_rank_tensors(r) for r in range(world)]
     fulls = [torch.cat([t[i].flatten() for t in everyone]) for i in range(2)]
-    with _counting_all_reduces() as calls:
-        got = all_reduce_stats(torchhealth.tensor_stats(mine))
-    assert [op for op, _ in calls] == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
-    assert sum(n for _, n in calls) == payload_bytes(2, histogram=True) == 2 * 4560, calls
-    assert_same_stats(got, torchhealth.tensor_stats(fulls), fulls, "all_reduce_stats")
-    got = all_reduce_stats(torchhealth.tensor_stats(mine, histogram=False), async_op=True).wait()
-    assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "async")
-    # replicated rows count once: the result is rank 0's rows
     zero = _rank_tensors(0)
-    got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=True)
-    assert_same_stats(got, torchhealth.tensor_stats(zero), zero, "replicated")
-    got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=torch.tensor([True, False]))
-    want = [zero[0], fulls[1]]
-    assert_same_stats(got, torchhealth.tensor_stats(want), want, "replicated mask")
+    for gather_bytes, kinds in ((_combine.GATHER_BYTES, [("all_gather_into_tensor", None)]),
+                                (0, [("all_reduce", dist.ReduceOp.SUM), ("all_reduce", dist.ReduceOp.MAX)])):
+        _combine.GATHER_BYTES, saved = gather_bytes, _combine.GATHER_BYTES
+        try:
+            with counted_collectives() as calls:
+                got = all_reduce_stats(torchhealth.tensor_stats(mine))
+            assert [(c.name, c.op) for c in calls] == kinds, calls
+            assert sum(c.bytes for c in calls) == payload_bytes(2, histogram=True) == 2 * 4560, calls
+            assert_same_stats(got, torchhealth.tensor_stats(fulls), fulls, "all_reduce_stats")
+            got = all_reduce_stats(torchhealth.tensor_stats(mine, histogram=False), async_op=True).wait()
+            assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "async")
+            # replicated rows count once: the result is rank 0's rows
+            got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=True)
+            assert_same_stats(got, torchhealth.tensor_stats(zero), zero, "replicated")
+            got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=torch.tensor([True, False]))
+            want = [zero[0], fulls[1]]
+            assert_same_stats(got, torchhealth.tensor_stats(want), want, "replicated mask")
+        finally:
+            _combine.GATHER_BYTES = saved
 
 
 def dtensor_collectives(rank, world):
+    """One all-gather per mesh while ranks x payload fits `GATHER_BYTES`, then
+    the two all-reduces; the same numbers either way."""
     mesh = init_device_mesh("cpu", (world,))
     dts = [distribute_tensor(_special((4, 4), seed=s), mesh, [Shard(0) if s % 2 else Replicate()])
            for s in range(6)]
-    with _counting_all_reduces() as calls:
-        torchhealth.tensor_stats(dts, histogram=False)
-    assert [op for op, _ in calls] == [dist.ReduceOp.SUM, dist.ReduceOp.MAX], calls
-    assert sum(n for _, n in calls) == payload_bytes(6, histogram=False) == 6 * 96, calls
+    results = []
+    for gather_bytes, kinds in ((world * payload_bytes(6, histogram=False), ["all_gather_into_tensor"]),
+                                (world * payload_bytes(6, histogram=False) - 1, ["all_reduce"] * 2)):
+        _combine.GATHER_BYTES, saved = gather_bytes, _combine.GATHER_BYTES
+        try:
+            with counted_collectives() as calls:
+                results.append(torchhealth.tensor_stats(dts, histogram=False))
+        finally:
+            _combine.GATHER_BYTES = saved
+        assert [c.name for c in calls] == kinds, calls
+        assert sum(c.bytes for c in calls) == payload_bytes(6, histogram=False) == 6 * 96, calls
+    fulls = [t.full_tensor() for t in dts]
+    for got in results:
+        assert_same_stats(got, torchhealth.tensor_stats(fulls, histogram=False), fulls, "dtensor")
 
 
 class _Net(nn.Module):

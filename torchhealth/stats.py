@@ -190,18 +190,9 @@ class TensorStats:
         parts = [counts, _as_bits(values)] + ([hist] if hist is not None else [])
         return TensorStats(torch.cat(parts, dim=1))
 
-    def _values(self) -> torch.Tensor:
-        return self.data[:, MIN:COLS].view(torch.float64)
-
     def total(self) -> TensorStats:
         """One row that combines every row exactly, as if all tensors were one."""
-        v = self._values()
-        values = torch.stack([v[:, 0].amin(0) if len(self) else v.new_tensor(math.inf),
-                              v[:, 1].amax(0) if len(self) else v.new_tensor(-math.inf),
-                              v[:, 2].amax(0) if len(self) else v.new_tensor(0.0),
-                              v[:, 3].sum(0), v[:, 4].sum(0)])
-        hist = self.hist.sum(0, keepdim=True) if self.has_histogram else None
-        return self._pack(self.counts.sum(0, keepdim=True), values[None], hist)
+        return TensorStats.combine(self.data[:, None])
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Row-wise combination of the same tensors' statistics from two sources
@@ -210,12 +201,26 @@ class TensorStats:
         if self.data.shape != other.data.shape:
             raise ValueError(f"TensorStats.merge: shapes differ, {list(self.data.shape)} "
                              f"and {list(other.data.shape)}")
-        a, b = self._values(), other._values()
-        values = torch.stack([torch.minimum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1]),
-                              torch.maximum(a[:, 2], b[:, 2]), a[:, 3] + b[:, 3],
-                              a[:, 4] + b[:, 4]], dim=1)
-        hist = self.hist + other.hist if self.has_histogram and other.has_histogram else None
-        return self._pack(self.counts + other.counts, values, hist)
+        return TensorStats.combine(torch.stack([self.data, other.data]))
+
+    @staticmethod
+    def combine(pieces: torch.Tensor) -> TensorStats:
+        """`merge` of a stack of results, ``pieces[k]`` the ``data`` of source k
+        (int64 ``[K, T, cols]``, e.g. gathered from K ranks): rows of T tensors.
+        Every holder of the same pieces gets the same bits (one op each, on the
+        same data). K = 0 gives the identity rows."""
+        if pieces.dim() != 3:
+            raise ValueError(f"TensorStats.combine: pieces must be [K, T, cols], got {list(pieces.shape)}")
+        if pieces.shape[0] == 0:
+            rows = pieces.new_zeros(pieces.shape[1:])
+            rows[:, MIN:COLS] = _as_bits(torch.tensor([math.inf, -math.inf, 0.0, 0.0, 0.0],
+                                                      dtype=torch.float64, device=pieces.device))
+            return TensorStats(rows)
+        v = pieces[..., MIN:COLS].view(torch.float64)
+        values = torch.stack([v[..., 0].amin(0), v[..., 1].amax(0), v[..., 2].amax(0),
+                              v[..., 3].sum(0), v[..., 4].sum(0)], dim=1)
+        hist = pieces[..., COLS:].sum(0) if pieces.shape[2] > COLS else None
+        return TensorStats._pack(pieces[..., :NUM_COUNTS].sum(0), values, hist)
 
     @staticmethod
     def cat(stats: list[TensorStats]) -> TensorStats:

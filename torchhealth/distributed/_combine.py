@@ -1,16 +1,27 @@
 """Combining `TensorStats` rows across ranks, and `tensor_stats` of DTensors.
 
-Every row travels as two float64 payloads: one SUM all-reduce of
-``[counts (7), sum, sumsq, histogram (BINS)]`` and one MAX all-reduce of
-``[-min, max, absmax]``. Counts and histogram bins are integers below 2**53,
-so float64 carries them exactly; minima travel negated so one MAX covers all
-three extremes. A rank that must not be counted (a replica of a tensor another
-rank already contributes) sends identity rows, which change nothing.
+Each rank sends its rows once, 96 bytes per tensor (4,560 with histograms),
+in one of two exact ways:
+
+- **one all-gather** of the rows as they are, merged on every rank
+  (`TensorStats.combine`), when what each rank receives (ranks x payload)
+  is at most `GATHER_BYTES`: one collective instead of two, and small
+  collectives cost their latency, not their bytes;
+- else **one SUM and one MAX all-reduce** of two float64 payloads,
+  ``[counts (7), sum, sumsq, histogram (BINS)]`` and ``[-min, max, absmax]``:
+  what each rank receives stays the size of what it sends, however many ranks
+  there are. Counts and histogram bins are integers below 2**53, so float64
+  carries them exactly; minima travel negated so one MAX covers all three
+  extremes.
+
+A rank that must not be counted (a replica of a tensor another rank already
+contributes) sends identity rows, which change nothing (all-reduce), or its
+rows are not read (all-gather: such rows are group rank 0's).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,11 +31,16 @@ from ..stats import (ABSMAX, BINS, COLS, MAX, MIN, NUM_COUNTS, SUM, SUMSQ, Tenso
 # Columns of the SUM payload; the histogram follows them when present.
 _SUM_SCALARS = NUM_COUNTS + 2
 _MAX_COLS = 3
+# Largest all-gather (bytes each rank receives) used instead of the two
+# all-reduces: 1 MiB, e.g. 8 ranks of 1,300 tensors without histograms.
+GATHER_BYTES = 1 << 20
 
 
 def payload_bytes(num_tensors: int, *, histogram: bool) -> int:
     """Bytes each rank sends to combine ``num_tensors`` rows: 96 per tensor
-    without histograms (72 in the SUM, 24 in the MAX all-reduce), 4560 with."""
+    without histograms, 4560 with (the all-gather sends the rows; the SUM
+    all-reduce carries 72 and 8 per bin, the MAX one 24). An all-gather
+    receives this from every rank."""
     sum_cols = _SUM_SCALARS + (BINS if histogram else 0)
     return num_tensors * 8 * (sum_cols + _MAX_COLS)
 
@@ -59,34 +75,59 @@ def _identity_rows(to_sum: torch.Tensor, to_max: torch.Tensor, keep: torch.Tenso
 
 
 class PendingStats:
-    """Combined statistics whose all-reduces were issued with ``async_op=True``.
+    """Combined statistics whose collectives were issued with ``async_op=True``.
 
     `wait` makes the current stream wait for them (on CUDA this does not block
     the host) and returns the combined `TensorStats`.
     """
 
-    def __init__(self, to_sum: torch.Tensor, to_max: torch.Tensor, works: list):
-        self._to_sum, self._to_max, self._works = to_sum, to_max, works
+    def __init__(self, works: list, finish: Callable[[], TensorStats]):
+        self._works, self._finish, self._result = works, finish, None
 
     def wait(self) -> TensorStats:
         for w in self._works:
             w.wait()
         self._works = []
-        return _join(self._to_sum, self._to_max)
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
 
 
-def _reduce(to_sum: torch.Tensor, to_max: torch.Tensor, groups: Sequence, async_op: bool):
-    # Several groups (an N-D mesh that no single group spans) reduce one mesh
+def _gathers(stats: TensorStats, group) -> bool:
+    return dist.get_world_size(group) * stats.data.numel() * 8 <= GATHER_BYTES
+
+
+def _start(stats: TensorStats, group, replicated: torch.Tensor | None) -> PendingStats:
+    """Issues the collectives that combine ``stats`` over ``group``;
+    ``replicated``: rows only group rank 0 contributes (None: none)."""
+    if _gathers(stats, group):
+        rows = stats.data.contiguous()
+        world = dist.get_world_size(group)
+        pieces = rows.new_empty((world * rows.shape[0], rows.shape[1]))
+        work = dist.all_gather_into_tensor(pieces, rows, group=group, async_op=True)
+
+        def finish() -> TensorStats:
+            stacked = pieces.view(world, *rows.shape)
+            combined = TensorStats.combine(stacked)
+            if replicated is None:
+                return combined
+            return TensorStats(torch.where(replicated[:, None], stacked[0], combined.data))
+        return PendingStats([work], finish)
+    to_sum, to_max = _split(stats)
+    if replicated is not None and dist.get_rank(group) != 0:
+        to_sum, to_max = _identity_rows(to_sum, to_max, ~replicated)
+    works = [dist.all_reduce(to_sum, op=dist.ReduceOp.SUM, group=group, async_op=True),
+             dist.all_reduce(to_max, op=dist.ReduceOp.MAX, group=group, async_op=True)]
+    return PendingStats(works, lambda: _join(to_sum, to_max))
+
+
+def _reduce(stats: TensorStats, groups: Sequence, async_op: bool,
+            replicated: torch.Tensor | None = None) -> TensorStats | PendingStats:
+    # Several groups (an N-D mesh that no single group spans) combine one mesh
     # dimension after another; the order is the same on every rank.
-    works = []
-    for i, group in enumerate(groups):
-        if i:
-            for w in works:
-                w.wait()
-            works = []
-        works.append(dist.all_reduce(to_sum, op=dist.ReduceOp.SUM, group=group, async_op=True))
-        works.append(dist.all_reduce(to_max, op=dist.ReduceOp.MAX, group=group, async_op=True))
-    pending = PendingStats(to_sum, to_max, works)
+    pending = _start(stats, groups[0], replicated)
+    for group in groups[1:]:
+        pending = _start(pending.wait(), group, None)
     return pending if async_op else pending.wait()
 
 
@@ -101,8 +142,8 @@ def all_reduce_stats(stats: TensorStats, group=None, *, replicated: bool | torch
     rows, or a bool tensor of one flag per row on the stats' device) are copies
     held by every rank and are counted once: only group rank 0 contributes them.
 
-    Issues one SUM and one MAX all-reduce on ``stats``' device, in that order,
-    and never reads a value on the host; every rank of ``group`` must call it
+    Issues one all-gather, or one SUM and one MAX all-reduce (module
+    docstring), on ``stats``' device, and never reads a value on the host; every rank of ``group`` must call it
     with the same number of rows and histogram setting. Payload: `payload_bytes`.
     With ``async_op=True`` it returns a `PendingStats`; call ``.wait()``.
     """
@@ -114,14 +155,13 @@ def all_reduce_stats(stats: TensorStats, group=None, *, replicated: bool | torch
     if group is not None and group != dist.group.WORLD and dist.get_rank(group) < 0:
         raise ValueError(f"all_reduce_stats: this rank ({dist.get_rank()}) is not a member of the "
                          "process group it was given; every rank that calls must belong to it")
-    to_sum, to_max = _split(stats)
     if isinstance(replicated, torch.Tensor):
         if replicated.dtype != torch.bool or replicated.shape != (len(stats),):
             raise ValueError(f"all_reduce_stats: replicated must be a bool tensor of shape "
                              f"[{len(stats)}], got {replicated.dtype} {list(replicated.shape)}")
-        if dist.get_rank(group) != 0:
-            to_sum, to_max = _identity_rows(to_sum, to_max, ~replicated.to(stats.device))
-    elif replicated and dist.get_rank(group) != 0:
-        to_sum, to_max = _identity_rows(to_sum, to_max, torch.zeros(
-            len(stats), dtype=torch.bool, device=stats.device))
-    return _reduce(to_sum, to_max, [group], async_op)
+        replicated = replicated.to(stats.device)
+    elif replicated:
+        replicated = torch.ones(len(stats), dtype=torch.bool, device=stats.device)
+    else:
+        replicated = None
+    return _reduce(stats, [group], async_op, replicated)

@@ -1,7 +1,8 @@
 """`tensor_stats` of DTensors: the statistics of each global tensor, on every rank.
 
 Each rank computes the rows of its local shards in one fused call and the rows
-are combined over the mesh with `_combine` (one SUM and one MAX all-reduce).
+are combined over the mesh with `_combine` (one all-gather, or for large payloads
+one SUM and one MAX all-reduce).
 Pieces are counted once: over a ``Replicate()`` mesh dimension only the ranks at
 coordinate 0 contribute their shard (the others pass an empty tensor, whose row
 is the identity of the merge); ``Shard``/strided-shard dimensions hold disjoint
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from .. import _ops
 from ..stats import TensorStats
-from ._combine import PendingStats, _reduce, _split
+from ._combine import PendingStats, _reduce
 
 
 def holds_dtensor(tensors) -> bool:
@@ -51,7 +52,7 @@ def _contributes(placements, coordinate, index: int) -> bool:
 
 
 def mesh_groups(mesh) -> list:
-    """Process groups whose all-reduces, in order, combine over the whole mesh:
+    """Process groups whose collectives, in order, combine over the whole mesh:
     one group when a single one spans it, else one per mesh dimension."""
     if mesh.ndim == 1:
         return [mesh.get_group()]
@@ -111,5 +112,4 @@ def dtensor_stats(tensors: Sequence, *, histogram: bool = True, saturation: floa
     with the same tensors in the same order (it issues collectives)."""
     mesh, pieces = local_pieces(tensors)
     local = _ops.tensor_stats(pieces, histogram=histogram, saturation=saturation)
-    to_sum, to_max = _split(local)
-    return _reduce(to_sum, to_max, mesh_groups(mesh), async_op)
+    return _reduce(local, mesh_groups(mesh), async_op)

@@ -21,7 +21,8 @@ def global_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
     """Rows of every tensor's global statistics, in the order given.
 
     DTensors are grouped by mesh (`by_mesh`); each mesh costs one fused
-    `tensor_stats` call and one SUM plus one MAX all-reduce over it. Plain
+    `tensor_stats` call and one all-gather over it (or, for large payloads,
+    one SUM plus one MAX all-reduce: `torchhealth.distributed._combine`). Plain
     tensors are combined over ``group`` with `all_reduce_stats`:
     ``plain="replicated"`` when every rank holds the same tensor (DDP
     parameters and gradients after the all-reduce: rank 0's rows, so every rank
