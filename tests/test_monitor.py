@@ -224,3 +224,25 @@ def test_histograms_by_default_on_every_tenth_check():
     for i in range(21):
         _step(model, opt, i)
     assert [r.step for r in reports if r.rows[0].hist is not None] == [0, 10, 20]
+
+
+def test_checkpoint_templates_and_results_are_usable_outside_the_check():
+    """The check runs in inference mode; what leaves it as a tensor still works
+    as a normal one: `state_dict` tensors are filled in place by checkpoint
+    loaders (dcp.load), and the zero policy edits the gradients in place."""
+    model = _model()
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                    policy={"nonfinite": "zero"})
+    for i in range(3):
+        with pytest.warns(th.HealthWarning) if i == 1 else warnings.catch_warnings():
+            _step(model, opt, i, nan=i == 1)
+    running = opt.monitor.state_dict()["running"]
+    for name, t in running.items():
+        assert not t.is_inference(), name
+        before = t.clone()
+        t.copy_(t + 1 if t.dtype != torch.bool else ~t)  # what dcp.load does to a template
+        assert not torch.equal(t, before), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The live state did not move with the template.
+    assert not any(torch.equal(running[k], v) for k, v in opt.monitor.state_dict()["running"].items()
+                   if v.numel())

@@ -272,6 +272,13 @@ class HealthMonitor:
         self._prepared = prepared
 
     # -- stages -----------------------------------------------------------------------
+    # The stages run in inference mode: a check makes a few hundred small ops
+    # (`torchhealth.checks`), each cheaper without autograd's bookkeeping, and
+    # none of its tensors is ever differentiated. In-place actions on the
+    # gradients (normal tensors) are allowed there and still bump their
+    # version counters; what leaves the monitor as a tensor is read, or
+    # copied first (`state_dict`).
+    @torch.inference_mode()
     def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
         """collect -> stats -> checks -> policy, on the device; nothing is kept yet."""
         batch = self.collector.collect()
@@ -296,6 +303,16 @@ class HealthMonitor:
 
     def _commit(self, p: _Prepared) -> CheckResult:
         """host copy -> in-place actions -> delivery; the running state moves on."""
+        with torch.inference_mode():
+            result = self._result(p)
+        self.checks += 1
+        self._pending.append(result)
+        self._last = result
+        if not result.late:
+            self._deliver(block=True)
+        return result
+
+    def _result(self, p: _Prepared) -> CheckResult:
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
         late = self._mode(p.batch.devices) != "step"
@@ -325,11 +342,6 @@ class HealthMonitor:
                 self.origin_tracker.reset()
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,
              None if late else result.nonfinite_grads)
-        self.checks += 1
-        self._pending.append(result)
-        self._last = result
-        if not late:
-            self._deliver(block=True)
         return result
 
     def flush(self) -> None:
@@ -346,6 +358,10 @@ class HealthMonitor:
         """Running state (the gradient-norm baseline, dead counters and the
         consecutive-skip count) and the number of checks, for checkpoints."""
         state = self._state.state_dict() if self._state is not None else self._saved_state
+        # Copies: the running state is made in inference mode (see `_prepare`),
+        # and a checkpoint loader fills its template in place.
+        state = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in state.items()} if state is not None else None
         return {"checks": self.checks, "running": state}
 
     def load_state_dict(self, d: Mapping) -> None:
