@@ -3,7 +3,8 @@
 Everything before it stays on the device. `HostCopy` packs named tensors
 (int64, float64 by bit pattern, bool) into one int64 buffer, starts one copy
 (non-blocking into pinned memory on CUDA, with one event), and unpacks by
-field name, so no reader computes offsets. `read` is the only place that waits
+field name, so no reader computes offsets. On the CPU there is nothing to copy:
+the fields are kept as they are and read by the same names. `read` is the only place that waits
 for the device; `tensor` and `value` unpack what it brought back, field by field.
 """
 from __future__ import annotations
@@ -20,33 +21,41 @@ class HostCopy:
 
     def __init__(self, fields: dict[str, torch.Tensor]):
         self._spec: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        parts, at = [], 0
+        self._host: dict[str, torch.Tensor] = {}
+        self._values: dict[str, Any] = {}
+        self._event, self._landed = None, False
         for name, t in fields.items():
             if t.dtype not in _KINDS:
                 raise TypeError(f"HostCopy: field {name!r} has dtype {t.dtype}; it packs {_KINDS}")
+        devices = {t.device.type for t in fields.values()}
+        if devices <= {"cpu"}:
+            # The host is the device: nothing to copy, and packing would cost
+            # more small ops than the check's own. The fields are read as they
+            # are: the check's own tensors, never changed after it (the user's
+            # scalars are copies made when logged, `torchhealth.user_scalars.checked`).
+            self._names, self._buffer = tuple(fields), None
+            self._fields = {name: t.detach() for name, t in fields.items()}
+            return
+        parts, at = [], 0
+        for name, t in fields.items():
             flat = t.reshape(-1)
             flat = flat.view(torch.int64) if t.dtype == torch.float64 else flat.to(torch.int64)
             self._spec[name] = (t.dtype, tuple(t.shape), at, at + flat.numel())
             parts.append(flat)
             at += flat.numel()
-        packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        self._event = None
+        self._names = tuple(self._spec)
+        packed = torch.cat(parts)
         if packed.device.type == "cuda":
             self._buffer = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._buffer.copy_(packed, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        elif packed.device.type == "cpu":
-            self._buffer = packed
         else:  # other accelerators: a plain (blocking) copy
             self._buffer = packed.cpu()
-        self._landed = False
-        self._host: dict[str, torch.Tensor] = {}
-        self._values: dict[str, Any] = {}
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return tuple(self._spec)
+        return self._names
 
     @property
     def ready(self) -> bool:
@@ -66,6 +75,9 @@ class HostCopy:
         t = self._host.get(name)
         if t is None:
             self.read()
+            if self._buffer is None:  # on the CPU: the field itself
+                t = self._host[name] = self._fields[name]
+                return t
             dtype, shape, lo, hi = self._spec[name]
             flat = self._buffer[lo:hi]
             flat = flat.view(torch.float64) if dtype == torch.float64 else flat.to(dtype)
