@@ -159,8 +159,9 @@ def _never(check, kind, m: dict, value: str, threshold, axis="rows") -> Signal:
 # elementwise comparisons and reductions stay inline.
 
 
-def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+def _masked_max(x: torch.Tensor, mask: torch.Tensor, m: dict) -> torch.Tensor:
+    """The largest float64 ``x`` where ``mask`` (-inf for none)."""
+    return torch.where(mask, x, m["ninf"]).amax() if x.numel() else m["ninf"]
 
 
 def _ok(stats: TensorStats) -> torch.Tensor:
@@ -183,7 +184,7 @@ def _mean_square(stats: TensorStats) -> torch.Tensor:
 def total_grad_norm(stats: TensorStats, layout: Layout) -> torch.Tensor:
     """L2 norm over every finite gradient value (float64, 0-d)."""
     m = layout.masks(stats.device)
-    return torch.where(m["grad"], stats.sumsq, 0.0).sum().sqrt()
+    return torch.where(m["grad"], stats.sumsq, m["zero"]).sum().sqrt()
 
 
 def nonfinite(stats: TensorStats, layout: Layout, found_inf: torch.Tensor | None = None) -> list[Signal]:
@@ -198,7 +199,7 @@ def nonfinite(stats: TensorStats, layout: Layout, found_inf: torch.Tensor | None
     count = stats.nonfinite.double()
     kinds = [("grad", grad_bad), ("param", bad & m["param"])] + \
         ([("state", bad & m["state"])] if layout.has_state else [])
-    signals = [_signal("nonfinite", kind, mask, torch.where(mask, count, 0.0).sum(), 0)
+    signals = [_signal("nonfinite", kind, mask, torch.where(mask, count, m["zero"]).sum(), 0)
                for kind, mask in kinds]
     return signals if layout.has_state else signals + [_never("nonfinite", "state", m, "zero", 0)]
 
@@ -221,7 +222,7 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     warm = state.count >= th.warmup
     margin = (state.var.clamp(min=0).sqrt() * th.spike_zscore).clamp(min=math.log(th.spike_factor))
     spike = warm & clean & (d > margin)
-    ratio = torch.where(warm, d.exp(), 0.0)
+    ratio = torch.where(warm, d.exp(), m["zero"])
     learn = torch.isfinite(x) & clean & ~spike
     if found_inf is not None:
         learn = learn & ~(found_inf > 0)
@@ -229,12 +230,12 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     # Exact running mean while warming up, then an EMA: early steps do not
     # leave a zero-initialised baseline behind.
     alpha = (1.0 / count.clamp(min=1).double()).clamp(min=1.0 - th.spike_decay)
-    delta = torch.where(learn, d, 0.0)
+    delta = torch.where(learn, d, m["zero"])
     mean = state.mean + alpha * delta  # unchanged when not learning (delta = 0)
     var = torch.where(learn, (1 - alpha) * (state.var + alpha * delta * delta), state.var)
     signals = [
         _signal("exploding", "total", (clean & (total > th.max_norm))[None], total, th.max_norm),
-        _signal("exploding", "param", big, _masked_max(stats.sumsq, m["grad"]).clamp(min=0).sqrt(),
+        _signal("exploding", "param", big, _masked_max(stats.sumsq, m["grad"], m).clamp(min=0).sqrt(),
                 th.max_param_norm),
         Signal("exploding", "spike", spike, spike[None], ratio, th.spike_factor),
     ]
@@ -267,7 +268,7 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
     # Mean squares against the squared limit: the same test as on RMS values,
     # without a sqrt over every row (see `_no_row_sqrt`).
     ms = _mean_square(stats)
-    top = _masked_max(ms, g)
+    top = _masked_max(ms, g, m)
     rel2 = ms / top.clamp(min=torch.finfo(torch.float64).tiny)
     limit = relative_rms_limit(layout, th)
     small = g & (rel2 < limit ** 2) & (top > 0)
@@ -279,10 +280,10 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
     return [
         _signal("vanishing", "total", low[None], total, th.min_norm),
         _signal("vanishing", "relative", small,
-                torch.where(small, rel2, math.inf).amin().sqrt() if len(layout)
+                torch.where(small, rel2, m["inf"]).amin().sqrt() if len(layout)
                 else total.new_tensor(math.inf),
                 limit),
-        _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse), th.max_zero_fraction),
+        _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse, m), th.max_zero_fraction),
     ]
 
 
@@ -306,24 +307,25 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     dead ReLU, an output nobody uses) is the dead and vanishing checks' fault."""
     m = layout.masks(stats.device)
     g = _grads(stats, layout)[0]
-    ms = torch.where(g, _mean_square(stats), 0.0)
-    ref = ms.new_zeros(layout.num_modules).scatter_reduce(0, m["module"], ms, "amax")[m["module"]]
+    ms = torch.where(g, _mean_square(stats), m["zero"])
+    ref = ms.new_zeros(layout.num_modules).scatter_reduce(0, m["module"], ms, "amax").index_select(
+        0, m["module"])
     # Squared bounds (see _no_row_sqrt): structural_rms**2, or min(eps, structural_rms**2).
     bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
     quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
     has = m["has_grad"]
-    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows[m["grad_rows"]])
-    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g[m["grad_rows"]])
+    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows.index_select(0, m["grad_rows"]))
+    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g.index_select(0, m["grad_rows"]))
     old = state.structural
     was = old == STRUCTURAL
     first = ((old == UNDECIDED) | (old == UNREACHED)) & seen & m["trainable"]
     keep = was & (quiet | ~seen)
     status = torch.where(first | was, torch.where((first & quiet) | keep, STRUCTURAL, LEARNS), old)
     newly = first & quiet
-    ratio2 = torch.where(quiet_rows, ms / ref.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    ratio2 = torch.where(quiet_rows, ms / ref.clamp(min=torch.finfo(torch.float64).tiny), m["zero"])
     value = (ratio2.amax() if ratio2.numel() else ratio2.new_zeros(())).sqrt()
     info = Signal("vanishing", "structural", m["false"], newly, value, th.structural_rms, axis="params")
-    excluded = (status == STRUCTURAL)[m["row_param"]] & m["grad"]
+    excluded = (status == STRUCTURAL).index_select(0, m["row_param"]) & m["grad"]
     return [info], excluded, dataclasses.replace(state, structural=status)
 
 
@@ -359,18 +361,18 @@ def headroom(stats: TensorStats, layout: Layout, th: Thresholds,
     sub = stats.subnormal.double() / nonzero
     lost = stats.sumsq < stats.subnormal.double() * m["tiny"] * m["tiny"]  # see _no_row_sqrt
     under = lowp & (sub > th.max_subnormal_fraction) & lost
-    prev = state.peak[m["row_param"]]
+    prev = state.peak.index_select(0, m["row_param"])
     growth = use - prev
-    left = torch.where(growth > 0, (1 - use) / growth.clamp(min=torch.finfo(torch.float64).tiny), math.inf)
+    left = torch.where(growth > 0, (1 - use) / growth.clamp(min=torch.finfo(torch.float64).tiny), m["inf"])
     course = lowp & m["param"] & finite & ~near & (prev > 0) & (use >= 2.0 ** -6) & (left <= th.overflow_horizon)
     rows = m["param_rows"]
-    seen = torch.where(lowp & finite, use, 0.0)[rows]
+    seen = torch.where(lowp & finite, use, m["zero"]).index_select(0, rows)
     peak = state.peak.index_put((m["row_param"][rows],), seen)
-    soonest = torch.where(course, left, math.inf)
+    soonest = torch.where(course, left, m["inf"])
     soonest = soonest.amin() if soonest.numel() else soonest.new_full((), math.inf)
-    return [_signal("headroom", "overflow", near, _masked_max(use, lowp), th.headroom),
+    return [_signal("headroom", "overflow", near, _masked_max(use, lowp, m), th.headroom),
             _signal("headroom", "course", course, soonest, th.overflow_horizon),
-            _signal("headroom", "underflow", under, _masked_max(sub, lowp), th.max_subnormal_fraction)], \
+            _signal("headroom", "underflow", under, _masked_max(sub, lowp, m), th.max_subnormal_fraction)], \
         dataclasses.replace(state, peak=peak)
 
 
@@ -382,7 +384,7 @@ def dead(stats: TensorStats, layout: Layout, th: Thresholds,
     check so far while others had a gradient). Parameters whose gradient is
     zero by construction (`structural`) or that are unreached are not counted."""
     m = layout.masks(stats.device)
-    zero_rows = (stats.zero == stats.numel)[m["grad_rows"]]
+    zero_rows = (stats.zero == stats.numel).index_select(0, m["grad_rows"])
     missing = m["missing"]  # trainable, no gradient
     now = missing.index_put((m["grad_param"],), zero_rows)
     counts = torch.where(now & m["trainable"], state.dead + 1, 0)

@@ -168,7 +168,7 @@ def decide(signals: list[Signal], policy: Mapping[str, Action], found_inf: torch
     policy_skip = torch.stack(skipping).any() if skipping else None
     scaler_skip = None if found_inf is None else found_inf.reshape(()) > 0
     parts = [x for x in (policy_skip, scaler_skip) if x is not None]
-    skip = torch.stack(parts).any() if parts else None
+    skip = (parts[0] if len(parts) == 1 else torch.stack(parts).any()) if parts else None
     if policy_skip is None:
         consecutive = torch.zeros_like(consecutive_skips)
     else:
