@@ -76,12 +76,16 @@ def structural_facts(model: torch.nn.Module) -> dict[int, str]:
     return facts
 
 
+_REAL_DTYPES = frozenset(SUPPORTED_DTYPES)
+_LAYOUTS = (torch.strided, torch.sparse_coo)
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t.detach()) if t.is_complex() else t
+    return t if t.dtype in _REAL_DTYPES else torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
 def _readable(t: torch.Tensor) -> bool:
-    return (t.is_complex() or t.dtype in SUPPORTED_DTYPES) and t.layout in (torch.strided, torch.sparse_coo)
+    return (t.dtype in _REAL_DTYPES or t.is_complex()) and t.layout in _LAYOUTS
 
 
 @dataclass
@@ -159,10 +163,11 @@ class Collector:
                     continue
                 j = len(params)
                 params.append((p, gi, pj))
-                entries.append((_real(p), j, "param"))  # tensor_stats records no autograd
+                real = p.dtype in _REAL_DTYPES  # a gradient has its parameter's dtype
+                entries.append((p if real else _real(p), j, "param"))  # tensor_stats records no autograd
                 g = p.grad
                 if g is not None:
-                    g = _real(g)
+                    g = g if real else _real(g)
                     grads.append(g)
                     if g.is_sparse:  # duplicate indices add up: read the true gradient
                         g = (g if g.is_coalesced() else g.coalesce())._values()
