@@ -375,3 +375,22 @@ def test_an_activation_finding_alone_makes_the_monitor_warn(recwarn):
             opt.step()
         said = [str(w.message) for w in recwarn if "dead_units" in str(w.message)]
         assert bool(said) == dead, said
+
+
+def test_a_watch_without_callbacks_builds_a_report_only_when_it_is_read(monkeypatch):
+    """Without a monitor or ``on_report``, a step's Report is built when
+    ``last_report`` is read, once, and it is the newest step's."""
+    import importlib
+    watch_module = importlib.import_module("torchhealth.watch")  # the module, not the function
+    built = []
+    real = watch_module.activation_findings
+    monkeypatch.setattr(watch_module, "activation_findings", lambda *a: built.append(1) or real(*a))
+    model = _mlp(nn.Sigmoid())
+    with th.watch(model) as w:
+        for i in range(3):
+            model(_x(seed=i)).pow(2).mean().backward()
+        model(_x(seed=3))  # delivers step 2
+        assert built == []
+        report = w.last_report
+        assert report.step == 2 and w.last_report is report and built == [1]
+        assert {r.name for r in report.rows} >= {"0", "1", "2"}

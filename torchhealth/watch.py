@@ -90,7 +90,8 @@ class Watch:
             self._next_step = lambda: self._current
         self.model, self.backward = model, backward
         self._on_report = [on_report] if on_report else []
-        self.last_report: Report | None = None
+        self._last: tuple | None = None  # (step, passes, host copy) of the newest delivered step
+        self._last_report: Report | None = None
         names = {m: n for n, m in model.named_modules()}
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
         self._hooks += [m.register_forward_hook(functools.partial(self._output, names[m], kind_of(m)))
@@ -192,13 +193,21 @@ class Watch:
     def _deliver(self, before: int | None = None) -> None:
         for step in sorted(s for s in self._passes if before is None or s < before):
             passes = self.take(step)
-            copy = HostCopy(pass_fields(passes))
+            self._last, self._last_report = (step, passes, HostCopy(pass_fields(passes))), None
+            for cb in list(self._on_report):
+                cb(self.last_report)
+
+    @property
+    def last_report(self) -> Report | None:
+        """The Report of the newest delivered step (without a monitor), built
+        when first read: a step nobody reads costs no Report."""
+        if self._last_report is None and self._last is not None:
+            step, passes, copy = self._last
             th = self.options.thresholds
             rows, findings, origin = activation_findings(host_passes(passes, copy),
                                                          th.max_saturated_fraction, th.max_dead_fraction)
-            self.last_report = Report(step=step, rows=rows, findings=findings, origin=origin)
-            for cb in list(self._on_report):
-                cb(self.last_report)
+            self._last_report = Report(step=step, rows=rows, findings=findings, origin=origin)
+        return self._last_report
 
     def flush(self) -> None:
         """Delivers the Reports of every watched step now (without a monitor)."""
