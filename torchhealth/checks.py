@@ -314,8 +314,9 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
     quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
     has = m["has_grad"]
-    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows.index_select(0, m["grad_rows"]))
-    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g.index_select(0, m["grad_rows"]))
+    at = m["grad_rows"]
+    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows.index_select(0, at))
+    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g.index_select(0, at))
     old = state.structural
     was = old == STRUCTURAL
     first = ((old == UNDECIDED) | (old == UNREACHED)) & seen & m["trainable"]

@@ -4,8 +4,9 @@ Everything before it stays on the device. `HostCopy` packs named tensors
 (int64, float64 by bit pattern, bool) into one int64 buffer, starts one copy
 (non-blocking into pinned memory on CUDA, with one event), and unpacks by
 field name, so no reader computes offsets. On the CPU there is nothing to copy:
-the fields are kept as they are and read by the same names. `read` is the only place that waits
-for the device; `tensor` and `value` unpack what it brought back, field by field.
+the fields are kept as they are and read by the same names. `read` is the only
+place that waits for the device; `tensor` and `value` unpack what it brought
+back, field by field.
 """
 from __future__ import annotations
 

@@ -276,8 +276,8 @@ class HealthMonitor:
     # (`torchhealth.checks`), each cheaper without autograd's bookkeeping, and
     # none of its tensors is ever differentiated. In-place actions on the
     # gradients (normal tensors) are allowed there and still bump their
-    # version counters; what leaves the monitor as a tensor is read, or
-    # copied first (`state_dict`).
+    # version counters. What leaves the monitor as a tensor is only read (the
+    # skip flag, `CheckResult.skip`), or copied first (`state_dict`).
     @torch.inference_mode()
     def _prepare(self, step: int, found_inf: torch.Tensor | None) -> _Prepared:
         """collect -> stats -> checks -> policy, on the device; nothing is kept yet."""

@@ -143,8 +143,9 @@ def all_reduce_stats(stats: TensorStats, group=None, *, replicated: bool | torch
     held by every rank and are counted once: only group rank 0 contributes them.
 
     Issues one all-gather, or one SUM and one MAX all-reduce (module
-    docstring), on ``stats``' device, and never reads a value on the host; every rank of ``group`` must call it
-    with the same number of rows and histogram setting. Payload: `payload_bytes`.
+    docstring), on ``stats``' device, and never reads a value on the host;
+    every rank of ``group`` must call it with the same number of rows and
+    histogram setting (so every rank takes the same way). Payload: `payload_bytes`.
     With ``async_op=True`` it returns a `PendingStats`; call ``.wait()``.
     """
     if not isinstance(stats, TensorStats):
