@@ -6,6 +6,7 @@ beyond ``full_tensor()``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -165,6 +166,17 @@ def errors(rank, world):
             all_reduce_stats(stats, only_zero)
 
 
+@contextlib.contextmanager
+def _gather_bytes(limit: int):
+    """`_combine.GATHER_BYTES` set to ``limit`` while active: which of its two
+    ways `all_reduce_stats` and `dtensor_stats` combine rows."""
+    saved, _combine.GATHER_BYTES = _combine.GATHER_BYTES, limit
+    try:
+        yield
+    finally:
+        _combine.GATHER_BYTES = saved
+
+
 def _rank_tensors(r):
     return [_special((3 + r, 4), seed=10 + r), torch.randn(r + 1, generator=torch.Generator().manual_seed(r))]
 
@@ -178,8 +190,7 @@ def combine_plain(rank, world):
     zero = _rank_tensors(0)
     for gather_bytes, kinds in ((_combine.GATHER_BYTES, [("all_gather_into_tensor", None)]),
                                 (0, [("all_reduce", dist.ReduceOp.SUM), ("all_reduce", dist.ReduceOp.MAX)])):
-        _combine.GATHER_BYTES, saved = gather_bytes, _combine.GATHER_BYTES
-        try:
+        with _gather_bytes(gather_bytes):
             with counted_collectives() as calls:
                 got = all_reduce_stats(torchhealth.tensor_stats(mine))
             assert [(c.name, c.op) for c in calls] == kinds, calls
@@ -193,8 +204,6 @@ def combine_plain(rank, world):
             got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=torch.tensor([True, False]))
             want = [zero[0], fulls[1]]
             assert_same_stats(got, torchhealth.tensor_stats(want), want, "replicated mask")
-        finally:
-            _combine.GATHER_BYTES = saved
 
 
 def dtensor_collectives(rank, world):
@@ -206,12 +215,8 @@ def dtensor_collectives(rank, world):
     results = []
     for gather_bytes, kinds in ((world * payload_bytes(6, histogram=False), ["all_gather_into_tensor"]),
                                 (world * payload_bytes(6, histogram=False) - 1, ["all_reduce"] * 2)):
-        _combine.GATHER_BYTES, saved = gather_bytes, _combine.GATHER_BYTES
-        try:
-            with counted_collectives() as calls:
-                results.append(torchhealth.tensor_stats(dts, histogram=False))
-        finally:
-            _combine.GATHER_BYTES = saved
+        with _gather_bytes(gather_bytes), counted_collectives() as calls:
+            results.append(torchhealth.tensor_stats(dts, histogram=False))
         assert [c.name for c in calls] == kinds, calls
         assert sum(c.bytes for c in calls) == payload_bytes(6, histogram=False) == 6 * 96, calls
     fulls = [t.full_tensor() for t in dts]

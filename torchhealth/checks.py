@@ -281,7 +281,7 @@ def vanishing(stats: TensorStats, layout: Layout, th: Thresholds,
         _signal("vanishing", "total", low[None], total, th.min_norm),
         _signal("vanishing", "relative", small,
                 torch.where(small, rel2, m["inf"]).amin().sqrt() if len(layout)
-                else total.new_tensor(math.inf),
+                else m["inf"],
                 limit),
         _signal("vanishing", "zeros", sparse, _masked_max(frac, sparse, m), th.max_zero_fraction),
     ]
@@ -368,9 +368,9 @@ def headroom(stats: TensorStats, layout: Layout, th: Thresholds,
     course = lowp & m["param"] & finite & ~near & (prev > 0) & (use >= 2.0 ** -6) & (left <= th.overflow_horizon)
     rows = m["param_rows"]
     seen = torch.where(lowp & finite, use, m["zero"]).index_select(0, rows)
-    peak = state.peak.index_put((m["row_param"][rows],), seen)
+    peak = state.peak.index_put((m["row_param"].index_select(0, rows),), seen)
     soonest = torch.where(course, left, m["inf"])
-    soonest = soonest.amin() if soonest.numel() else soonest.new_full((), math.inf)
+    soonest = soonest.amin() if soonest.numel() else m["inf"]
     return [_signal("headroom", "overflow", near, _masked_max(use, lowp, m), th.headroom),
             _signal("headroom", "course", course, soonest, th.overflow_horizon),
             _signal("headroom", "underflow", under, _masked_max(sub, lowp, m), th.max_subnormal_fraction)], \

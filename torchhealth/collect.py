@@ -81,7 +81,8 @@ _LAYOUTS = (torch.strided, torch.sparse_coo)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in _REAL_DTYPES else torch.view_as_real(t.detach()) if t.is_complex() else t
+    # The dtype first: a real tensor is not asked whether it is complex.
+    return torch.view_as_real(t.detach()) if t.dtype not in _REAL_DTYPES and t.is_complex() else t
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -163,11 +164,10 @@ class Collector:
                     continue
                 j = len(params)
                 params.append((p, gi, pj))
-                real = p.dtype in _REAL_DTYPES  # a gradient has its parameter's dtype
-                entries.append((p if real else _real(p), j, "param"))  # tensor_stats records no autograd
+                entries.append((_real(p), j, "param"))  # tensor_stats records no autograd
                 g = p.grad
                 if g is not None:
-                    g = g if real else _real(g)
+                    g = _real(g)
                     grads.append(g)
                     if g.is_sparse:  # duplicate indices add up: read the true gradient
                         g = (g if g.is_coalesced() else g.coalesce())._values()

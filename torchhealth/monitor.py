@@ -313,6 +313,7 @@ class HealthMonitor:
         return result
 
     def _result(self, p: _Prepared) -> CheckResult:
+        """The host copy and the in-place actions of `_commit` (in inference mode)."""
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
         late = self._mode(p.batch.devices) != "step"
