@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import torchhealth
 from torchhealth.distributed import _combine
+from torchhealth.distributed._count import Collective
 from torchhealth.distributed import (DDPNonfiniteTracker, FSDPNonfiniteTracker, all_reduce_stats,
                                      by_mesh, counted_collectives, global_stats, payload_bytes)
 from dist_workers import assert_same_stats
@@ -204,6 +205,12 @@ def combine_plain(rank, world):
             got = all_reduce_stats(torchhealth.tensor_stats(mine), replicated=torch.tensor([True, False]))
             want = [zero[0], fulls[1]]
             assert_same_stats(got, torchhealth.tensor_stats(want), want, "replicated mask")
+    # The counter reads the arguments however they were passed.
+    with counted_collectives(torchhealth_only=False) as calls:
+        dist.all_gather_into_tensor(output_tensor=torch.empty(3 * world), input_tensor=torch.ones(3))
+        dist.all_reduce(torch.ones(2), dist.ReduceOp.MAX)
+    assert calls == [Collective("all_gather_into_tensor", None, 12),
+                     Collective("all_reduce", dist.ReduceOp.MAX, 8)], calls
 
 
 def dtensor_collectives(rank, world):

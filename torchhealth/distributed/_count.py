@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -29,12 +30,15 @@ def counted_collectives(torchhealth_only: bool = True) -> Iterator[list[Collecti
     real = {name: getattr(dist, name) for name in _COUNTED}
 
     def counting(name):
-        def call(tensor, *args, **kwargs):
-            sent = args[0] if name == "all_gather_into_tensor" else tensor
+        signature = inspect.signature(real[name])
+
+        def call(*args, **kwargs):
             if not torchhealth_only or \
                     sys._getframe(1).f_globals.get("__name__", "").startswith("torchhealth"):
-                calls.append(Collective(name, kwargs.get("op"), sent.numel() * sent.element_size()))
-            return real[name](tensor, *args, **kwargs)
+                given = signature.bind(*args, **kwargs).arguments  # by position or keyword
+                sent = given["input_tensor" if name == "all_gather_into_tensor" else "tensor"]
+                calls.append(Collective(name, given.get("op"), sent.numel() * sent.element_size()))
+            return real[name](*args, **kwargs)
         return call
 
     for name in _COUNTED:
