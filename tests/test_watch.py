@@ -282,7 +282,7 @@ def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_row
     model = _mlp(nn.Tanh(), nn.Linear(8, 8), nn.ReLU())
 
     def passes(read_bytes):
-        monkeypatch.setattr(activations, "READ_BYTES", read_bytes)
+        monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
         calls = []
         stats = activations.tensor_stats
         monkeypatch.setattr(activations, "tensor_stats",

@@ -11,7 +11,7 @@ from torchhealth import activations
 
 def _reads(monkeypatch, model, x, read_bytes):
     """(the lists of tensors passed to tensor_stats, the passes) of one watched step."""
-    monkeypatch.setattr(activations, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
     reads = []
     stats = activations.tensor_stats
     monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))

@@ -92,11 +92,15 @@ def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> tor
 # before the pass ends: holding every output gradient of a backward pass until it
 # ends would keep memory alive that the autograd engine otherwise frees and reuses
 # at once (on a GPU, up to the activations' size again); a read per this many bytes
-# bounds that. Large enough that a small model's pass is still one call (and a
-# large model's a few per GPU-sized activation), small next to a training step's
-# memory. (On the CPU, smaller batches read while the tensors are still in cache
-# were measured slower per byte than one large batch, not faster.)
+# bounds that. On a GPU, large enough that a small model's pass is still one call
+# (and a large model's a few per GPU-sized activation), small next to a training
+# step's memory. On the CPU, smaller: what watch holds there is memory that malloc
+# hands back to the kernel and faults in again on the next step (benchmarks/RESULTS.md,
+# issue 9: 8 MiB batches cost ~15 ms less a step than 64 MiB on a GPT-2 of 3.7M
+# parameters, with the page faults of an unwatched step; the reads themselves are
+# not faster, as the tensors are out of cache either way).
 READ_BYTES = 64 << 20
+READ_BYTES_CPU = 8 << 20
 
 
 class PendingPass:
@@ -132,7 +136,7 @@ class PendingPass:
             self.flush()
         self.items.append((name, kind, t))
         self.bytes += t.nbytes
-        self.full = self.bytes >= READ_BYTES
+        self.full = self.bytes >= (READ_BYTES_CPU if t.is_cpu else READ_BYTES)
 
     def flush(self) -> None:
         slot: dict = {}

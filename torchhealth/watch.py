@@ -13,8 +13,8 @@ each output collects the gradient flowing into it. The tensors are held only
 until they are read: one `tensor_stats` call at the end of the forward pass
 (sigmoid/tanh outputs in a second one, which also counts their values near an
 asymptote) and one when backward finishes (an autograd-engine callback); a pass
-that holds more than `activations.READ_BYTES` is read in batches of about that
-size as it goes. Each distinct tensor is read once. Steps
+that holds more than `activations.READ_BYTES` (``READ_BYTES_CPU`` on the CPU)
+is read in batches of about that size as it goes. Each distinct tensor is read once. Steps
 that are not due cost one comparison per module. See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
