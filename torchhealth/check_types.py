@@ -127,10 +127,8 @@ class Layout:
         cached = self._device_cache.get(device)
         if cached is None:
             grad = [r == "grad" for r in self.roles]
-            has_grad = [False] * len(self.param_names)
-            for i, g in enumerate(grad):
-                if g:
-                    has_grad[self.param_index[i]] = True
+            grad_row = {self.param_index[i]: i for i, g in enumerate(grad) if g}
+            has_grad = [j in grad_row for j in range(len(self.param_names))]
             dmax = [torch.finfo(d).max for d in self.dtypes]
             cached = {
                 "grad": torch.tensor(grad, dtype=torch.bool),
@@ -138,12 +136,12 @@ class Layout:
                 "state": torch.tensor([r.startswith("state") for r in self.roles], dtype=torch.bool),
                 "lowp": torch.tensor([d in _LOWP for d in self.dtypes], dtype=torch.bool),
                 "dtype_max": torch.tensor(dmax, dtype=torch.float64),
-                "grad_param": torch.tensor([self.param_index[i] for i, g in enumerate(grad) if g],
-                                           dtype=torch.int64),
-                "grad_rows": torch.tensor([i for i, g in enumerate(grad) if g], dtype=torch.int64),
+                # Per parameter: the row of its gradient, or one past the last row
+                # (a row the callers append) when it has none.
+                "param_grad": torch.tensor([grad_row.get(j, len(self.roles))
+                                            for j in range(len(self.param_names))], dtype=torch.int64),
                 "param_rows": torch.tensor([i for i, r in enumerate(self.roles) if r == "param"],
                                            dtype=torch.int64),
-                "has_grad": torch.tensor(has_grad, dtype=torch.bool),
                 "trainable": torch.tensor(self.trainable, dtype=torch.bool),
                 "missing": torch.tensor([t and not h for t, h in zip(self.trainable, has_grad)], dtype=torch.bool),
                 "others_learn": torch.tensor(any(t and h for t, h in zip(self.trainable, has_grad))),
@@ -157,6 +155,8 @@ class Layout:
                 # Constants of signals that cannot fire (never changed in place).
                 "no_rows": torch.zeros(len(self.roles), dtype=torch.bool),
                 "false": torch.zeros((), dtype=torch.bool),
+                "false1": torch.zeros(1, dtype=torch.bool),
+                "true1": torch.ones(1, dtype=torch.bool),
                 "zero": torch.zeros((), dtype=torch.float64),
                 "inf": torch.full((), math.inf, dtype=torch.float64),
                 "ninf": torch.full((), -math.inf, dtype=torch.float64),

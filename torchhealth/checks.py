@@ -181,10 +181,21 @@ def _mean_square(stats: TensorStats) -> torch.Tensor:
     return stats.derived("ms", lambda s: s.sumsq / s.finite.clamp(min=1).double())
 
 
+def _grad_sumsq(stats: TensorStats, layout: Layout) -> torch.Tensor:
+    """Each row's sum of squares of finite values if it is a gradient, else 0."""
+    m = layout.masks(stats.device)
+    return stats.derived(("grad_sumsq", id(layout)), lambda s: torch.where(m["grad"], s.sumsq, m["zero"]))
+
+
+def _per_param(rows: torch.Tensor, m: dict, none: str) -> torch.Tensor:
+    """Per parameter: its gradient row's value of the bool ``rows``, or the
+    constant ``m[none]`` (``"false1"``/``"true1"``) if it has no gradient."""
+    return torch.cat([rows, m[none]]).index_select(0, m["param_grad"])
+
+
 def total_grad_norm(stats: TensorStats, layout: Layout) -> torch.Tensor:
     """L2 norm over every finite gradient value (float64, 0-d)."""
-    m = layout.masks(stats.device)
-    return torch.where(m["grad"], stats.sumsq, m["zero"]).sum().sqrt()
+    return _grad_sumsq(stats, layout).sum().sqrt()
 
 
 def nonfinite(stats: TensorStats, layout: Layout, found_inf: torch.Tensor | None = None) -> list[Signal]:
@@ -223,7 +234,7 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     margin = (state.var.clamp(min=0).sqrt() * th.spike_zscore).clamp(min=math.log(th.spike_factor))
     spike = warm & clean & (d > margin)
     ratio = torch.where(warm, d.exp(), m["zero"])
-    learn = torch.isfinite(x) & clean & ~spike
+    learn = (x.abs() < m["inf"]) & clean & ~spike  # x finite (NaN compares False)
     if found_inf is not None:
         learn = learn & ~(found_inf > 0)
     count = state.count + learn
@@ -235,8 +246,8 @@ def exploding(stats: TensorStats, layout: Layout, th: Thresholds, state: Running
     var = torch.where(learn, (1 - alpha) * (state.var + alpha * delta * delta), state.var)
     signals = [
         _signal("exploding", "total", (clean & (total > th.max_norm))[None], total, th.max_norm),
-        _signal("exploding", "param", big, _masked_max(stats.sumsq, m["grad"], m).clamp(min=0).sqrt(),
-                th.max_param_norm),
+        _signal("exploding", "param", big,
+                (_grad_sumsq(stats, layout).amax() if len(layout) else m["zero"]).sqrt(), th.max_param_norm),
         Signal("exploding", "spike", spike, spike[None], ratio, th.spike_factor),
     ]
     return signals, dataclasses.replace(state, count=count, mean=mean, var=var)
@@ -313,10 +324,8 @@ def structural(stats: TensorStats, layout: Layout, th: Thresholds,
     # Squared bounds (see _no_row_sqrt): structural_rms**2, or min(eps, structural_rms**2).
     bound2 = torch.where(m["candidate"], th.structural_rms ** 2, m["eps"].clamp(max=th.structural_rms ** 2))
     quiet_rows = g & (ref > 0) & (ms <= bound2 * ref) & (m["candidate"] | (ms > 0))
-    has = m["has_grad"]
-    at = m["grad_rows"]
-    quiet = has.new_zeros(has.shape).index_put((m["grad_param"],), quiet_rows.index_select(0, at))
-    seen = has.new_zeros(has.shape).index_put((m["grad_param"],), g.index_select(0, at))
+    quiet = _per_param(quiet_rows, m, "false1")
+    seen = _per_param(g, m, "false1")
     old = state.structural
     was = old == STRUCTURAL
     first = ((old == UNDECIDED) | (old == UNREACHED)) & seen & m["trainable"]
@@ -385,9 +394,8 @@ def dead(stats: TensorStats, layout: Layout, th: Thresholds,
     check so far while others had a gradient). Parameters whose gradient is
     zero by construction (`structural`) or that are unreached are not counted."""
     m = layout.masks(stats.device)
-    zero_rows = (stats.zero == stats.numel).index_select(0, m["grad_rows"])
     missing = m["missing"]  # trainable, no gradient
-    now = missing.index_put((m["grad_param"],), zero_rows)
+    now = _per_param(stats.zero == stats.numel, m, "true1")  # None or all zero
     counts = torch.where(now & m["trainable"], state.dead + 1, 0)
     newly = (state.structural == UNDECIDED) & missing & (counts >= th.dead_after) & m["others_learn"]
     status = torch.where(newly, UNREACHED, state.structural)
@@ -410,7 +418,7 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
     signals = nonfinite(stats, layout, found_inf)
     ex, state = exploding(stats, layout, th, state, found_inf, total)
     info, excluded, state = structural(stats, layout, th, state)
-    exploded = torch.stack([s.fired for s in ex if s.kind in ("total", "spike")]).any()
+    exploded = ex[0].fired | ex[2].fired  # the total norm or its spike
     va = vanishing(stats, layout, th, total, excluded, exploded)
     dd, state = dead(stats, layout, th, state)
     hr, state = headroom(stats, layout, th, state)
