@@ -15,14 +15,21 @@ until they are read: one `tensor_stats` call at the end of the forward pass
 asymptote) and one when backward finishes (an autograd-engine callback); a pass
 that holds more than `activations.READ_BYTES` (``READ_BYTES_CPU`` on the CPU)
 is read in batches of about that size as it goes. Each distinct tensor is read once. Steps
-that are not due cost one comparison per module. See `torchhealth.activations` for what is checked.
+that are not due cost one comparison per module (and ~1 us of the
+`torch.compiler.disable` wrapper below). See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
 `HealthCheckError` carry ``origin``). Without it, the watch counts forward
 passes as steps and delivers its own Reports to ``on_report`` (and
-``last_report``). Hooks of a `torch.compile`d module follow torch.compile's
-own hook support; this module has not been tested under it.
+``last_report``).
+
+Under `torch.compile` (``torch.compile(model)`` or ``model.compile()``, watched
+before or after compiling), the forward hooks run eagerly
+(`torch.compiler.disable`): the compiled graph breaks at every watched module
+while the watch is attached, so each module's output exists to be read, and the
+rows are those of the eager model. Compiled autograd (which would also trace the
+backward hooks) has not been tried.
 """
 from __future__ import annotations
 
@@ -73,7 +80,10 @@ class Watch:
                  on_report: Callable[[Report], None] | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
-        if getattr(model, "_torchhealth_watch", None) is not None:
+        # torch.compile(m) wraps m: its modules are named and hooked as m's.
+        inner = getattr(model, "_orig_mod", None)
+        self._roots = (model, inner) if isinstance(inner, torch.nn.Module) else (model,)
+        if any(getattr(m, "_torchhealth_watch", None) is not None for m in self._roots):
             raise ValueError(f"watch: this {type(model).__name__} is already watched; "
                              "remove() the first watch before watching it again")
         self.monitor = getattr(monitor, "monitor", monitor)  # a wrapper's monitor, or the monitor
@@ -92,17 +102,21 @@ class Watch:
         self._on_report = [on_report] if on_report else []
         self._last: tuple | None = None  # (step, passes, host copy) of the newest delivered step
         self._last_report: Report | None = None
-        names = {m: n for n, m in model.named_modules()}
-        self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
-        self._hooks += [m.register_forward_hook(functools.partial(self._output, names[m], kind_of(m)))
-                        for m in model.modules() if m is not model]
-        self._hooks.append(model.register_forward_hook(self._end))
+        names = {m: n for n, m in self._roots[-1].named_modules()}
+        # Eager under torch.compile: traced, a hook would be asked for the byte size of
+        # a symbolic shape, and its outputs would not exist to be read.
+        eager = torch.compiler.disable
+        self._hooks = [model.register_forward_pre_hook(eager(self._begin), with_kwargs=True)]
+        self._hooks += [m.register_forward_hook(eager(functools.partial(self._output, names[m], kind_of(m))))
+                        for m in self._roots[-1].modules() if m not in self._roots]
+        self._hooks.append(model.register_forward_hook(eager(self._end)))
         self._skipped_types: set[type] = set()
         self._outputs: PendingPass | None = None  # the forward pass under way, on a due step
         self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
         self._grads: PendingPass | None = None  # the backward pass under way
         self._passes: dict[int, list[PassStats]] = {}
-        model._torchhealth_watch = self
+        for m in self._roots:
+            m._torchhealth_watch = self
 
     # -- hooks ------------------------------------------------------------------------
     def _begin(self, module, args, kwargs) -> None:
@@ -221,7 +235,8 @@ class Watch:
         if self.monitor is not None:
             self.monitor.attach_activations(None)
         self.flush()
-        self.model._torchhealth_watch = None
+        for m in self._roots:
+            m._torchhealth_watch = None
 
     def __enter__(self) -> Watch:
         return self
