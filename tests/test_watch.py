@@ -428,3 +428,23 @@ def test_a_compiled_model_gives_the_rows_and_origin_of_the_eager_one(how):
             assert rc.l2norm == pytest.approx(re_.l2norm, rel=1e-5, abs=1e-12), rc.name
     assert _origin(compiled[2]) == _origin(eager[2]) == ("0", "forward")
     assert not compiled[1].findings
+
+
+def test_the_optimizer_of_a_compiled_model_names_its_parameters_as_the_model_does():
+    torch._dynamo.reset()
+    model = _mlp(nn.ReLU())
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=compiled,
+                                    policy="skip")
+    with th.watch(compiled, monitor=opt):
+        for i in range(2):
+            if i == 1:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = float("nan")
+            compiled(_x(i)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    report = opt.last_report
+    assert {r.name for r in report.rows if r.role == "param"} == {n for n, _ in model.named_parameters()}
+    assert report.origin["module"] == "2" and opt.skipped_steps == 1
+    assert any("2.weight" in f.names for f in report.findings if f.check == "nonfinite")

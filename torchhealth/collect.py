@@ -76,6 +76,12 @@ def structural_facts(model: torch.nn.Module) -> dict[int, str]:
     return facts
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile` wrapper wraps (whose names the user knows), or `model`."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 _REAL_DTYPES = frozenset(SUPPORTED_DTYPES)
 _LAYOUTS = (torch.strided, torch.sparse_coo)
 
@@ -114,6 +120,7 @@ class Collector:
         self.optimizer = source if isinstance(source, torch.optim.Optimizer) else None
         if model is None and isinstance(source, torch.nn.Module):
             model = source
+        model = uncompiled(model) if model is not None else None
         self._groups: list[dict] = []
         if self.optimizer is None:
             items = (list(source.named_parameters()) if isinstance(source, torch.nn.Module)

@@ -51,6 +51,7 @@ from .activations import (
     pass_fields,
 )
 from .checks import Thresholds
+from .collect import uncompiled
 from .hostcopy import HostCopy
 from .report import Report
 
@@ -81,8 +82,8 @@ class Watch:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
         # torch.compile(m) wraps m: its modules are named and hooked as m's.
-        inner = getattr(model, "_orig_mod", None)
-        self._roots = (model, inner) if isinstance(inner, torch.nn.Module) else (model,)
+        inner = uncompiled(model)
+        self._roots = (model,) if inner is model else (model, inner)
         if any(getattr(m, "_torchhealth_watch", None) is not None for m in self._roots):
             raise ValueError(f"watch: this {type(model).__name__} is already watched; "
                              "remove() the first watch before watching it again")
