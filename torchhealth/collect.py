@@ -120,7 +120,7 @@ class Collector:
         self.optimizer = source if isinstance(source, torch.optim.Optimizer) else None
         if model is None and isinstance(source, torch.nn.Module):
             model = source
-        model = uncompiled(model) if model is not None else None
+        model = uncompiled(model)
         self._groups: list[dict] = []
         if self.optimizer is None:
             items = (list(source.named_parameters()) if isinstance(source, torch.nn.Module)
