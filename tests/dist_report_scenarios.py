@@ -89,6 +89,17 @@ def ddp_report_names_rank_never(rank, world):
     ddp_report_names_rank(rank, world, sync="never")
 
 
+def compiled_ddp_report_names_rank(rank, world):
+    """``torch.compile(DDP(net))`` given as ``model=``: the tracker goes on the DDP
+    module inside the compiled wrapper, and Reports name the rank and the
+    parameters as the DDP module does."""
+    model, net = _ddp_net()
+    compiled = torch.compile(model, backend="eager")
+    opt, reports = _train(compiled, net, rank, world)
+    assert opt.monitor.origin_tracker is torchhealth.distributed.track_origin(model)
+    _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")
+
+
 def fsdp_report_names_rank(rank, world):
     net = _fsdp_net()
     _, reports = _train(net, net, rank, world)

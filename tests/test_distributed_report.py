@@ -13,7 +13,8 @@ from dist_workers import run_scenarios
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
-TWO = ["ddp_report_names_rank", "ddp_report_names_rank_never", "fsdp_report_names_rank", "raise_names_rank",
+TWO = ["ddp_report_names_rank", "ddp_report_names_rank_never", "compiled_ddp_report_names_rank",
+       "fsdp_report_names_rank", "raise_names_rank",
        "explicit_tracker_with_hook", "jsonl_world_size", "ddp_unused_branch", "fsdp_unused_branch",
        "fsdp_check_every", "dcp_round_trip"]
 FOUR = ["ddp_report_names_rank", "fsdp_report_names_rank", "ddp_unused_branch",

@@ -111,16 +111,13 @@ class Collected:
 class Collector:
     """Finds the tensors of `source` (an optimizer, a module, or an iterable of
     parameters, ``(name, parameter)`` pairs or param groups) and names them
-    after `model`, after named param groups (``"param_names"``), or
-    ``group{i}.param{j}``. ``optimizer_state``: False, True, or a set of state
+    after `model` (unwrapped from any `torch.compile` wrapper by the monitor),
+    after named param groups (``"param_names"``), or ``group{i}.param{j}``. ``optimizer_state``: False, True, or a set of state
     keys to read too (tensors shaped like their parameter)."""
 
     def __init__(self, source, model: torch.nn.Module | None = None,
                  optimizer_state: bool | frozenset = False):
         self.optimizer = source if isinstance(source, torch.optim.Optimizer) else None
-        if model is None and isinstance(source, torch.nn.Module):
-            model = source
-        model = uncompiled(model)
         self._groups: list[dict] = []
         if self.optimizer is None:
             items = (list(source.named_parameters()) if isinstance(source, torch.nn.Module)

@@ -66,7 +66,7 @@ from .checks import RunningState, Signal, run_checks, total_grad_norm
 from .policy import Decision, act_, decide, dispatch, grad_norm_
 from . import distributed, user_scalars
 from ._ops import tensor_stats
-from .collect import Collected, Collector
+from .collect import Collected, Collector, uncompiled
 from .options import MonitorOptions
 from .report import Report
 from .result import CheckResult
@@ -143,6 +143,9 @@ class HealthMonitor:
     def __init__(self, source, *, model: torch.nn.Module | None = None,
                  options: MonitorOptions | None = None, **settings):
         self.options = MonitorOptions.build(options, **settings)
+        if model is None and isinstance(source, torch.nn.Module):
+            model = source
+        model = uncompiled(model)  # a torch.compile wrapper: its module names and DDP/FSDP2 hooks
         self.collector = Collector(source, model, self.options.optimizer_state)
         self.checks = 0  # checks run so far
         self._callbacks: list[tuple[Callable[[Report], None], bool]] = []
@@ -159,8 +162,7 @@ class HealthMonitor:
         self._scalars: dict[str, float | torch.Tensor] = {}  # logged for the next check
         # Under DDP/FSDP2: flags set inside the gradients' communication, gathered
         # by the checks that need them (torchhealth.distributed.track_origin).
-        self.origin_tracker = distributed.origin_tracker_for(
-            model if model is not None or not isinstance(source, torch.nn.Module) else source)
+        self.origin_tracker = distributed.origin_tracker_for(model)
         self.world_size = _world_size()  # ranks each Report covers
 
     # The settings, readable as attributes (they are `options`' fields).
