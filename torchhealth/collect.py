@@ -112,8 +112,9 @@ class Collector:
     """Finds the tensors of `source` (an optimizer, a module, or an iterable of
     parameters, ``(name, parameter)`` pairs or param groups) and names them
     after `model` (unwrapped from any `torch.compile` wrapper by the monitor),
-    after named param groups (``"param_names"``), or ``group{i}.param{j}``. ``optimizer_state``: False, True, or a set of state
-    keys to read too (tensors shaped like their parameter)."""
+    after named param groups (``"param_names"``), or ``group{i}.param{j}``.
+    ``optimizer_state``: False, True, or a set of state keys to read too
+    (tensors shaped like their parameter)."""
 
     def __init__(self, source, model: torch.nn.Module | None = None,
                  optimizer_state: bool | frozenset = False):
