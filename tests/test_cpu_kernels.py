@@ -116,6 +116,28 @@ def test_specials_at_every_edge(kernel, dtype):
 
 @kernel_param
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_saturation_below_the_dtype_range_in_otherwise_clean_blocks(kernel, dtype):
+    """Sigmoid and tanh outputs, as watch reads them (saturation 1 - 2^-10):
+    blocks whose only special values are saturated ones (counted without the
+    careful pass), blocks with none, and blocks that also hold a NaN, an Inf
+    or a tiny value, bit for bit against the reference."""
+    with use_kernel(kernel):
+        g = torch.Generator().manual_seed(11)
+        n = 2 * CHUNK + 37
+        z = torch.randn(n, generator=g, dtype=torch.float64)
+        mixed = torch.sigmoid(z * torch.where(torch.arange(n) % 5000 < 2500, 1.0, 8.0))
+        mixed[[7, 40_000]] = 1.0  # exactly at an asymptote
+        specials = mixed.clone()
+        specials[[100, 20_000, 70_000, 90_000]] = torch.tensor([math.nan, math.inf, 1e-30, -math.inf],
+                                                                dtype=torch.float64)
+        ts = [mixed.to(dtype), specials.to(dtype), torch.tanh(3 * z).to(dtype)[3:]]
+        for histogram in (True, False):
+            got = assert_matches_reference(ts, saturation=1 - 2.0 ** -10, histogram=histogram)
+            assert got[0, S.SATURATED] > 1000  # the case the test is about
+
+
+@kernel_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_histogram_window_edges(kernel, dtype):
     """Blocks whose magnitudes span more than the 16-exponent window, values one
     octave below it (a negative one must not alias into a positive slot), -0

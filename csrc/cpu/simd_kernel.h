@@ -19,11 +19,14 @@
 //    |x| below small_bits (its subnormals), and the zero count is kept except
 //    for float32/bfloat16 with the histogram, where pass 2 gives it (a clean
 //    block's zeros are its values pass 2 does not bin). The block is then
-//    checked: NaN and Inf make the sums non-finite, and max(-min, max) must
-//    stay below the saturation threshold; for float32 and bfloat16 no nonzero
-//    |x| may be below 2^-63 (anz). A block that fails (rare: it
-//    holds a NaN, Inf, saturated, float32/bfloat16-subnormal or tiny value) is
-//    read again by the careful variant, which counts every class with masks.
+//    checked: NaN and Inf make the sums non-finite; for float32 and bfloat16
+//    no nonzero |x| may be below 2^-63 (anz). A block that fails (rare: it
+//    holds a NaN, Inf, float32/bfloat16-subnormal or tiny value, or a value
+//    whose square overflows float32) is read again by the careful variant,
+//    which counts every class with masks. A block that passes but whose
+//    max(-min, max) reaches the saturation threshold (a threshold below the
+//    dtype's range, as watch sets for sigmoid outputs) has only its saturated
+//    values counted, from L1, by count_saturated().
 //  * Pass 2 (histogram) re-reads the block from L1. Magnitudes in a block span
 //    few binary exponents, so a window of 16 exponents per sign, topped at the
 //    block's largest exponent E, holds nearly every value: the value's window
@@ -132,7 +135,6 @@ struct Block {
 
 struct Consts {
   uint32_t sat_bits;   // |x| bits >= sat_bits: saturated (finite values only)
-  uint32_t clean_max;  // a block whose |x| bits all stay below needs no special count
   uint32_t mn_bits;    // bits of the dtype's smallest normal, as float32
   // The fast pass counts |x| bits < small_bits. For float16 that is the
   // smallest normal, so small - zero is the subnormal count (float16
@@ -532,11 +534,11 @@ struct ChunkAcc {
   void merge(const Block& b, bool careful) {
     zero += hsum_u(b.zero);
     sub += hsum_u(b.sub);
+    sat += hsum_u(b.sat);
     if (careful) {
       nan += hsum_u(b.nan);
       pinf += hsum_u(b.pinf);
       ninf += hsum_u(b.ninf);
-      sat += hsum_u(b.sat);
     }
     amax = (vi)b.amax > (vi)amax ? b.amax : amax;
     vmin = b.vmin < vmin ? b.vmin : vmin;
@@ -599,6 +601,17 @@ inline void fast_pass1(const typename L::type* f, int nv, const Consts& c, bool 
   }
 }
 
+// Per lane, how many of the nv registers at p hold a value with |x| bits >=
+// sat_bits, for a clean block (all finite): one compare and one add a register.
+template <typename L>
+inline vu count_saturated(const typename L::type* p, int nv, uint32_t sat_bits) {
+  const vu absmask = splat(0x7fffffffu);
+  const vi lim = splat_i(static_cast<int32_t>(sat_bits));
+  vu below{};
+  for (int v = 0; v < nv; ++v) below = count_lt(below, (vi)((vu)L::load_v(p + v * kLanes) & absmask), lim);
+  return splat(static_cast<uint32_t>(nv)) - below;
+}
+
 // Pass 2 over a block whose largest finite |x| bits are amax != 0 and smallest
 // nonzero ones anz + 1. Returns how many values it binned.
 template <typename L>
@@ -625,7 +638,6 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
   const bool copied = From::kDirect && !std::is_same_v<From, FromFloat> && h->counts != nullptr;
   Consts c;
   c.sat_bits = bits_of(lim.saturation);
-  c.clean_max = c.sat_bits < 0x7f800000u ? c.sat_bits : 0x7f800000u;
   c.mn_bits = bits_of(lim.min_normal);
   c.small_bits = c.mn_bits > 0x20000000u ? c.mn_bits : 0x20000000u;  // 2^-63
   c.small_is_subnormal = c.small_bits == c.mn_bits;
@@ -655,7 +667,10 @@ Acc chunk(const typename From::type* p, int64_t n, const Limits<float>& lim, His
       // histogram, else from the count of small values, all zeros.
       const bool no_tiny = c.small_is_subnormal ||
                            (hist ? anz >= c.small_bits - 1 : hsum_u(b.small) == hsum_u(b.zero));
-      const bool clean = sums_are_finite(b) && amax < c.clean_max && no_tiny;
+      // Finite sums: every value is finite (a NaN or Inf, or a square above
+      // FLT_MAX, would have made them non-finite).
+      const bool clean = sums_are_finite(b) && no_tiny;
+      if (clean && amax >= c.sat_bits) b.sat = count_saturated<Fast>(f, nv, c.sat_bits);
       if (!clean) {
         // The careful pass and pass 2 read one private copy: were another
         // thread writing the tensor, both still see the same values, so each
