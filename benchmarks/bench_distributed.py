@@ -1,7 +1,7 @@
 """Step time of a small transformer under DDP and FSDP2, with and without
 torchhealth, side by side in one run, and what each check sends.
 
-    python benchmarks/bench_distributed.py [--nproc 2] [--steps 30] [--dim 128] [--layers 4]
+    python benchmarks/bench_distributed.py [--nproc 2] [--steps 30] [--dim 128] [--layers 4] [--check-every 1]
 
 Starts ``--nproc`` processes on gloo (CPU; NCCL on GPUs is the same script and
 is not run here). Per mode, two identical plain models and the wrapped one
@@ -12,10 +12,10 @@ rotates every step, so all see the same machine load. The table gives each
 arm's median step time, its overhead against the first plain arm as the median
 of the step-by-step ratios with their interquartile range, and the collectives
 and bytes torchhealth issued per check (counted on the real calls); "in
-check()": the median time spent in the monitor's check per step, as a share of
+check()": the mean time spent in the monitor's check per step, as a share of
 the plain step. The second plain arm is the noise floor: its "overhead" is what
 identical work measures on this machine.
-Checks run every step with histograms off.
+Checks run every step (``--check-every``: every Nth) with histograms off.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 
-def build(mode: str, wrapped: bool, dim: int, layers: int):
+def build(mode: str, wrapped: bool, dim: int, layers: int, check_every: int = 1):
     import torchhealth
     from torch.nn.parallel import DistributedDataParallel as DDP
     from train_fsdp2 import TinyLM, shard
@@ -44,7 +44,7 @@ def build(mode: str, wrapped: bool, dim: int, layers: int):
     model = shard(model) if mode == "fsdp2" else DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if wrapped:
-        opt = torchhealth.HealthCheckedOptimizer(opt, model=model, histogram=False)
+        opt = torchhealth.HealthCheckedOptimizer(opt, model=model, histogram=False, check_every=check_every)
         assert opt.monitor.origin_tracker is not None
     return model, opt
 
@@ -77,7 +77,8 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, out) -> None:
+def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, check_every: int,
+           out) -> None:
     from torchhealth.distributed import counted_collectives
 
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
     rows = []
     for mode in ("ddp", "fsdp2"):
         variants = {"plain": build(mode, False, dim, layers), "plain again": build(mode, False, dim, layers),
-                    "wrapped": build(mode, True, dim, layers)}
+                    "wrapped": build(mode, True, dim, layers, check_every)}
         names = list(variants)
         times = {k: [] for k in variants}
         checks: list[float] = []
@@ -104,9 +105,11 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
                 dt = time.perf_counter() - t0
                 if i >= 3:  # warm-up steps are not timed
                     times[name].append(dt)
-                sent[name] = calls
+                if calls or name not in sent:  # what a checked step sends
+                    sent[name] = calls
         n_params = sum(1 for _ in variants["plain"][0].parameters())
-        in_check = 100 * statistics.median(checks[3:]) / statistics.median(times["plain"])
+        # Per step (checked or not): the mean, so that every Nth step's check counts.
+        in_check = 100 * statistics.fmean(checks[3:]) / statistics.median(times["plain"])
         for name in variants:
             ratios = [t / b for t, b in zip(times[name], times["plain"])]
             lo, mid, hi = (100 * (r - 1) for r in quartiles(ratios))
@@ -123,17 +126,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--dim", type=int, default=128, help="the transformer's width")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--check-every", type=int, default=1, help="the wrapper's check_every")
     args = p.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from tests.dist_workers import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(args.nproc, free_port(), args.steps, args.dim, args.layers, out),
+    mp.start_processes(worker, args=(args.nproc, free_port(), args.steps, args.dim, args.layers, args.check_every, out),
                        nprocs=args.nproc, join=True, start_method="spawn")
     rows = out.get()
     print(f"{args.nproc} processes, gloo, {args.steps} timed steps, TinyLM(dim={args.dim}, "
-          f"layers={args.layers}), checks every step, no histograms")
+          f"layers={args.layers}), checks every {args.check_every} step(s), no histograms")
     print(f"{'mode':6} {'variant':12} {'params':>6} {'median ms':>10} {'overhead':>9} "
           f"{'IQR':>15} {'collectives':>11} {'bytes sent':>10} {'in check()':>10}")
     for mode, name, n, ms, over, lo, hi, calls, sent, in_check in rows:

@@ -200,29 +200,42 @@ def ddp_unused_branch(rank, world):
     _same_everywhere(reports, list(model.parameters()))
 
 
-def fsdp_check_every(rank, world):
-    """check_every=3 under FSDP2: checks on steps 0, 3, 6 on every rank, the
-    origin flags of unchecked steps forgotten, no hang."""
-    net = _fsdp_net()
+def _check_every(model, net, rank, world):
+    """check_every=3: checks on steps 0, 3, 6 on every rank, no hang. The local
+    gradients are read inside communication only on a checked step (a NaN of
+    BAD_RANK's at unchecked step 2 sets no flag, nor names any rank at step 3),
+    and a NaN of BAD_RANK's at checked step 3 is named."""
     reports = []
-    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), model=net,
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
                                              check_every=3)
     opt.monitor.on_report(reports.append, all_ranks=True)
+    tracker = opt.monitor.origin_tracker
     for step in range(7):
-        net.poison = rank == BAD_RANK and step == BAD_STEP  # not a checked step
+        net.poison = rank == BAD_RANK and step in (BAD_STEP, 3)
+        assert tracker.armed == (step % 3 == 0), step
         x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
-        net(x).sum().backward()
-        flags = opt.monitor.origin_tracker.local_flags()
-        assert bool(flags.any()) == net.poison, (step, flags)  # recorded inside the reduce-scatter
+        model(x).sum().backward()
+        flags = tracker.local_flags()
+        assert bool(flags.any()) == (net.poison and step == 3), (step, flags)
         if step == BAD_STEP:  # a step every rank drops: no gradient reaches the optimizer
             opt.zero_grad()
         opt.step()
-        assert not bool(flags.any()), (step, flags)  # forgotten: step 3's check names no rank
+        assert not bool(flags.any()), (step, flags)  # forgotten once checked
         opt.zero_grad()
     opt.flush()
     assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
-    assert not any(f.ranks for r in reports for f in r.findings)
+    named = {r.step: [f.ranks for f in r.findings if f.ranks] for r in reports}
+    assert named == {0: [], 3: [[BAD_RANK]], 6: []}, named
     _same_everywhere(reports, list(net.parameters()))
+
+
+def fsdp_check_every(rank, world):
+    net = _fsdp_net()
+    _check_every(net, net, rank, world)
+
+
+def ddp_check_every(rank, world):
+    _check_every(*_ddp_net(), rank, world)
 
 
 def fsdp_unused_branch(rank, world):

@@ -11,7 +11,9 @@ in one small SUM all-reduce of ``4 * (world_size + slots)`` bytes.
 after the statistics at every check with sync="never"; with sync="step" only
 when the verdict it has just read shows a non-finite gradient (the same on
 every rank, after communication). It resets the flags on every other check and
-on steps that are not checked, so a Report names the ranks of the step it describes.
+on steps that are not checked, so a Report names the ranks of the step it describes,
+and disarms the tracker (``armed``) for a step it will not check, whose local
+gradients are then not read.
 
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
   bucket (one call of the fused statistics per bucket, histogram off) and then
@@ -80,6 +82,9 @@ class _OriginTracker:
         self.slot_names = tuple(tuple(n) for n in slot_names)
         self.group = group
         self._flags = torch.zeros(len(self.slot_names), dtype=torch.int32, device=device)
+        # Whether communication reads the local gradients (the monitor clears it
+        # for a step it will not check, which the flags would not reach).
+        self.armed = True
 
     def reset(self) -> None:
         """Forget the flags (call once per optimizer step; `gather` does by default)."""
@@ -127,7 +132,8 @@ def _nonfinite(tensors) -> torch.Tensor:
 
 
 def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
-    tracker._flags.index_add_(0, tracker._slots_of(bucket.parameters()), _nonfinite(bucket.gradients()))
+    if tracker.armed:
+        tracker._flags.index_add_(0, tracker._slots_of(bucket.parameters()), _nonfinite(bucket.gradients()))
     return tracker._inner(tracker._inner_state, bucket)
 
 
@@ -202,7 +208,8 @@ def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-            tracker._flags[slot] += _nonfinite([input_tensor])[0]
+            if tracker.armed:
+                tracker._flags[slot] += _nonfinite([input_tensor])[0]
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
                                               async_op=async_op)
 
