@@ -149,3 +149,35 @@ def test_removing_the_hooks_goes_back_to_checking_at_step_time():
     assert opt.monitor._prepared is None
     opt.step()
     assert opt.last_report.step == 0
+
+
+def test_under_compiled_autograd_the_check_runs_at_step_time():
+    """Compiled autograd runs no end-of-backward callback: the wrapper checks at
+    step time there, with the same verdict and norm as eager autograd (it
+    failed in backward before: the traced hook could not queue its callback)."""
+    def run(compiled_autograd: bool):
+        torch._dynamo.reset()
+        model = _model()
+        reports = []
+        opt = th.HealthCheckedOptimizer(O.SGD(model.parameters(), lr=0.1), model=model,
+                                        on_report=reports.append, policy="skip")
+        for i in range(3):
+            handle = _plant_nan(model[2].weight) if i == 1 else None
+            loss = _loss(model, i)
+            if compiled_autograd:
+                with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                    loss.backward()
+            else:
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if handle is not None:
+                handle.remove()
+        return reports, opt.monitor.micro_batches
+
+    (eager, eager_micro), (compiled, compiled_micro) = run(False), run(True)
+    assert (eager_micro, compiled_micro) == (1, 0)  # checked at the end of backward, at step time
+    assert [r.skipped for r in compiled] == [r.skipped for r in eager] == [False, True, False]
+    assert compiled[1].findings[0].names == eager[1].findings[0].names == ["2.weight"]
+    for e, c in zip(eager, compiled):
+        assert c.grad_norm == pytest.approx(e.grad_norm, rel=1e-5) or (e.grad_norm != e.grad_norm)

@@ -1,6 +1,7 @@
 """torchhealth.watch (issue 9): where a non-finite value was born, saturation,
 dead units, and no finding on a healthy model."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -428,6 +429,47 @@ def test_a_compiled_model_gives_the_rows_and_origin_of_the_eager_one(how):
             assert rc.l2norm == pytest.approx(re_.l2norm, rel=1e-5, abs=1e-12), rc.name
     assert _origin(compiled[2]) == _origin(eager[2]) == ("0", "forward")
     assert not compiled[1].findings
+
+
+def test_compiled_autograd_gives_the_rows_and_origin_of_eager_autograd():
+    """Under compiled autograd the gradient hooks run eagerly and the engine runs
+    no end-of-backward callback: the backward pass is closed when next needed
+    (the next forward, the monitor's check, flush). Same rows, counts and origin
+    as eager autograd, with and without a monitor. (It failed in the first
+    backward before: the traced hook could not queue its callback.)"""
+    def steps(compiled_autograd: bool, with_monitor: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(5)
+        model = _mlp(nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU())
+        reports = []
+        opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model=model,
+                                        on_report=reports.append) if with_monitor else None
+        with th.watch(model, monitor=opt, on_report=None if opt else reports.append):
+            for i in range(3):
+                if i == 2:
+                    with torch.no_grad():
+                        model[2].weight[1, 2] = float("nan")
+                loss = model(_x(i)).pow(2).mean()
+                if compiled_autograd:
+                    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                        loss.backward()
+                else:
+                    loss.backward()
+                if opt is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        opt.step()
+                    opt.zero_grad()
+        return reports
+
+    for with_monitor in (False, True):
+        eager, compiled = steps(False, with_monitor), steps(True, with_monitor)
+        assert [r.step for r in compiled] == [r.step for r in eager] == [0, 1, 2]
+        for e, c in zip(eager, compiled):
+            rows = [(r.name, r.role, r.numel, r.nan, r.zero) for r in c.rows]
+            assert rows == [(r.name, r.role, r.numel, r.nan, r.zero) for r in e.rows]
+            assert any(role == "activation_grad" for _, role, *_ in rows)
+        assert _origin(compiled[2]) == _origin(eager[2]) == ("2", "forward")
 
 
 def test_the_optimizer_of_a_compiled_model_names_its_parameters_as_the_model_does():

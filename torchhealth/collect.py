@@ -14,6 +14,7 @@ other. Sparse gradients are read through their coalesced values.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,13 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module a `torch.compile` wrapper wraps (whose names the user knows), or `model`."""
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def in_compiled_autograd() -> bool:
+    """Whether a gradient hook runs inside compiled autograd's graph, where the
+    autograd engine runs no callback queued with ``queue_callback``."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(ca.in_compiled_autograd_region)
 
 
 _REAL_DTYPES = frozenset(SUPPORTED_DTYPES)

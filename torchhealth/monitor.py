@@ -66,7 +66,7 @@ from .checks import RunningState, Signal, run_checks, total_grad_norm
 from .policy import Decision, act_, decide, dispatch, grad_norm_
 from . import distributed, user_scalars
 from ._ops import tensor_stats
-from .collect import Collected, Collector, uncompiled
+from .collect import Collected, Collector, in_compiled_autograd, uncompiled
 from .options import MonitorOptions
 from .report import Report
 from .result import CheckResult
@@ -240,9 +240,12 @@ class HealthMonitor:
         accumulation the last backward before `check` is the one that counts
         (``micro_batches`` says how many there were). Under a GradScaler
         (`check` given ``found_inf``) gradients are still scaled at the end of
-        backward, so checks run at `check` time instead. Returns a handle whose
-        ``remove()`` detaches the hooks."""
-        hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+        backward, so checks run at `check` time instead, as they do under
+        compiled autograd (whose engine runs no end-of-backward callback).
+        Returns a handle whose ``remove()`` detaches the hooks."""
+        # Run eagerly: compiled autograd would trace the hook, and queue_callback
+        # cannot be traced outside a full graph.
+        hooks = [p.register_post_accumulate_grad_hook(torch.compiler.disable(self._grad_ready))
                  for group in self.param_groups for p in group["params"]
                  if isinstance(p, torch.Tensor) and p.requires_grad]
         self._next_step = next_step
@@ -259,7 +262,7 @@ class HealthMonitor:
     def _grad_ready(self, param) -> None:
         # The first gradient of a backward pass queues one callback that the
         # autograd engine runs once the whole pass is done (as DDP and FSDP do).
-        if not self._queued:
+        if not self._queued and not in_compiled_autograd():
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
 

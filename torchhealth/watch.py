@@ -28,8 +28,11 @@ Under `torch.compile` (``torch.compile(model)`` or ``model.compile()``, watched
 before or after compiling), the forward hooks run eagerly
 (`torch.compiler.disable`): the compiled graph breaks at every watched module
 while the watch is attached, so each module's output exists to be read, and the
-rows are those of the eager model. Compiled autograd (which would also trace the
-backward hooks) has not been tried.
+rows are those of the eager model. Under compiled autograd the gradient hooks
+run eagerly too, and as its engine runs no end-of-backward callback, a backward
+pass is closed when it is next needed (the next forward, the monitor's check,
+`flush`): the same rows and origin as eager autograd (tested with the ``eager``
+backend; the first backward passes compile for several seconds).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from .activations import (
     pass_fields,
 )
 from .checks import Thresholds
-from .collect import uncompiled
+from .collect import in_compiled_autograd, uncompiled
 from .hostcopy import HostCopy
 from .report import Report
 
@@ -107,6 +110,11 @@ class Watch:
         # Eager under torch.compile: traced, a hook would be asked for the byte size of
         # a symbolic shape, and its outputs would not exist to be read.
         eager = torch.compiler.disable
+        # The gradient hooks too: compiled autograd would trace them, and the
+        # engine's queue_callback cannot be traced outside a full graph. (There the
+        # engine runs no queued callback either: a backward pass is then closed
+        # when next needed, see _close_backward.)
+        self._eager_grad, self._eager_grad_output = eager(self._grad), eager(self._grad_output)
         self._hooks = [model.register_forward_pre_hook(eager(self._begin), with_kwargs=True)]
         self._hooks += [m.register_forward_hook(eager(functools.partial(self._output, names[m], kind_of(m))))
                         for m in self._roots[-1].modules() if m not in self._roots]
@@ -121,6 +129,7 @@ class Watch:
 
     # -- hooks ------------------------------------------------------------------------
     def _begin(self, module, args, kwargs) -> None:
+        self._close_backward()
         if self.monitor is None:
             self._current, self._count = self._count, self._count + 1
             self._deliver(before=self._current)
@@ -169,9 +178,9 @@ class Watch:
             # into that output even if a later in-place op replaced the tensor's node.
             for node, index, name, t in to_hook:
                 if node is None:  # a leaf: its gradient goes to no node of this pass
-                    t.register_hook(functools.partial(self._grad, name))
+                    t.register_hook(functools.partial(self._eager_grad, name))
                 else:
-                    node.register_prehook(functools.partial(self._grad_output, index, name))
+                    node.register_prehook(functools.partial(self._eager_grad_output, index, name))
 
     def _grad_output(self, index, name, grad_outputs) -> None:
         if grad_outputs[index] is not None:
@@ -179,7 +188,8 @@ class Watch:
 
     def _grad(self, name, grad) -> None:
         if self._grads is None:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+            if not in_compiled_autograd():
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
             step = self._next_step()
             self._grads = PendingPass(step, self._histogram(step))
         self._grads.add(name, OTHER, grad)
@@ -188,6 +198,12 @@ class Watch:
         grads, self._grads = self._grads, None
         if self.options.due(grads.step):
             self._add(grads.finish("backward"))
+
+    def _close_backward(self) -> None:
+        """Ends a backward pass that no engine callback ended (compiled
+        autograd): at the next forward, or when its step's passes are wanted."""
+        if self._grads is not None:
+            self._backward_end()
 
     def _histogram(self, step: int) -> bool:
         return self.options.histogram_due(step // self.options.check_every)
@@ -201,11 +217,13 @@ class Watch:
     # -- results ------------------------------------------------------------------------
     def take(self, step: int) -> list[PassStats]:
         """The passes of `step` (forward first), handed over once; older ones are dropped."""
+        self._close_backward()
         for old in [s for s in self._passes if s < step]:
             del self._passes[old]
         return sorted(self._passes.pop(step, []), key=lambda p: p.name != "forward")
 
     def _deliver(self, before: int | None = None) -> None:
+        self._close_backward()
         for step in sorted(s for s in self._passes if before is None or s < before):
             passes = self.take(step)
             self._last, self._last_report = (step, passes, HostCopy(pass_fields(passes))), None
