@@ -243,9 +243,7 @@ class HealthMonitor:
         backward, so checks run at `check` time instead, as they do under
         compiled autograd (whose engine runs no end-of-backward callback).
         Returns a handle whose ``remove()`` detaches the hooks."""
-        # Run eagerly: compiled autograd would trace the hook, and queue_callback
-        # cannot be traced outside a full graph.
-        hooks = [p.register_post_accumulate_grad_hook(torch.compiler.disable(self._grad_ready))
+        hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                  for group in self.param_groups for p in group["params"]
                  if isinstance(p, torch.Tensor) and p.requires_grad]
         self._next_step = next_step
@@ -262,6 +260,8 @@ class HealthMonitor:
     def _grad_ready(self, param) -> None:
         # The first gradient of a backward pass queues one callback that the
         # autograd engine runs once the whole pass is done (as DDP and FSDP do).
+        # Compiled autograd traces this hook and runs no such callback: none is
+        # queued there, and `check` does the work at step time.
         if not self._queued and not in_compiled_autograd():
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
