@@ -431,6 +431,70 @@ def test_a_compiled_model_gives_the_rows_and_origin_of_the_eager_one(how):
     assert not compiled[1].findings
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.Tanh()
+
+    def forward(self, x):
+        return x + self.act(self.fc(x))
+
+
+class _Checkpointed(nn.Module):
+    """Three residual blocks, each run through `torch.utils.checkpoint` unless
+    ``reentrant`` is None."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.blocks = nn.Linear(4, 8), nn.ModuleList(_Residual() for _ in range(3))
+        self.head, self.reentrant = nn.Linear(8, 1), reentrant
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x) if self.reentrant is None else \
+                torch.utils.checkpoint.checkpoint(b, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("born", ["forward", "backward"])
+def test_activation_checkpointing_gives_the_rows_and_origin_of_plain_training(born):
+    """Recomputation in backward runs the modules' forward hooks again: they are
+    not counted twice, and the gradients flowing into the checkpointed modules'
+    outputs are seen (reentrant checkpointing: through the graph of the
+    recomputation, the first forward having recorded none), so a NaN born in a
+    forward or a backward pass inside a checkpointed block is placed where it is
+    placed without checkpointing."""
+    def steps(reentrant):
+        net = _Checkpointed(reentrant)
+        reports = []
+        with th.watch(net, on_report=reports.append):
+            for i in range(2):
+                hook = None
+                if i == 1 and born == "forward":
+                    with torch.no_grad():
+                        net.blocks[1].fc.weight[0, 0] = float("nan")
+                elif i == 1:
+                    hook = net.blocks[1].act.register_full_backward_pre_hook(
+                        lambda m, grad_out: (grad_out[0] * float("nan"),))
+                net(_x(i, n=4)).sum().backward()
+                if hook is not None:
+                    hook.remove()
+        return reports
+
+    plain = steps(None)
+    origin = ("blocks.1.fc" if born == "forward" else "blocks.1.act", born)
+    assert _origin(plain[1]) == origin
+    for reentrant in (False, True):
+        checkpointed = steps(reentrant)
+        for p, c in zip(plain, checkpointed):
+            assert [(r.name, r.role, r.numel, r.nan) for r in c.rows] == \
+                [(r.name, r.role, r.numel, r.nan) for r in p.rows], reentrant
+        assert _origin(checkpointed[1]) == origin, reentrant
+        assert not checkpointed[0].findings
+
+
 def test_compiled_autograd_gives_the_rows_and_origin_of_eager_autograd():
     """Under compiled autograd the gradient hooks run eagerly and the engine runs
     no end-of-backward callback: the backward pass is closed when next needed

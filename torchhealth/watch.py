@@ -33,6 +33,12 @@ run eagerly too, and as its engine runs no end-of-backward callback, a backward
 pass is closed when it is next needed (the next forward, the monitor's check,
 `flush`): the same rows and origin as eager autograd (tested with the ``eager``
 backend; the first backward passes compile for several seconds).
+
+With activation checkpointing (`torch.utils.checkpoint`, Hugging Face's
+``gradient_checkpointing_enable()``), reentrant or not, the rows are those of the
+model without it: the forward hooks that recomputation runs again in backward
+read nothing, and the gradients flowing into a reentrant segment's recomputed
+outputs are hooked there (its first forward recorded no graph).
 """
 from __future__ import annotations
 
@@ -142,6 +148,8 @@ class Watch:
     def _output(self, name, kind, module, inputs, output) -> None:
         pending = self._outputs
         if pending is None:
+            if self._grads is not None:  # a forward run inside a due step's backward
+                self._hook_recomputed(name, output)
             return
         if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
             pending.add(name, kind, output)
@@ -163,6 +171,19 @@ class Watch:
             self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
             if t.requires_grad:
                 self._to_hook.append((t.grad_fn, t.output_nr, label, t))
+
+    def _hook_recomputed(self, name, obj) -> None:
+        """Reentrant activation checkpointing recomputes a segment in backward
+        (its first forward recorded no graph) to run a backward of its own
+        through it: the gradients flowing into the recomputed outputs join the
+        backward pass under way. (Non-reentrant checkpointing backpropagates
+        through the first forward's graph, already hooked; the nodes hooked here
+        then never run.)"""
+        found = _tensors(obj) or []
+        for path, t in found:
+            if t.grad_fn is not None:
+                label = name + path if len(found) > 1 else name
+                t.grad_fn.register_prehook(functools.partial(self._eager_grad_output, t.output_nr, label))
 
     def _end(self, module, inputs, output) -> None:
         if self._outputs is None:
