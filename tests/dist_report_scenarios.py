@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,56 @@ def compiled_ddp_report_names_rank(rank, world):
     opt, reports = _train(compiled, net, rank, world)
     assert opt.monitor.origin_tracker is torchhealth.distributed.track_origin(model)
     _assert_names_bad_rank(reports, world, "module.first.weight, module.first.bias")
+
+
+class _Masked(nn.Module):
+    """A NaN that one rank's forward makes and then masks out: it never reaches
+    the loss or any gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.log, self.second = nn.Linear(4, 8), _Log(), nn.Linear(8, 2)
+        self.poison = False
+
+    def forward(self, x):
+        h = self.first(x)
+        bad = self.log(h - 1e3 if self.poison else h.abs() + 1)  # log of a negative: NaN
+        return self.second(torch.where(torch.isfinite(bad), bad, torch.zeros_like(bad)))
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+def watched_local_nan_raises_nowhere(rank, world):
+    """DDP + watch, policy "raise": a NaN in one rank's activations that never
+    reaches a gradient is that rank's own finding (only its Report holds it, with
+    ``local`` and its rank); it warns on that rank and raises on none, so no rank
+    is left waiting in the next collective while another has stopped."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _Masked()
+    model = DDP(net)
+    mine = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                             policy={"nonfinite": "raise"})
+    opt.monitor.on_report(mine.append, all_ranks=True)
+    with torchhealth.watch(model, monitor=opt), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            net.poison = rank == BAD_RANK and step == 1
+            x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.flush()
+    local = [(r.step, f.check, f.ranks, f.names) for r in mine for f in r.findings if f.local]
+    assert local == ([(1, "nonfinite", [BAD_RANK], ["module.log"])] if rank == BAD_RANK else []), local
+    said = [str(w.message) for w in caught if "module.log" in str(w.message)]
+    assert len(said) == (1 if rank == BAD_RANK else 0) and (not said or f"rank {BAD_RANK}" in said[0]), said
+    assert not any(r.skipped for r in mine)
 
 
 def fsdp_report_names_rank(rank, world):

@@ -44,6 +44,25 @@ def test_jsonl_keeps_world_size_and_ranks(tmp_path):
     assert [r.findings[0].ranks for r in log] == [[], [1]]
 
 
+def test_a_local_finding_keeps_its_flag_and_never_raises(tmp_path):
+    """``local`` (one rank's own activations) through to_dict and the log; the
+    policy warns for it where it would raise a global finding."""
+    local = Finding("nonfinite", "error", "first non-finite output (rank 1's activations)", ["log"],
+                    value=1.0, threshold=0.0, ranks=[1], local=True)
+    r = _report()
+    r.findings.append(local)
+    assert Report.from_dict(json.loads(json.dumps(r.to_dict()))).findings[1].local
+    path = tmp_path / "run.jsonl"
+    _write(path, [r])
+    (back,) = read_jsonl(path)
+    assert [f.local for f in back.findings] == [False, True]
+    back.findings.pop(0)
+    with pytest.warns(torchhealth.HealthWarning, match="rank 1's activations"):
+        torchhealth.policy.dispatch(back, {"nonfinite": "raise"}, warn=False)
+    with pytest.raises(torchhealth.HealthCheckError):
+        torchhealth.policy.dispatch(_report(), {"nonfinite": "raise"}, warn=False)
+
+
 def test_old_logs_without_the_fields_read(tmp_path):
     path = tmp_path / "old.jsonl"
     _write(path, [_report()])

@@ -115,7 +115,9 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
     callables first, then one `HealthCheckError` for every "raise" finding (and
     for an escalation: ``escalated`` consecutive skipped steps).
     ``late``: the verdict arrives after that step's optimizer step (sync="never").
-    ``warn=False`` leaves out the warnings (ranks other than 0), never a raise."""
+    ``warn=False`` leaves out the warnings (ranks other than 0), never a raise.
+    A `Finding.local` one (this rank's own activations) warns on its rank and
+    never raises: the other ranks' Reports do not hold it."""
     to_raise = []
     for f in report.findings:
         if f.severity == "info":  # a fact (e.g. a gradient zero by construction), not an alarm
@@ -123,7 +125,9 @@ def dispatch(report: Report, policy: Mapping[str, Action], *, late: bool = False
         action = policy.get(f.check, "warn")  # activation checks (torchhealth.watch) warn
         if callable(action):
             action(report, f)
-        elif action in ("warn", "skip", "zero") and warn:
+        elif action == "ignore":
+            continue
+        elif f.local or (action != "raise" and warn):  # a local finding: warned on its rank, never raised
             warnings.warn(f"torchhealth step {report.step}: {f.check}: {f.message}",
                           HealthWarning, stacklevel=user_stacklevel())
         elif action == "raise":

@@ -95,7 +95,11 @@ class Finding:
     info findings never are). Written to JSON only when true, so logs written
     before the field existed read back unchanged. ``ranks``: for a finding
     about a per-rank fact (non-finite gradients under torch.distributed), the
-    global ranks it holds for (empty: none); None when not known per rank."""
+    global ranks it holds for (empty: none); None when not known per rank.
+    ``local``: a fact of this rank alone (its own activations, from
+    `torchhealth.watch`, under torch.distributed), which the other ranks'
+    Reports do not hold: it warns on this rank and never raises, so that no
+    rank stops while the others wait for it in a collective."""
 
     check: str  # e.g. "nonfinite", "exploding", "vanishing", "headroom", "dead"
     severity: str  # "info", "warning" or "error"
@@ -105,6 +109,7 @@ class Finding:
     threshold: float | None = None
     primary: bool = False
     ranks: list[int] | None = None
+    local: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = {"check": self.check, "severity": self.severity, "message": self.message,
@@ -115,6 +120,8 @@ class Finding:
             d["primary"] = True
         if self.ranks is not None:
             d["ranks"] = list(self.ranks)
+        if self.local:
+            d["local"] = True
         return d
 
     @classmethod
@@ -124,7 +131,8 @@ class Finding:
                    value=None if d.get("value") is None else _from_json_float(d["value"]),
                    threshold=None if d.get("threshold") is None else _from_json_float(d["threshold"]),
                    primary=bool(d.get("primary", False)),
-                   ranks=None if d.get("ranks") is None else [int(r) for r in d["ranks"]])
+                   ranks=None if d.get("ranks") is None else [int(r) for r in d["ranks"]],
+                   local=bool(d.get("local", False)))
 
 
 def rows_from_stats(stats: TensorStats, names: list[str], roles: list[str],

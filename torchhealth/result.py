@@ -161,6 +161,10 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     th = options.thresholds
     act_rows, act_findings, origin = activation_findings(host_passes(activations, copy),
                                                          th.max_saturated_fraction, th.max_dead_fraction)
+    if world_size > 1 and act_findings:  # this rank's own activations: see `Finding.local`
+        rank = torch.distributed.get_rank()
+        act_findings = [dataclasses.replace(f, message=f"{f.message} (rank {rank}'s activations)",
+                                            ranks=[rank], local=True) for f in act_findings]
     return Report(step=step, rows=rows + act_rows, findings=act_findings + findings, actions=actions,
                   skipped=bool(copy.value("skip")), origin=origin,
                   scalars=user_scalars.values(scalars or {}, copy), world_size=world_size)

@@ -162,7 +162,8 @@ def _finding(d: Any, where: str) -> Finding:
                    value=None if value is None else _float(value, f"{where}.value"),
                    threshold=None if threshold is None else _float(threshold, f"{where}.threshold"),
                    primary=_bool(d.get("primary", False), f"{where}.primary"),
-                   ranks=_ranks(d.get("ranks"), f"{where}.ranks"))
+                   ranks=_ranks(d.get("ranks"), f"{where}.ranks"),
+                   local=_bool(d.get("local", False), f"{where}.local"))
 
 
 def _ranks(v: Any, where: str) -> list[int] | None:
