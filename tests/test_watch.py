@@ -458,16 +458,19 @@ class _Checkpointed(nn.Module):
         return self.head(x)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "whole model"])
 @pytest.mark.parametrize("born", ["forward", "backward"])
-def test_activation_checkpointing_gives_the_rows_and_origin_of_plain_training(born):
+def test_activation_checkpointing_gives_the_rows_and_origin_of_plain_training(born, whole):
     """Recomputation in backward runs the modules' forward hooks again: they are
     not counted twice, and the gradients flowing into the checkpointed modules'
     outputs are seen (reentrant checkpointing: through the graph of the
     recomputation, the first forward having recorded none), so a NaN born in a
     forward or a backward pass inside a checkpointed block is placed where it is
-    placed without checkpointing."""
+    placed without checkpointing. The whole model checkpointed reruns its
+    forward inside backward: that is no new step nor pass (it crashed, or
+    counted a step, before)."""
     def steps(reentrant):
-        net = _Checkpointed(reentrant)
+        net = _Checkpointed(None if whole else reentrant)
         reports = []
         with th.watch(net, on_report=reports.append):
             for i in range(2):
@@ -478,7 +481,10 @@ def test_activation_checkpointing_gives_the_rows_and_origin_of_plain_training(bo
                 elif i == 1:
                     hook = net.blocks[1].act.register_full_backward_pre_hook(
                         lambda m, grad_out: (grad_out[0] * float("nan"),))
-                net(_x(i, n=4)).sum().backward()
+                x = _x(i, n=4).requires_grad_(whole and reentrant is True)
+                out = net(x) if not whole or reentrant is None else \
+                    torch.utils.checkpoint.checkpoint(net, x, use_reentrant=reentrant)
+                out.sum().backward()
                 if hook is not None:
                     hook.remove()
         return reports

@@ -129,12 +129,19 @@ class Watch:
         self._outputs: PendingPass | None = None  # the forward pass under way, on a due step
         self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
         self._grads: PendingPass | None = None  # the backward pass under way
+        self._recomputing = False  # the whole model's forward, rerun inside a due step's backward
+        self._output_hooked = False  # whether the last forward's own output had a graph to hook
         self._passes: dict[int, list[PassStats]] = {}
         for m in self._roots:
             m._torchhealth_watch = self
 
     # -- hooks ------------------------------------------------------------------------
     def _begin(self, module, args, kwargs) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            # Inside a backward: activation checkpointing of the whole model
+            # recomputing it, within the step and the pass under way.
+            self._recomputing = self.backward and self.options.due(self._next_step())
+            return
         self._close_backward()
         if self.monitor is None:
             self._current, self._count = self._count, self._count + 1
@@ -148,7 +155,7 @@ class Watch:
     def _output(self, name, kind, module, inputs, output) -> None:
         pending = self._outputs
         if pending is None:
-            if self._grads is not None:  # a forward run inside a due step's backward
+            if self._grads is not None or self._recomputing:  # a forward inside a due step's backward
                 self._hook_recomputed(name, output)
             return
         if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
@@ -186,9 +193,14 @@ class Watch:
                 t.grad_fn.register_prehook(functools.partial(self._eager_grad_output, t.output_nr, label))
 
     def _end(self, module, inputs, output) -> None:
+        if self._recomputing:
+            self._recomputing = False
+            if not self._output_hooked:  # reentrant: the first forward recorded no graph
+                self._hook_recomputed("<output>", output)
         if self._outputs is None:
             return
         self._record("<output>", OTHER, output)
+        self._output_hooked = any(name.startswith("<output>") for _, _, name, _ in self._to_hook)
         outs, self._outputs = self._outputs, None
         self._add(outs.finish("forward"))
         to_hook, self._to_hook = self._to_hook, []
@@ -222,8 +234,10 @@ class Watch:
 
     def _close_backward(self) -> None:
         """Ends a backward pass that no engine callback ended (compiled
-        autograd): at the next forward, or when its step's passes are wanted."""
-        if self._grads is not None:
+        autograd): at the next forward, or when its step's passes are wanted,
+        once no backward runs (a forward inside one is a recomputation, by
+        activation checkpointing, within the pass)."""
+        if self._grads is not None and torch._C._current_graph_task_id() == -1:
             self._backward_end()
 
     def _histogram(self, step: int) -> bool:
