@@ -34,11 +34,12 @@ pass is closed when it is next needed (the next forward, the monitor's check,
 `flush`): the same rows and origin as eager autograd (tested with the ``eager``
 backend; the first backward passes compile for several seconds).
 
-With activation checkpointing (`torch.utils.checkpoint`, Hugging Face's
-``gradient_checkpointing_enable()``), reentrant or not, the rows are those of the
-model without it: the forward hooks that recomputation runs again in backward
-read nothing, and the gradients flowing into a reentrant segment's recomputed
-outputs are hooked there (its first forward recorded no graph).
+With activation checkpointing (`torch.utils.checkpoint` of blocks or of the whole
+model, Hugging Face's ``gradient_checkpointing_enable()``), reentrant or not, the
+rows are those of the model without it: the forward hooks that recomputation runs
+again in backward read nothing (a rerun of the whole model is no new step), and
+the gradients flowing into a reentrant segment's recomputed outputs are hooked
+there (its first forward recorded no graph).
 """
 from __future__ import annotations
 
