@@ -81,6 +81,12 @@ def _tensors(obj, path: str = ""):
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
 
 
+def _labelled(name: str, found: list) -> list[tuple[str, torch.Tensor]]:
+    """(row name, tensor) for what `_tensors` found in one output: the module's
+    name, followed by each tensor's path when there are several."""
+    return [(name + path if len(found) > 1 else name, t) for path, t in found]
+
+
 class Watch:
     """The handle `watch` returns: ``remove()`` (or leave the ``with`` block)
     detaches every hook; ``last_report`` and ``flush()`` for a watch without a
@@ -174,8 +180,7 @@ class Watch:
                 warnings.warn(f"torchhealth.watch: {type(module).__name__} returns a "
                               f"{type(obj).__name__}, which holds no tensors it can read; skipped")
             return
-        for path, t in found:
-            label = name + path if len(found) > 1 else name
+        for label, t in _labelled(name, found):
             self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
             if t.requires_grad:
                 self._to_hook.append((t.grad_fn, t.output_nr, label, t))
@@ -187,10 +192,8 @@ class Watch:
         backward pass under way. (Non-reentrant checkpointing backpropagates
         through the first forward's graph, already hooked; the nodes hooked here
         then never run.)"""
-        found = _tensors(obj) or []
-        for path, t in found:
+        for label, t in _labelled(name, _tensors(obj) or []):
             if t.grad_fn is not None:
-                label = name + path if len(found) > 1 else name
                 t.grad_fn.register_prehook(functools.partial(self._eager_grad_output, t.output_nr, label))
 
     def _end(self, module, inputs, output) -> None:
