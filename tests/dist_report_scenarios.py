@@ -289,6 +289,39 @@ def ddp_check_every(rank, world):
     _check_every(*_ddp_net(), rank, world)
 
 
+def _due_steps_only(model, net, rank, world):
+    """A monitor told of its due steps only (check_every=3, ``check(step)``
+    called on steps 0, 3 and 6 alone): the tracker, disarmed after step 0's
+    check for step 1, reads again from step 2 on, so a NaN of BAD_RANK's at
+    checked step 3 is named (before, it stayed disarmed until step 3's own
+    check, and no Report named a rank)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = torchhealth.HealthMonitor(opt, model=model, check_every=3)
+    reports = []
+    monitor.on_report(reports.append, all_ranks=True)
+    for step in range(7):
+        net.poison = rank == BAD_RANK and step == 3
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+        model(x).sum().backward()
+        if step % 3 != 0 or not monitor.check(step).skip:
+            opt.step()
+        opt.zero_grad()
+    monitor.flush()
+    assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
+    named = {r.step: [f.ranks for f in r.findings if f.ranks] for r in reports}
+    assert named == {0: [], 3: [[BAD_RANK]], 6: []}, named
+    _same_everywhere(reports, list(net.parameters()))
+
+
+def fsdp_due_steps_only(rank, world):
+    net = _fsdp_net()
+    _due_steps_only(net, net, rank, world)
+
+
+def ddp_due_steps_only(rank, world):
+    _due_steps_only(*_ddp_net(), rank, world)
+
+
 def fsdp_unused_branch(rank, world):
     """FSDP2 (one group for the whole model) with a branch every rank skips on
     odd steps (FSDP2 itself needs every rank to use the same parameters: a

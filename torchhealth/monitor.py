@@ -216,7 +216,7 @@ class HealthMonitor:
         Raises `HealthCheckError` for a "raise" finding or an escalation: of
         this step with sync="step", of an earlier step with sync="never".
         """
-        if self.origin_tracker is not None:  # the next step's local gradients: read if it is checked
+        if self.origin_tracker is not None:  # the next backward reads the local gradients if checked
             self.origin_tracker.armed = step is None or self.options.due(step + 1)
         step = self.checks * self.options.check_every if step is None else step
         self._deliver(block=False)

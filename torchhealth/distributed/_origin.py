@@ -13,7 +13,9 @@ when the verdict it has just read shows a non-finite gradient (the same on
 every rank, after communication). It resets the flags on every other check and
 on steps that are not checked, so a Report names the ranks of the step it describes,
 and disarms the tracker (``armed``) for a step it will not check, whose local
-gradients are then not read.
+gradients are then not read. A disarmed tracker re-arms itself when that backward
+pass ends, so a monitor told of its due steps only (``check(step)`` called on
+those alone) still reads them.
 
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
   bucket (one call of the fused statistics per bucket, histogram off) and then
@@ -32,6 +34,8 @@ import weakref
 
 import torch
 import torch.distributed as dist
+
+from ..collect import in_compiled_autograd
 
 
 class NonfiniteOrigin:
@@ -85,6 +89,20 @@ class _OriginTracker:
         # Whether communication reads the local gradients (the monitor clears it
         # for a step it will not check, which the flags would not reach).
         self.armed = True
+        self._rearming = False
+
+    def reading(self) -> bool:
+        """Whether communication reads the local gradients now (`armed`). A
+        disarmed tracker stays so for the backward pass under way only: its end
+        re-arms it, so that a step nobody said was unchecked is read."""
+        if not self.armed and not self._rearming and torch._C._current_graph_task_id() != -1 \
+                and not in_compiled_autograd():
+            self._rearming = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._rearm)
+        return self.armed
+
+    def _rearm(self) -> None:
+        self.armed, self._rearming = True, False
 
     def reset(self) -> None:
         """Forget the flags (call once per optimizer step; `gather` does by default)."""
@@ -132,7 +150,7 @@ def _nonfinite(tensors) -> torch.Tensor:
 
 
 def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
-    if tracker.armed:
+    if tracker.reading():
         tracker._flags.index_add_(0, tracker._slots_of(bucket.parameters()), _nonfinite(bucket.gradients()))
     return tracker._inner(tracker._inner_state, bucket)
 
@@ -208,7 +226,7 @@ def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-            if tracker.armed:
+            if tracker.reading():
                 tracker._flags[slot] += _nonfinite([input_tensor])[0]
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
                                               async_op=async_op)
