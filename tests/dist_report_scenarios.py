@@ -151,6 +151,71 @@ def watched_local_nan_raises_nowhere(rank, world):
     assert not any(r.skipped for r in mine)
 
 
+class _Born(nn.Module):
+    """A NaN that one rank's forward makes in ``log`` and that reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.log, self.second = nn.Linear(4, 8), _Log(), nn.Linear(8, 2)
+        self.poison = False
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.second(self.log(h - 1e3 if self.poison else h.abs() + 1))
+
+
+def _watched_origin_on_every_rank(model, net, rank, world, prefix):
+    """A NaN born in BAD_RANK's forward pass (``log`` of a negative) at
+    BAD_STEP reaches the gradients: every rank's Report names the module where
+    it was born on that rank (``origin`` with its ``"rank"``, and the non-finite
+    gradient finding), though the other ranks' own activations stayed finite
+    (before, only BAD_RANK's Report had an origin). The HTML report shows the rank."""
+    from torchhealth.html_report import render
+
+    mine = []
+    opt = torchhealth.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    opt.monitor.on_report(mine.append, all_ranks=True)
+    with torchhealth.watch(model, monitor=opt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            net.poison = rank == BAD_RANK and step == BAD_STEP
+            x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step * world + rank))
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.flush()
+    origins = {r.step: r.origin for r in mine if r.origin is not None}
+    assert list(origins) == [BAD_STEP], origins
+    o = origins[BAD_STEP]
+    assert (o["module"], o["pass"], o["rank"], o["step"]) == (f"{prefix}log", "forward", BAD_RANK, BAD_STEP), o
+    assert o["nan"] > 0, o
+    grad = [f for f in mine[BAD_STEP].findings if (f.check, f.local) == ("nonfinite", False)]
+    assert len(grad) == 1 and grad[0].ranks == [BAD_RANK], grad
+    assert f"first non-finite on rank {BAD_RANK}: output of {prefix}log in the forward pass" in grad[0].message
+    assert mine[BAD_STEP].skipped and not any(r.skipped for r in mine if r.step != BAD_STEP)
+    page = render(mine)
+    assert f"<td>{BAD_STEP}</td><td>{prefix}log</td><td>forward</td>" in page
+    assert "<th>rank</th>" in page and f"rank {BAD_RANK})" in str(mine[BAD_STEP])
+    _same_everywhere(mine, list(net.parameters()))
+
+
+def ddp_watched_origin_on_every_rank(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = _Born()
+    _watched_origin_on_every_rank(DDP(net), net, rank, world, "module.")
+
+
+def fsdp_watched_origin_on_every_rank(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    net = _Born()
+    for m in (net.first, net.second, net):
+        fully_shard(m)
+    _watched_origin_on_every_rank(net, net, rank, world, "")
+
+
 def fsdp_report_names_rank(rank, world):
     net = _fsdp_net()
     _, reports = _train(net, net, rank, world)
@@ -227,8 +292,10 @@ class _Branchy(nn.Module):
 
 
 def _same_everywhere(reports, params):
-    """Every rank holds the same verdicts and the same parameters."""
-    mine = [(r.step, r.skipped, sorted((f.check, tuple(f.names)) for f in r.findings)) for r in reports]
+    """Every rank holds the same verdicts, origins and parameters (a rank's own
+    activation findings, `Finding.local`, aside)."""
+    mine = [(r.step, r.skipped, r.origin, sorted((f.check, tuple(f.names)) for f in r.findings if not f.local))
+            for r in reports]
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, [p.tolist() for p in _full(params)]))
     assert all(e == everyone[0] for e in everyone), everyone

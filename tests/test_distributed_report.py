@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 TWO = ["ddp_report_names_rank", "ddp_report_names_rank_never", "compiled_ddp_report_names_rank",
        "fsdp_report_names_rank", "raise_names_rank",
        "explicit_tracker_with_hook", "jsonl_world_size", "ddp_unused_branch", "fsdp_unused_branch",
-       "fsdp_check_every", "ddp_check_every", "fsdp_due_steps_only", "ddp_due_steps_only", "dcp_round_trip", "watched_local_nan_raises_nowhere"]
+       "fsdp_check_every", "ddp_check_every", "fsdp_due_steps_only", "ddp_due_steps_only", "dcp_round_trip", "watched_local_nan_raises_nowhere",
+       "ddp_watched_origin_on_every_rank", "fsdp_watched_origin_on_every_rank"]
 FOUR = ["ddp_report_names_rank", "fsdp_report_names_rank", "ddp_unused_branch",
-        "fsdp_unused_branch", "fsdp_check_every"]
+        "fsdp_unused_branch", "fsdp_check_every", "ddp_watched_origin_on_every_rank"]
 
 
 @pytest.fixture(scope="module")

@@ -346,6 +346,7 @@ class HealthMonitor:
             # collective). sync="never" gathers at every check, in `_prepare`.
             if result.nonfinite_grads:
                 result.origin = self.origin_tracker.gather()
+                result.origin.gather_modules(result.local_origin())
             else:
                 self.origin_tracker.reset()
         act_(p.batch.grads, self.options.policy, p.grad_norm, self.options.max_grad_norm,

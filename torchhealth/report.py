@@ -250,7 +250,8 @@ class Report:
         lines = [head]
         if self.origin is not None:
             o = self.origin
-            lines.append(f"  origin: {o['module']} ({o['pass']} pass, step {o['step']})")
+            on = f", rank {o['rank']}" if "rank" in o else ""
+            lines.append(f"  origin: {o['module']} ({o['pass']} pass, step {o['step']}{on})")
         if self.scalars:
             lines.append("  logged: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scalars.items()))
         for f in self.findings:

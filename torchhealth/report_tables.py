@@ -47,11 +47,13 @@ def origins(reports: list[Report]) -> list[str]:
     found = [r.origin for r in reports if r.origin is not None]
     if not found:
         return []
+    ranked = any("rank" in o for o in found)  # torch.distributed: the rank where it was born
     rows = [[o["step"], o["module"], o["pass"], o["nan"], o["posinf"], o["neginf"], o["numel"]]
-            for o in found]
+            + ([o.get("rank", "")] if ranked else []) for o in found]
     return ["<p><b>Where it broke</b>: the first module whose output (forward) or output gradient "
             "(backward) held NaN or Inf, on each step it happened.</p>",
-            _table(["step", "module", "pass", "NaN", "+Inf", "-Inf", "of"], rows)]
+            _table(["step", "module", "pass", "NaN", "+Inf", "-Inf", "of"] + (["rank"] if ranked else []),
+                   rows)]
 
 
 # -- torch.distributed: how many ranks the records cover, and which rank broke ---------

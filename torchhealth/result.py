@@ -95,6 +95,14 @@ class CheckResult:
         """Whether the nonfinite check fired on a gradient."""
         return any_fired(self.signals, self.copy.value("fired"), "nonfinite", "grad")
 
+    def local_origin(self) -> dict | None:
+        """This rank's activation origin (`torchhealth.watch`), from the host copy."""
+        if not self.activations:
+            return None
+        th = self.options.thresholds
+        return activation_findings(host_passes(self.activations, self.copy), th.max_saturated_fraction,
+                                   th.max_dead_fraction)[2]
+
     def report(self) -> Report:
         """The host-side Report of this check (built once)."""
         if self._report is None:
@@ -118,6 +126,13 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     rows = rows_from_stats(TensorStats(copy.tensor("stats")), layout.names, layout.roles,
                            layout.shapes, layout.dtypes)
     flags, values, masks = copy.value("fired"), copy.value("value"), copy.value("mask")
+    where = None  # which ranks produced a non-finite gradient, and where it was born there
+    if rank_origin is not None and any_fired(signals, flags, "nonfinite", "grad"):
+        # Gathered with the check (sync="never"): its flags are in the copy;
+        # else after the host read (sync="step"), and read now.
+        where = (rank_origin.describe_flags(copy.value("origin_ranks"), copy.value("origin_slots"))
+                 if "origin_ranks" in copy.fields else rank_origin.describe())
+        where["module"] = rank_origin.first_module(where["ranks"])
     findings, actions = [], []
     at = 0
     for s, hit, value in zip(signals, flags, values):
@@ -125,12 +140,8 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
         f = finding(s, hit, mask, value, rows, layout.param_names, notes=layout.structural)
         if f is None:
             continue
-        if rank_origin is not None and hit and (s.check, s.kind) == ("nonfinite", "grad"):
-            # Gathered with the check (sync="never"): its flags are in the copy;
-            # else after the host read (sync="step"), and read now.
-            f = _with_ranks(f, rank_origin.describe_flags(copy.value("origin_ranks"),
-                                                          copy.value("origin_slots"))
-                            if "origin_ranks" in copy.fields else rank_origin.describe())
+        if where is not None and (s.check, s.kind) == ("nonfinite", "grad"):
+            f = _with_ranks(f, where)
         if f.severity != "info" and not any(x.primary for x in findings):
             f = dataclasses.replace(f, primary=True)
         findings.append(f)
@@ -161,6 +172,8 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     th = options.thresholds
     act_rows, act_findings, origin = activation_findings(host_passes(activations, copy),
                                                          th.max_saturated_fraction, th.max_dead_fraction)
+    if where is not None and where["module"] is not None:  # gathered from the rank that made it
+        origin = where["module"]
     if world_size > 1 and act_findings:  # this rank's own activations: see `Finding.local`
         rank = torch.distributed.get_rank()
         act_findings = [dataclasses.replace(f, message=f"{f.message} (rank {rank}'s activations)",
@@ -179,4 +192,9 @@ def _with_ranks(f: Finding, where: dict) -> Finding:
                f"{', '.join(map(str, where['ranks']))} (local gradients of {names})"
     else:
         said = "; every rank's local gradients were finite before communication"
+    o = where["module"]
+    if o is not None:
+        said += (f"; first non-finite on rank {o['rank']}: "
+                 f"{'output' if o['pass'] == 'forward' else 'output gradient'} of {o['module']} "
+                 f"in the {o['pass']} pass")
     return dataclasses.replace(f, message=f.message + said, ranks=where["ranks"])

@@ -52,6 +52,29 @@ class NonfiniteOrigin:
     def __init__(self, payload: torch.Tensor, world: int, slot_names, group=None, work=None):
         self._payload, self._world, self._work = payload, world, work
         self.slot_names, self.group = slot_names, group
+        # Every rank's `torchhealth.watch` origin, once `gather_modules` has run.
+        self.modules: list[dict] | None = None
+
+    def gather_modules(self, origin: dict | None) -> None:
+        """Gathers every rank's `torchhealth.watch` origin (the first module whose
+        output or output gradient held NaN/Inf on that rank, or None) into
+        ``modules``, each with its global ``"rank"``: activations are each rank's
+        own, so only the rank that produced a NaN saw where it was born. A host-side
+        gather of small objects (`all_gather_object`): the monitor calls it only
+        once the host has read a non-finite gradient (sync="step"), which every
+        rank reads alike after communication."""
+        found = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(found, origin, group=self.group)
+        ranks = [dist.get_global_rank(self.group, r) if self.group is not None else r
+                 for r in range(len(found))]
+        self.modules = [{**o, "rank": r} for r, o in zip(ranks, found) if o is not None]
+
+    def first_module(self, ranks: list[int]) -> dict | None:
+        """The gathered origin to report: that of the lowest rank among
+        ``ranks`` (those whose local gradients were non-finite) that has one,
+        else of the lowest rank that has one."""
+        found = self.modules or []
+        return next((o for o in found if o["rank"] in ranks), found[0] if found else None)
 
     def _landed(self) -> torch.Tensor:
         if self._work is not None:
