@@ -128,7 +128,8 @@ class PendingPass:
         self.shapes: list[tuple[int, ...]] = []
         self.dtypes: list[torch.dtype] = []
         self.rows: list[int] = []  # per row: its tensor's row in the statistics read
-        self.parts: list[tuple[TensorStats, torch.Tensor, torch.Tensor]] = []  # (stats, high, tiny)
+        # (stats, high, tiny): high/tiny None for a call of rows with no asymptote
+        self.parts: list[tuple[TensorStats, torch.Tensor | None, torch.Tensor | None]] = []
         self.read = 0  # rows of statistics read
 
     def add(self, name: str, kind: str, t: torch.Tensor) -> None:
@@ -167,10 +168,8 @@ class PendingPass:
             position[i] = self.read + p
         self.rows += [position[i] for i in index]
         self.read += len(unique)
-        if plain:
-            stats = tensor_stats([unique[i] for i in plain], histogram=self.histogram)
-            zeros = stats.numel.new_zeros(len(plain))
-            self.parts.append((stats, zeros, zeros))
+        if plain:  # no values near an asymptote to count (None: zeros, made only if needed)
+            self.parts.append((tensor_stats([unique[i] for i in plain], histogram=self.histogram), None, None))
         if sat:
             stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
             self.parts.append((bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)))
@@ -180,11 +179,18 @@ class PendingPass:
         self.flush()
         if not self.rows:
             return None
-        stats, high, tiny = zip(*self.parts)
-        rows = torch.tensor(self.rows, device=stats[0].device)
-        stats = stats[0] if len(stats) == 1 else TensorStats.cat(list(stats))
-        return PassStats(self.step, name, self.names, self.kinds, self.shapes, self.dtypes, stats[rows],
-                         near_counts(self.kinds, torch.cat(high)[rows], torch.cat(tiny)[rows]))
+        parts, high, tiny = zip(*self.parts)
+        rows = torch.tensor(self.rows, device=parts[0].device)
+        stats = parts[0] if len(parts) == 1 else TensorStats.cat(list(parts))
+        if all(h is None for h in high):  # no sigmoid/tanh output in the pass: nothing is near
+            near = rows.new_zeros(len(self.rows))
+        else:
+            def cat(counts):
+                return torch.cat([c if c is not None else s.numel.new_zeros(len(s))
+                                  for s, c in zip(parts, counts)])[rows]
+
+            near = near_counts(self.kinds, cat(high), cat(tiny))
+        return PassStats(self.step, name, self.names, self.kinds, self.shapes, self.dtypes, stats[rows], near)
 
 
 def _key(t: torch.Tensor) -> tuple:
