@@ -198,6 +198,71 @@ def test_watching_twice_is_an_error_and_remove_detaches_everything():
         th.watch([model])
 
 
+def _act_rows(report):
+    return [(r.name, r.role, r.numel, r.sum, r.absmax) for r in report.rows if r.role.startswith("activation")]
+
+
+def test_a_copy_of_a_watched_model_is_not_watched():
+    """The EMA pattern: ``ema = copy.deepcopy(model)`` of a watched model, run
+    (under no_grad) between the model's backward and the optimizer step. The
+    copy's forward is not taken for the model's (before: the copy shared the
+    watch's hooks, its forward replaced the model's rows of that step, and
+    ``watch(ema)`` said the copy was already watched); the copy can be watched
+    on its own, and a copy of the wrapper is attached to no watch."""
+    import copy
+    import pickle
+
+    def step(model, opt, ema=None):
+        model(_x(0)).pow(2).mean().backward()
+        if ema is not None:
+            with torch.no_grad():
+                ema(_x(5, n=3))
+        opt.step()
+        opt.zero_grad()
+        return opt.monitor.last_report
+
+    plain = _mlp(nn.ReLU())
+    plain_opt = th.HealthCheckedOptimizer(torch.optim.SGD(plain.parameters(), lr=0.1), model=plain)
+    model = _mlp(nn.ReLU())
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    with th.watch(plain, monitor=plain_opt), th.watch(model, monitor=opt):
+        want = _act_rows(step(plain, plain_opt))
+        assert [n for n, role, *_ in want if role == "activation"] == ["<input>", "0", "1", "2", "<output>"]
+        assert {n for n, role, *_ in want if role == "activation_grad"} >= {"0", "1", "2"}
+        ema = copy.deepcopy(model)
+        assert _act_rows(step(model, opt, ema)) == want
+        ema_reports = []
+        with th.watch(ema, on_report=ema_reports.append):
+            with torch.no_grad():
+                ema(_x(5, n=3))
+        assert [r.numel for r in ema_reports[0].rows][:1] == [12]  # the copy's own input, 3 x 4
+        for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+            assert copied.monitor._activations is None
+        assert opt.monitor._activations is not None
+
+
+def test_a_watched_model_saves_and_loads_without_its_watch():
+    """``torch.save(model)`` of a watched model (before: PicklingError): the
+    loaded model computes the same, is not watched (its first forward removes
+    what took the watch's hooks' place), and the watch goes on."""
+    import io
+
+    model = _mlp(nn.ReLU())
+    reports = []
+    with th.watch(model, on_report=reports.append) as w:
+        model(_x(0)).sum().backward()
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(_x(1)), model(_x(1)))
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._forward_pre_hooks_with_kwargs
+                       for m in loaded.modules())
+        th.watch(loaded).remove()
+        w.flush()
+    assert [r.step for r in reports] == [0, 1]  # the model's two forward passes, not the loaded one's
+
+
 def test_the_origin_survives_the_log(tmp_path):
     from torchhealth.sinks import JsonlSink, read_jsonl
     model = _mlp(nn.Tanh(), Sqrt())

@@ -40,12 +40,19 @@ rows are those of the model without it: the forward hooks that recomputation run
 again in backward read nothing (a rerun of the whole model is no new step), and
 the gradients flowing into a reentrant segment's recomputed outputs are hooked
 there (its first forward recorded no graph).
+
+A copy of a watched model is not watched: ``copy.deepcopy`` (an EMA model) shares
+the hooks, which ignore the copy's modules (``watch(copy)`` watches it on its own),
+and ``torch.save`` of the model saves it without the watch (the loaded model's
+first forward drops what took the hooks' place). A copied or pickled optimizer
+wrapper is attached to no watch.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -81,6 +88,53 @@ def _tensors(obj, path: str = ""):
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
 
 
+# Each watched model (and its torch.compile wrapper) -> its Watch: on the side, not
+# an attribute, so that a copy of the model (copy.deepcopy, torch.save) is not
+# taken for a watched one.
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Hook:
+    """A module hook of a watch: ``watch.<method>(*args, module, ...)`` for the
+    modules it watches, and nothing for any other. The hooks are part of the
+    model's state, so a copy of the model carries them: ``copy.deepcopy`` (an EMA
+    model, say) shares this one, which ignores the copy's modules, and a pickled
+    model (``torch.save``) holds a `_Detached` hook in its place. Eager under
+    `torch.compile`: traced, it would be asked for the byte size of a symbolic
+    shape, and its outputs would not exist to be read."""
+
+    __slots__ = ("watch", "method", "args")
+
+    def __init__(self, watch: Watch, method: str, *args):
+        self.watch, self.method, self.args = watch, method, args
+
+    @torch.compiler.disable
+    def __call__(self, module, *rest):
+        if module in self.watch._modules:
+            return getattr(self.watch, self.method)(*self.args, module, *rest)
+        return None
+
+    def __deepcopy__(self, memo) -> _Hook:
+        return self
+
+    def __reduce__(self):
+        return _Detached, ()
+
+
+class _Detached:
+    """What a watch's hook becomes in a pickled model: on its first call it
+    removes itself from the module, which then runs as if never watched."""
+
+    def __call__(self, module, *rest):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if h is self]:
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                              "_forward_hooks_always_called"):
+                    getattr(module, extra, {}).pop(key, None)
+        return None
+
+
 def _labelled(name: str, found: list) -> list[tuple[str, torch.Tensor]]:
     """(row name, tensor) for what `_tensors` found in one output: the module's
     name, followed by each tensor's path when there are several."""
@@ -100,7 +154,7 @@ class Watch:
         # torch.compile(m) wraps m: its modules are named and hooked as m's.
         inner = uncompiled(model)
         self._roots = (model,) if inner is model else (model, inner)
-        if any(getattr(m, "_torchhealth_watch", None) is not None for m in self._roots):
+        if any(m in _WATCHED for m in self._roots):
             raise ValueError(f"watch: this {type(model).__name__} is already watched; "
                              "remove() the first watch before watching it again")
         self.monitor = getattr(monitor, "monitor", monitor)  # a wrapper's monitor, or the monitor
@@ -120,18 +174,17 @@ class Watch:
         self._last: tuple | None = None  # (step, passes, host copy) of the newest delivered step
         self._last_report: Report | None = None
         names = {m: n for n, m in self._roots[-1].named_modules()}
-        # Eager under torch.compile: traced, a hook would be asked for the byte size of
-        # a symbolic shape, and its outputs would not exist to be read.
+        self._modules = set(names) | set(self._roots)  # what the hooks act for (see _Hook)
+        # The gradient hooks are eager too (see _Hook): compiled autograd would trace
+        # them, and the engine's queue_callback cannot be traced outside a full graph.
+        # (There the engine runs no queued callback either: a backward pass is then
+        # closed when next needed, see _close_backward.)
         eager = torch.compiler.disable
-        # The gradient hooks too: compiled autograd would trace them, and the
-        # engine's queue_callback cannot be traced outside a full graph. (There the
-        # engine runs no queued callback either: a backward pass is then closed
-        # when next needed, see _close_backward.)
         self._eager_grad, self._eager_grad_output = eager(self._grad), eager(self._grad_output)
-        self._hooks = [model.register_forward_pre_hook(eager(self._begin), with_kwargs=True)]
-        self._hooks += [m.register_forward_hook(eager(functools.partial(self._output, names[m], kind_of(m))))
+        self._hooks = [model.register_forward_pre_hook(_Hook(self, "_begin"), with_kwargs=True)]
+        self._hooks += [m.register_forward_hook(_Hook(self, "_output", names[m], kind_of(m)))
                         for m in self._roots[-1].modules() if m not in self._roots]
-        self._hooks.append(model.register_forward_hook(eager(self._end)))
+        self._hooks.append(model.register_forward_hook(_Hook(self, "_end")))
         self._skipped_types: set[type] = set()
         self._outputs: PendingPass | None = None  # the forward pass under way, on a due step
         self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
@@ -140,7 +193,7 @@ class Watch:
         self._output_hooked = False  # whether the last forward's own output had a graph to hook
         self._passes: dict[int, list[PassStats]] = {}
         for m in self._roots:
-            m._torchhealth_watch = self
+            _WATCHED[m] = self
 
     # -- hooks ------------------------------------------------------------------------
     def _begin(self, module, args, kwargs) -> None:
@@ -294,13 +347,22 @@ class Watch:
             self.monitor.attach_activations(None)
         self.flush()
         for m in self._roots:
-            m._torchhealth_watch = None
+            _WATCHED.pop(m, None)
+
+    def __reduce__(self):
+        # What refers to a watch (the monitor of a copied or pickled optimizer
+        # wrapper) is, copied, attached to none: the watch belongs to its model.
+        return _no_watch, ()
 
     def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _no_watch() -> None:
+    return None
 
 
 def watch(model: torch.nn.Module, *, monitor=None, check_every: int = 1, backward: bool = True,
