@@ -90,6 +90,17 @@ def in_compiled_autograd() -> bool:
     return ca is not None and bool(ca.in_compiled_autograd_region)
 
 
+def at_backward_end(callback) -> bool:
+    """Queues `callback` to run when the backward pass under way ends (the
+    engine's ``queue_callback``, as DDP and FSDP do). False, queuing nothing,
+    where no engine callback would run: under compiled autograd, or outside a
+    backward pass."""
+    if in_compiled_autograd() or torch._C._current_graph_task_id() == -1:
+        return False
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+    return True
+
+
 _REAL_DTYPES = frozenset(SUPPORTED_DTYPES)
 _LAYOUTS = (torch.strided, torch.sparse_coo)
 

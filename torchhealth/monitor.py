@@ -66,7 +66,7 @@ from .checks import RunningState, Signal, run_checks, total_grad_norm
 from .policy import Decision, act_, decide, dispatch, grad_norm_
 from . import distributed, user_scalars
 from ._ops import tensor_stats
-from .collect import Collected, Collector, in_compiled_autograd, uncompiled
+from .collect import Collected, Collector, at_backward_end, uncompiled
 from .options import MonitorOptions
 from .report import Report
 from .result import CheckResult
@@ -262,9 +262,8 @@ class HealthMonitor:
         # autograd engine runs once the whole pass is done (as DDP and FSDP do).
         # Compiled autograd traces this hook and runs no such callback: none is
         # queued there, and `check` does the work at step time.
-        if not self._queued and not in_compiled_autograd():
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+        if not self._queued:
+            self._queued = at_backward_end(self._backward_end)
 
     def _backward_end(self) -> None:
         self._queued = False

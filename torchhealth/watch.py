@@ -68,7 +68,7 @@ from .activations import (
     pass_fields,
 )
 from .checks import Thresholds
-from .collect import in_compiled_autograd, uncompiled
+from .collect import at_backward_end, uncompiled
 from .hostcopy import HostCopy
 from .report import Report
 
@@ -278,8 +278,7 @@ class Watch:
 
     def _grad(self, name, grad) -> None:
         if self._grads is None:
-            if not in_compiled_autograd():
-                torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+            at_backward_end(self._backward_end)  # none under compiled autograd: see _close_backward
             step = self._next_step()
             self._grads = PendingPass(step, self._histogram(step))
         self._grads.add(name, OTHER, grad)

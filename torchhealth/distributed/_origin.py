@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..collect import in_compiled_autograd
+from ..collect import at_backward_end
 
 
 class NonfiniteOrigin:
@@ -118,10 +118,8 @@ class _OriginTracker:
         """Whether communication reads the local gradients now (`armed`). A
         disarmed tracker stays so for the backward pass under way only: its end
         re-arms it, so that a step nobody said was unchecked is read."""
-        if not self.armed and not self._rearming and torch._C._current_graph_task_id() != -1 \
-                and not in_compiled_autograd():
-            self._rearming = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._rearm)
+        if not self.armed and not self._rearming:
+            self._rearming = at_backward_end(self._rearm)
         return self.armed
 
     def _rearm(self) -> None:
