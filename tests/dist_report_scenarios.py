@@ -312,6 +312,15 @@ def ddp_unused_branch(rank, world):
     _same_everywhere(reports, list(model.parameters()))
 
 
+def _named_at_step_3(reports, net):
+    """Checks on steps 0, 3 and 6 (check_every=3), BAD_RANK named at step 3
+    alone, the same verdicts and parameters on every rank."""
+    assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
+    named = {r.step: [f.ranks for f in r.findings if f.ranks] for r in reports}
+    assert named == {0: [], 3: [[BAD_RANK]], 6: []}, named
+    _same_everywhere(reports, list(net.parameters()))
+
+
 def _check_every(model, net, rank, world):
     """check_every=3: checks on steps 0, 3, 6 on every rank, no hang. The local
     gradients are read inside communication only on a checked step (a NaN of
@@ -335,10 +344,7 @@ def _check_every(model, net, rank, world):
         assert not bool(flags.any()), (step, flags)  # forgotten once checked
         opt.zero_grad()
     opt.flush()
-    assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
-    named = {r.step: [f.ranks for f in r.findings if f.ranks] for r in reports}
-    assert named == {0: [], 3: [[BAD_RANK]], 6: []}, named
-    _same_everywhere(reports, list(net.parameters()))
+    _named_at_step_3(reports, net)
 
 
 def fsdp_check_every(rank, world):
@@ -368,10 +374,7 @@ def _due_steps_only(model, net, rank, world):
             opt.step()
         opt.zero_grad()
     monitor.flush()
-    assert [r.step for r in reports] == [0, 3, 6], [r.step for r in reports]
-    named = {r.step: [f.ranks for f in r.findings if f.ranks] for r in reports}
-    assert named == {0: [], 3: [[BAD_RANK]], 6: []}, named
-    _same_everywhere(reports, list(net.parameters()))
+    _named_at_step_3(reports, net)
 
 
 def fsdp_due_steps_only(rank, world):
