@@ -88,10 +88,10 @@ def _tensors(obj, path: str = ""):
     return [] if obj is None or isinstance(obj, (int, float, bool, str)) else None
 
 
-# Each watched model (and its torch.compile wrapper) -> its Watch: on the side, not
-# an attribute, so that a copy of the model (copy.deepcopy, torch.save) is not
-# taken for a watched one.
-_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The watched models (and their torch.compile wrappers): on the side, not an
+# attribute, so that a copy of a model (copy.deepcopy, torch.save) is not taken
+# for a watched one.
+_WATCHED: weakref.WeakSet = weakref.WeakSet()
 
 
 class _Hook:
@@ -193,7 +193,7 @@ class Watch:
         self._output_hooked = False  # whether the last forward's own output had a graph to hook
         self._passes: dict[int, list[PassStats]] = {}
         for m in self._roots:
-            _WATCHED[m] = self
+            _WATCHED.add(m)
 
     # -- hooks ------------------------------------------------------------------------
     def _begin(self, module, args, kwargs) -> None:
@@ -346,7 +346,7 @@ class Watch:
             self.monitor.attach_activations(None)
         self.flush()
         for m in self._roots:
-            _WATCHED.pop(m, None)
+            _WATCHED.discard(m)
 
     def __reduce__(self):
         # What refers to a watch (the monitor of a copied or pickled optimizer
