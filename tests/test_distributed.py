@@ -37,3 +37,33 @@ def test_origin_flags_count_each_tensor_holding_a_nan_or_inf_of_any_float_or_com
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64):
         flags = _nonfinite([t.to(dtype) for t in (fine, nan, torch.empty(0), inf)])
         assert flags.dtype == torch.int32 and flags.tolist() == [0, 1, 0, 1], dtype
+
+
+def test_a_bucket_whose_sum_is_finite_is_not_read_again_and_any_other_is_read_exactly(monkeypatch):
+    """On the CPU the communication hooks test a bucket's buffer by its sum first:
+    a finite sum clears the whole bucket without the per-tensor statistics; a
+    non-finite one (a NaN, an Inf, or finite values whose sum overflows) sends it
+    to the exact per-tensor test, so an overflowing sum names no tensor."""
+    from torchhealth.distributed import _origin
+
+    calls = []
+    exact = _origin._nonfinite
+    monkeypatch.setattr(_origin, "_nonfinite", lambda ts: calls.append(len(ts)) or exact(ts))
+
+    class Tracker:
+        _flags = torch.zeros(3, dtype=torch.int32)
+
+    slots = torch.tensor([2, 0, 1])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        big = torch.finfo(dtype).max
+        cases = [([1.0, -2.0, 3.0], [0, 0, 0], 0),
+                 ([1.0, float("nan"), 3.0], [1, 0, 0], 1),  # tensor 1 is slot 0
+                 ([float("inf"), 1.0, float("-inf")], [0, 1, 1], 1),
+                 ([big, big, 1.0], [0, 0, 0], 1)]  # the sum overflows; no value is non-finite
+        for values, flags, reads in cases:
+            Tracker._flags.zero_()
+            calls.clear()
+            flat = torch.tensor(values, dtype=dtype)
+            _origin._record(Tracker, slots, list(flat.split(1)), flat)
+            assert Tracker._flags.tolist() == flags, (dtype, values)
+            assert len(calls) == reads, (dtype, values)

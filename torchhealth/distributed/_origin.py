@@ -18,13 +18,16 @@ pass ends, so a monitor told of its due steps only (``check(step)`` called on
 those alone) still reads them.
 
 - DDP: a communication hook (``register_comm_hook``) checks each gradient of a
-  bucket (one call of the fused statistics per bucket, histogram off) and then
-  runs the normal all-reduce. Slots are parameters.
+  bucket and then runs the normal all-reduce. Slots are parameters. On the CPU
+  a bucket whose sum is finite holds no NaN/Inf (`_surely_finite`); any other
+  bucket, and every bucket on an accelerator, goes through one call of the
+  fused statistics (histogram off) that flags each gradient exactly.
 - FSDP2 has no DDP-style comm hook; its public ``set_custom_reduce_scatter``
   replaces the reduce-scatter of each ``fully_shard`` module, whose input is
-  this rank's unsharded local gradients of that module. Slots are FSDP modules
-  (the parameters each one owns). It replaces any custom reduce-scatter already
-  set, and is not called when the shard group has one rank.
+  this rank's unsharded local gradients of that module, tested as a DDP
+  bucket is. Slots are FSDP modules (the parameters each one owns). It
+  replaces any custom reduce-scatter already set, and is not called when the
+  shard group has one rank.
 """
 from __future__ import annotations
 
@@ -170,9 +173,27 @@ def _nonfinite(tensors) -> torch.Tensor:
     return (tensor_stats(tensors, histogram=False).nonfinite > 0).to(torch.int32)
 
 
+def _surely_finite(flat: torch.Tensor) -> bool:
+    """True only if every value of ``flat`` (one buffer holding a bucket's
+    gradients) is finite, known on the host without a device sync: on the CPU,
+    from its sum (a NaN or Inf anywhere makes any sum non-finite; a sum that
+    overflows from finite values only sends the bucket to the exact per-tensor
+    test). `torch.sum` reads a buffer 2-3x faster than the fused statistics, and
+    healthy steps are nearly all steps. False elsewhere: on an accelerator,
+    reading the sum would be a host sync."""
+    return flat.device.type == "cpu" and bool(flat.sum().isfinite())
+
+
+def _record(tracker, slots: torch.Tensor, tensors, flat: torch.Tensor) -> None:
+    """Adds 1 to the flags of ``slots`` whose tensor (of ``tensors``, views into
+    the buffer ``flat``) holds a NaN or Inf."""
+    if not _surely_finite(flat):
+        tracker._flags.index_add_(0, slots, _nonfinite(tensors))
+
+
 def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
     if tracker.reading():
-        tracker._flags.index_add_(0, tracker._slots_of(bucket.parameters()), _nonfinite(bucket.gradients()))
+        _record(tracker, tracker._slots_of(bucket.parameters()), bucket.gradients(), bucket.buffer())
     return tracker._inner(tracker._inner_state, bucket)
 
 
@@ -242,13 +263,15 @@ class FSDPNonfiniteTracker(_OriginTracker):
 def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
+    slots = torch.tensor([slot], dtype=torch.int64, device=tracker._flags.device)
+
     class CheckedReduceScatter(ReduceScatter):
         def allocate(self, size, *, dtype, device):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
             if tracker.reading():
-                tracker._flags[slot] += _nonfinite([input_tensor])[0]
+                _record(tracker, slots, [input_tensor], input_tensor)
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
                                               async_op=async_op)
 
