@@ -13,7 +13,8 @@ arm's median step time, its overhead against the first plain arm as the median
 of the step-by-step ratios with their interquartile range, and the collectives
 and bytes torchhealth issued per check (counted on the real calls); "in
 check()": the mean time spent in the monitor's check per step, as a share of
-the plain step. The second plain arm is the noise floor: its "overhead" is what
+the plain step; "in hooks": the same for the origin tracker's reads inside
+communication (the rest of torchhealth's work in a step). The second plain arm is the noise floor: its "overhead" is what
 identical work measures on this machine.
 Checks run every step (``--check-every``: every Nth) with histograms off.
 """
@@ -72,6 +73,24 @@ def time_checks(monitor, spent: list) -> None:
     monitor.check = check
 
 
+def time_hooks(spent: list, now: list) -> None:
+    """Adds the wall time of each origin-tracker check inside communication
+    (the DDP comm hook's or FSDP2 reduce-scatter's read of the local gradients)
+    to ``spent[now[0]]``: the wrapped arm's cost outside `check()`."""
+    from torchhealth.distributed import _origin
+
+    real = _origin.__dict__.setdefault("_untimed_record", _origin._record)
+
+    def record(*args):
+        t0 = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            spent[now[0]] += time.perf_counter() - t0
+
+    _origin._record = record
+
+
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(xs, n=4)
     return q[0], statistics.median(xs), q[2]
@@ -92,8 +111,11 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
         times = {k: [] for k in variants}
         checks: list[float] = []
         time_checks(variants["wrapped"][1].monitor, checks)
+        hooks, now = [0.0] * (steps + 3), [0]
+        time_hooks(hooks, now)
         sent = {}
         for i in range(steps + 3):
+            now[0] = i
             g = torch.Generator().manual_seed(i * world + rank)
             tokens = torch.randint(0, 256, (8, 65), generator=g)
             for name in names[i % 3:] + names[:i % 3]:  # rotating order
@@ -110,11 +132,13 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
         n_params = sum(1 for _ in variants["plain"][0].parameters())
         # Per step (checked or not): the mean, so that every Nth step's check counts.
         in_check = 100 * statistics.fmean(checks[3:]) / statistics.median(times["plain"])
+        in_hooks = 100 * statistics.fmean(hooks[3:]) / statistics.median(times["plain"])
         for name in variants:
             ratios = [t / b for t, b in zip(times[name], times["plain"])]
             lo, mid, hi = (100 * (r - 1) for r in quartiles(ratios))
             rows.append((mode, name, n_params, statistics.median(times[name]) * 1e3, mid, lo, hi,
-                         len(sent[name]), sum(c.bytes for c in sent[name]), in_check if name == "wrapped" else 0.0))
+                         len(sent[name]), sum(c.bytes for c in sent[name]), in_check if name == "wrapped" else 0.0,
+                         in_hooks if name == "wrapped" else 0.0))
     if rank == 0:
         out.put(rows)
     dist.destroy_process_group()
@@ -139,11 +163,11 @@ def main() -> None:
     print(f"{args.nproc} processes, gloo, {args.steps} timed steps, TinyLM(dim={args.dim}, "
           f"layers={args.layers}), checks every {args.check_every} step(s), no histograms")
     print(f"{'mode':6} {'variant':12} {'params':>6} {'median ms':>10} {'overhead':>9} "
-          f"{'IQR':>15} {'collectives':>11} {'bytes sent':>10} {'in check()':>10}")
-    for mode, name, n, ms, over, lo, hi, calls, sent, in_check in rows:
+          f"{'IQR':>15} {'collectives':>11} {'bytes sent':>10} {'in check()':>10} {'in hooks':>8}")
+    for mode, name, n, ms, over, lo, hi, calls, sent, in_check, in_hooks in rows:
         iqr = f"[{lo:+.1f}, {hi:+.1f}]%"
         print(f"{mode:6} {name:12} {n:6d} {ms:10.2f} {over:+8.1f}% {iqr:>15} {calls:11d} {sent:10d} "
-              f"{in_check:9.1f}%")
+              f"{in_check:9.1f}% {in_hooks:7.1f}%")
 
 
 if __name__ == "__main__":
