@@ -64,6 +64,6 @@ def test_a_bucket_whose_sum_is_finite_is_not_read_again_and_any_other_is_read_ex
             Tracker._flags.zero_()
             calls.clear()
             flat = torch.tensor(values, dtype=dtype)
-            _origin._record(Tracker, slots, list(flat.split(1)), flat)
+            _origin._record(Tracker, flat, lambda: (slots, list(flat.split(1))))
             assert Tracker._flags.tolist() == flags, (dtype, values)
             assert len(calls) == reads, (dtype, values)

@@ -184,16 +184,20 @@ def _surely_finite(flat: torch.Tensor) -> bool:
     return flat.device.type == "cpu" and bool(flat.sum().isfinite())
 
 
-def _record(tracker, slots: torch.Tensor, tensors, flat: torch.Tensor) -> None:
-    """Adds 1 to the flags of ``slots`` whose tensor (of ``tensors``, views into
-    the buffer ``flat``) holds a NaN or Inf."""
+def _record(tracker, flat: torch.Tensor, slots_and_tensors) -> None:
+    """Adds 1 to the flags of the slots whose tensor holds a NaN or Inf, where
+    ``slots_and_tensors()`` gives the slots (int64) and the tensors (views into
+    the buffer ``flat``); it is called only when the buffer's sum leaves doubt:
+    a DDP bucket's views and slot key cost about half as much as the sum."""
     if not _surely_finite(flat):
+        slots, tensors = slots_and_tensors()
         tracker._flags.index_add_(0, slots, _nonfinite(tensors))
 
 
 def _checked_allreduce(tracker, bucket):  # unannotated: DDP checks annotations by identity
     if tracker.reading():
-        _record(tracker, tracker._slots_of(bucket.parameters()), bucket.gradients(), bucket.buffer())
+        _record(tracker, bucket.buffer(),
+                lambda: (tracker._slots_of(bucket.parameters()), bucket.gradients()))
     return tracker._inner(tracker._inner_state, bucket)
 
 
@@ -271,7 +275,7 @@ def _make_checked_reduce_scatter(tracker: FSDPNonfiniteTracker, slot: int):
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
             if tracker.reading():
-                _record(tracker, slots, [input_tensor], input_tensor)
+                _record(tracker, input_tensor, lambda: (slots, [input_tensor]))
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group,
                                               async_op=async_op)
 
