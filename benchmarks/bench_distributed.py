@@ -14,13 +14,15 @@ of the step-by-step ratios with their interquartile range, and the collectives
 and bytes torchhealth issued per check (counted on the real calls); "in
 check()": the mean time spent in the monitor's check per step, as a share of
 the plain step; "in hooks": the same for the origin tracker's reads inside
-communication (the rest of torchhealth's work in a step). The second plain arm is the noise floor: its "overhead" is what
-identical work measures on this machine.
+communication (the rest of torchhealth's work in a step). The second plain arm
+is the noise floor: its "overhead" is what identical work measures on this
+machine.
 Checks run every step (``--check-every``: every Nth) with histograms off.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -73,13 +75,14 @@ def time_checks(monitor, spent: list) -> None:
     monitor.check = check
 
 
-def time_hooks(spent: list, now: list) -> None:
-    """Adds the wall time of each origin-tracker check inside communication
-    (the DDP comm hook's or FSDP2 reduce-scatter's read of the local gradients)
-    to ``spent[now[0]]``: the wrapped arm's cost outside `check()`."""
+@contextlib.contextmanager
+def time_hooks(spent: list, now: list):
+    """Within it, adds the wall time of each origin-tracker check inside
+    communication (the DDP comm hook's or FSDP2 reduce-scatter's read of the
+    local gradients) to ``spent[now[0]]``: the wrapped arm's cost outside `check()`."""
     from torchhealth.distributed import _origin
 
-    real = _origin.__dict__.setdefault("_untimed_record", _origin._record)
+    real = _origin._record
 
     def record(*args):
         t0 = time.perf_counter()
@@ -89,6 +92,10 @@ def time_hooks(spent: list, now: list) -> None:
             spent[now[0]] += time.perf_counter() - t0
 
     _origin._record = record
+    try:
+        yield
+    finally:
+        _origin._record = real
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -112,23 +119,23 @@ def worker(rank: int, world: int, port: int, steps: int, dim: int, layers: int, 
         checks: list[float] = []
         time_checks(variants["wrapped"][1].monitor, checks)
         hooks, now = [0.0] * (steps + 3), [0]
-        time_hooks(hooks, now)
         sent = {}
-        for i in range(steps + 3):
-            now[0] = i
-            g = torch.Generator().manual_seed(i * world + rank)
-            tokens = torch.randint(0, 256, (8, 65), generator=g)
-            for name in names[i % 3:] + names[:i % 3]:  # rotating order
-                model, opt = variants[name]
-                dist.barrier()
-                t0 = time.perf_counter()
-                with counted_collectives() as calls:
-                    step(model, opt, tokens)
-                dt = time.perf_counter() - t0
-                if i >= 3:  # warm-up steps are not timed
-                    times[name].append(dt)
-                if calls or name not in sent:  # what a checked step sends
-                    sent[name] = calls
+        with time_hooks(hooks, now):
+            for i in range(steps + 3):
+                now[0] = i
+                g = torch.Generator().manual_seed(i * world + rank)
+                tokens = torch.randint(0, 256, (8, 65), generator=g)
+                for name in names[i % 3:] + names[:i % 3]:  # rotating order
+                    model, opt = variants[name]
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    with counted_collectives() as calls:
+                        step(model, opt, tokens)
+                    dt = time.perf_counter() - t0
+                    if i >= 3:  # warm-up steps are not timed
+                        times[name].append(dt)
+                    if calls or name not in sent:  # what a checked step sends
+                        sent[name] = calls
         n_params = sum(1 for _ in variants["plain"][0].parameters())
         # Per step (checked or not): the mean, so that every Nth step's check counts.
         in_check = 100 * statistics.fmean(checks[3:]) / statistics.median(times["plain"])
