@@ -133,6 +133,26 @@ def test_the_optimizer_report_carries_the_origin_and_raise_carries_it_too():
     assert "origin: 2 (forward pass, step 0)" in str(e.value.report)
 
 
+def test_a_steps_activation_findings_are_made_once_for_the_origin_and_the_report(monkeypatch):
+    """Under torch.distributed the monitor reads a step's activation origin (to
+    gather it) and then builds its Report: the rows and findings are made from
+    the host copy once, and both see the same origin."""
+    from torchhealth import result
+    calls = []
+    real = result.activation_findings
+    monkeypatch.setattr(result, "activation_findings", lambda *a: calls.append(1) or real(*a))
+    model = _mlp(nn.Tanh(), Sqrt())
+    opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                    policy={"nonfinite": "ignore"})
+    with th.watch(model, monitor=opt):
+        model(_x()).pow(2).mean().backward()
+        checked = opt.monitor.check()
+    origin = checked.local_origin()
+    assert (origin["module"], origin["pass"]) == ("2", "forward")
+    assert checked.report().origin == origin
+    assert len(calls) == 1
+
+
 def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(monkeypatch):
     model = _mlp(nn.ReLU())
     opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)

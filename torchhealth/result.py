@@ -59,6 +59,7 @@ class CheckResult:
         self.activations = list(activations)
         self._device_skip = decision.skip
         self._report: Report | None = None
+        self._activation_view: tuple | None = None
 
     @property
     def ready(self) -> bool:
@@ -95,31 +96,37 @@ class CheckResult:
         """Whether the nonfinite check fired on a gradient."""
         return any_fired(self.signals, self.copy.value("fired"), "nonfinite", "grad")
 
+    def activation_view(self) -> tuple[list, list[Finding], dict | None]:
+        """This step's activation rows, findings and origin (`torchhealth.watch`),
+        from the host copy; made once (the origin gather and the Report both read it)."""
+        if self._activation_view is None:
+            th = self.options.thresholds
+            self._activation_view = activation_findings(host_passes(self.activations, self.copy),
+                                                        th.max_saturated_fraction, th.max_dead_fraction)
+        return self._activation_view
+
     def local_origin(self) -> dict | None:
         """This rank's activation origin (`torchhealth.watch`), from the host copy."""
-        if not self.activations:
-            return None
-        th = self.options.thresholds
-        return activation_findings(host_passes(self.activations, self.copy), th.max_saturated_fraction,
-                                   th.max_dead_fraction)[2]
+        return self.activation_view()[2] if self.activations else None
 
     def report(self) -> Report:
         """The host-side Report of this check (built once)."""
         if self._report is None:
             self._report = build_report(self.step, self.layout, self.signals, self.copy, self.options,
-                                        self.activations, self.scalars, self.origin, self.world_size)
+                                        self.activation_view(), self.scalars, self.origin, self.world_size)
         return self._report
 
 
 def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCopy,
-                 options: MonitorOptions, activations: list[PassStats] = (),
+                 options: MonitorOptions, activation_view: tuple = ([], [], None),
                  scalars: dict[str, float | torch.Tensor] | None = None,
                  rank_origin: NonfiniteOrigin | None = None, world_size: int = 1) -> Report:
     """The Report of one check from its host copy: rows, findings (the first
     warning or error, in `CHECKS` order, marked primary: a non-finite value
     comes before the norms it breaks, an exploding norm before what looks
-    small next to it), the labels of the actions the policy took, and the
-    activations' rows, findings and origin, and the user's `scalars`.
+    small next to it), the labels of the actions the policy took, the
+    activations' rows, findings and origin (``activation_view``, from
+    `activation_findings`), and the user's `scalars`.
     ``world_size``: the ranks the statistics cover; ``rank_origin`` (its flags
     in the copy): which ranks' local gradients were non-finite, named on the
     non-finite gradient finding."""
@@ -169,9 +176,7 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     if copy.value("escalated"):
         actions.append(f"raise: {copy.value('consecutive_skips')} consecutive skipped steps "
                        f"(escalate_after={options.escalate_after})")
-    th = options.thresholds
-    act_rows, act_findings, origin = activation_findings(host_passes(activations, copy),
-                                                         th.max_saturated_fraction, th.max_dead_fraction)
+    act_rows, act_findings, origin = activation_view
     if where is not None and where["module"] is not None:  # gathered from the rank that made it
         origin = where["module"]
     if world_size > 1 and act_findings:  # this rank's own activations: see `Finding.local`
