@@ -315,3 +315,89 @@ def test_finding_names_parameters_and_statistics():
 def test_thresholds_are_validated(bad):
     with pytest.raises(ValueError, match="Thresholds"):
         C.Thresholds(**bad)
+
+
+# -- the CPU op against the reference -------------------------------------------------------
+def _random_case(g: torch.Generator, k: int):
+    """A layout of random parameters (some without a gradient, frozen, sparse,
+    with a structural reason, sharing a module, low precision, with optimizer
+    state) and a function giving the statistics of one step: values drawn on
+    scales from vanishing to overflowing, with NaN, Inf, zeros and subnormals."""
+    def pick(n):
+        return int(torch.randint(n, (), generator=g))
+
+    params = [dict(dtype=[torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn][pick(4)],
+                   numel=[0, 1, 5, 40][pick(4)], grad=pick(5) > 0, trainable=pick(6) > 0, sparse=pick(5) == 0,
+                   structural="bias cancels" if pick(4) == 0 else "", module=f"m{pick(3)}" if pick(3) else None,
+                   state=k % 3 == 0 and pick(2) == 0)
+              for _ in range(1 + pick(6))]
+    names, roles, dtypes, index = [], [], [], []
+    for j, p in enumerate(params):
+        for role in ["param"] + ["grad"] * p["grad"] + ["state.exp_avg"] * p["state"]:
+            names.append(f"p{j}")
+            roles.append(role)
+            dtypes.append(p["dtype"])
+            index.append(j)
+    layout = C.Layout(names=names, roles=roles, dtypes=dtypes, param_index=index,
+                      param_names=[f"p{j}" for j in range(len(params))],
+                      trainable=[p["trainable"] for p in params], sparse=[p["sparse"] for p in params],
+                      structural=[p["structural"] for p in params], modules=[p["module"] for p in params])
+
+    def step():
+        tensors = []
+        for role, j in zip(roles, index):
+            p = params[j]
+            scale = [0.0, 1e-30, 1e-12, 1e-4, 1.0, 3e2, 2e4, 6e4, 1e30][pick(9)]
+            x = torch.randn(p["numel"], generator=g) * scale
+            x[torch.rand(p["numel"], generator=g) < 0.2] = 0.0
+            if p["numel"] and pick(6) == 0:
+                x[pick(p["numel"])] = [math.nan, math.inf, -math.inf][pick(3)]
+            tensors.append(x.to(p["dtype"]))
+        return th_stats(tensors, histogram=False)
+    return layout, step
+
+
+def th_stats(tensors, **kw):
+    import torchhealth
+    return torchhealth.tensor_stats(tensors, **kw)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and \
+        torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
+
+
+@pytest.mark.skipif(not C._ops.native_checks(), reason="the extension is not built")
+def test_the_native_checks_are_the_reference():
+    """`run_checks` on the CPU (the op of csrc/cpu/checks_cpu.cpp) gives every
+    signal (fired, mask, value) and the running state of the PyTorch
+    reference, bit for bit, over random layouts, statistics, thresholds and
+    GradScaler flags, for several steps in a row (so spikes, dead counters,
+    structural status and float16 peaks evolve)."""
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for k in range(60):
+        layout, step = _random_case(g, k)
+        th = C.Thresholds(warmup=1 + k % 3, dead_after=1 + k % 3, spike_factor=1.5, spike_zscore=0.5,
+                          max_norm=[1e4, 10.0][k % 2], min_norm=[1e-8, 1e-3][k % 2],
+                          headroom=[0.5, 0.01][k % 2], max_subnormal_fraction=[0.01, 0.0][k % 2],
+                          max_param_norm=[1e4, 1.0][k % 2], overflow_horizon=[20.0, 1e6][k % 2])
+        native = reference = C.RunningState.zeros(len(layout.param_names))
+        for i in range(6):
+            s = step()
+            found_inf = [None, torch.zeros(1), torch.ones(1), torch.ones((), dtype=torch.float64)][(k + i) % 4]
+            got, native = C.run_checks(s, layout, th, native, found_inf)
+            want, reference = C.reference_checks(TensorStats(s.data), layout, th, reference, found_inf)
+            assert [(x.check, x.kind, x.axis, x.threshold) for x in got] == \
+                [(x.check, x.kind, x.axis, x.threshold) for x in want]
+            for a, b in zip(got, want):
+                where = (k, i, a.check, a.kind)
+                assert _same(a.fired, b.fired) and _same(a.mask, b.mask), where
+                assert _same(a.value, b.value.double()), (where, a.value, b.value)
+                if bool(a.fired) or (a.severity == "info" and a.mask.any()):
+                    seen.add((a.check, a.kind))
+            for name in ("count", "mean", "var", "dead", "structural", "peak"):
+                a, b = getattr(native, name), getattr(reference, name)
+                assert _same(a, b.reshape(a.shape).to(a.dtype)), (k, i, name, a, b)
+    # Every kind of signal fired (or recorded, for info) at least once.
+    assert seen == {(c, k) for c, k, _ in C._SIGNALS}, sorted(seen)

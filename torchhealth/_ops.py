@@ -52,6 +52,15 @@ if _BACKEND.name == "extension":
         return like.new_empty((len(tensors), COLS + (BINS if histogram else 0)), dtype=torch.int64)
 
 
+def native_checks() -> bool:
+    """Whether the extension has the CPU op ``torchhealth::run_checks``
+    (`torchhealth.checks.run_checks`)."""
+    return _NATIVE_CHECKS
+
+
+_NATIVE_CHECKS = _BACKEND.name == "extension" and hasattr(torch.ops.torchhealth, "run_checks")
+
+
 def backend() -> Backend:
     """The active implementation of `tensor_stats` and why it was chosen."""
     return _BACKEND

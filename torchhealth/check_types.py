@@ -160,32 +160,110 @@ class Layout:
                 "zero": torch.zeros((), dtype=torch.float64),
                 "inf": torch.full((), math.inf, dtype=torch.float64),
                 "ninf": torch.full((), -math.inf, dtype=torch.float64),
+                **self._native_constants(grad_row, has_grad),
             }
             cached = {k: v.to(device) for k, v in cached.items()}
             self._device_cache[device] = cached
         return cached
 
+    def _native_constants(self, grad_row: dict[int, int], has_grad: list[bool]) -> dict[str, torch.Tensor]:
+        """The rows and parameters as the CPU op ``torchhealth::run_checks``
+        takes them (csrc/cpu/checks_cpu.cpp): per row its flags (`ROW_FLAGS`, bit
+        k for flag k), parameter and module; its dtype's max, eps and smallest
+        normal; per parameter its gradient row (or one past the last) and flags
+        (bit 0 trainable, bit 1 missing: trainable without a gradient)."""
+        rows = []
+        for i, (role, dtype, j) in enumerate(zip(self.roles, self.dtypes, self.param_index)):
+            flags = (role == "grad", role == "param", role.startswith("state"), dtype in _LOWP,
+                     not self.sparse[j], bool(self.structural[j]))
+            rows.append([sum(f << k for k, f in enumerate(flags)), j, self.module_index[j]])
+        finfo = [torch.finfo(d) for d in self.dtypes]
+        return {
+            "row_ints": torch.tensor(rows, dtype=torch.int64).reshape(-1, 3),
+            "row_floats": torch.tensor([[f.max, f.eps, f.tiny] for f in finfo],
+                                       dtype=torch.float64).reshape(-1, 3),
+            "param_ints": torch.tensor([[grad_row.get(j, len(self.roles)), t | ((t and not h) << 1)]
+                                        for j, (t, h) in enumerate(zip(self.trainable, has_grad))],
+                                       dtype=torch.int64).reshape(-1, 2),
+        }
 
-@dataclass
+
 class Signal:
     """One check's verdict on the device. ``mask`` is over statistics rows
     (``axis="rows"``) or parameters (``axis="params"``).
 
     An info signal (a kind in `INFO_KINDS`) records a fact, never an alarm: its
     ``fired`` is always False, so no policy acts on it (no skip, no
-    escalation), and its ``mask`` says what to record (`finding`)."""
+    escalation), and its ``mask`` says what to record (`finding`).
 
-    check: str
-    kind: str
-    fired: torch.Tensor  # bool []
-    mask: torch.Tensor  # bool [rows] or [params]
-    value: torch.Tensor  # float64 []: the measured value (the worst one)
-    threshold: float
-    axis: str = "rows"
+    ``fired`` (bool []), ``mask`` (bool [rows] or [params]) and ``value``
+    (float64 []: the measured value, the worst one) are tensors. A signal of
+    `SignalList.packed` makes them, as views of the list's tensors, only when
+    read: a check's consumers read the list's tensors whole."""
+
+    __slots__ = ("check", "kind", "threshold", "axis", "_fired", "_mask", "_value", "_at")
+
+    def __init__(self, check: str, kind: str, fired: torch.Tensor | None, mask: torch.Tensor | None,
+                 value: torch.Tensor | None, threshold: float, axis: str = "rows"):
+        self.check, self.kind, self.threshold, self.axis = check, kind, threshold, axis
+        self._fired, self._mask, self._value = fired, mask, value
+        self._at = None  # (SignalList, index, mask offset, mask size) of a packed signal
+
+    def _view(self, name: str) -> torch.Tensor:
+        signals, i, start, size = self._at
+        fired, value, mask = signals.stacked()
+        self._fired, self._value, self._mask = fired[i], value[i], mask[start:start + size]
+        return getattr(self, name)
+
+    fired = property(lambda self: self._fired if self._fired is not None else self._view("_fired"))
+    mask = property(lambda self: self._mask if self._mask is not None else self._view("_mask"))
+    value = property(lambda self: self._value if self._value is not None else self._view("_value"))
+
+    @property
+    def size(self) -> int:
+        """The length of ``mask``."""
+        return self._at[3] if self._mask is None else self._mask.numel()
 
     @property
     def severity(self) -> str:
         return "info" if self.kind in INFO_KINDS else SEVERITY[self.check]
+
+    def __repr__(self) -> str:
+        return f"Signal({self.check}/{self.kind}, threshold={self.threshold}, axis={self.axis})"
+
+
+class SignalList(list):
+    """The signals of one check, in order, and (`stacked`) their ``fired``,
+    ``value`` and concatenated ``mask`` tensors: what the policy and the host
+    copy read (made once; `packed` is given them)."""
+
+    _stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def packed(meta: list[tuple[str, str, str, float, int]], fired: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor) -> SignalList:
+        """Signals ``(check, kind, axis, threshold, mask size)`` whose tensors
+        are rows of ``fired`` [S], ``value`` [S] and slices of ``mask``."""
+        out = SignalList()
+        out._stacked = (fired, value, mask)
+        at = 0
+        for i, (check, kind, axis, threshold, size) in enumerate(meta):
+            s = Signal(check, kind, None, None, None, threshold, axis)
+            s._at = (out, i, at, size)
+            at += size
+            out.append(s)
+        return out
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
+            self._stacked = (torch.stack([s.fired for s in self]), torch.stack([s.value for s in self]),
+                             torch.cat([s.mask for s in self]))
+        return self._stacked
+
+
+def stacked(signals: list[Signal]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fired`` [S], ``value`` [S] and the concatenated masks of ``signals``."""
+    return (signals if isinstance(signals, SignalList) else SignalList(signals)).stacked()
 
 
 @dataclass

@@ -3,6 +3,12 @@
 data types are in `torchhealth.check_types`. (Over 300 lines: this docstring
 documents every default and the reason for its value.)
 
+Written here once, in PyTorch ops (`reference_checks`, which every device
+runs); on the CPU, `run_checks` makes one call of the extension's op instead
+(csrc/cpu/checks_cpu.cpp, the same arithmetic as loops over the rows, tested
+bit for bit against this reference), since there each of the ~170 small ops
+costs microseconds whatever the number of rows.
+
 A `Signal` is a check that may have fired: a 0-d bool ``fired``, a bool mask of
 the tensors (or parameters) that triggered it, the measured value and its
 threshold, all still on the device. `finding` turns one into a host-side
@@ -127,11 +133,12 @@ import math
 
 import torch
 
+from . import _ops
 from .report import Finding, Row
 from .stats import TensorStats
 
 from .check_types import (CHECKS, INFO_KINDS, LEARNS, SEVERITY, STRUCTURAL, UNDECIDED, UNREACHED, Layout,  # noqa: F401
-                          RunningState, Signal, Thresholds)
+                          RunningState, Signal, SignalList, Thresholds, stacked)
 
 
 
@@ -413,8 +420,56 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
                total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
     """Every check, in `CHECKS` order (the structural info signal after the
     vanishing ones); the new running state. ``total``: the total gradient
-    norm if the caller already has it (`total_grad_norm`)."""
+    norm if the caller already has it (`total_grad_norm`).
+
+    On the CPU with the extension built, one call of the op
+    ``torchhealth::run_checks`` (csrc/cpu/checks_cpu.cpp); elsewhere, and as
+    its test oracle, `reference_checks`."""
     total = total_grad_norm(stats, layout) if total is None else total
+    if stats.device.type == "cpu" and _ops.native_checks():
+        return _native_checks(stats, layout, th, state, found_inf, total)
+    return reference_checks(stats, layout, th, state, found_inf, total)
+
+
+# (check, kind, axis) of every signal, in `run_checks` order.
+_SIGNALS = (("nonfinite", "grad", "rows"), ("nonfinite", "param", "rows"), ("nonfinite", "state", "rows"),
+            ("exploding", "total", "rows"), ("exploding", "param", "rows"), ("exploding", "spike", "rows"),
+            ("vanishing", "total", "rows"), ("vanishing", "relative", "rows"), ("vanishing", "zeros", "rows"),
+            ("vanishing", "structural", "params"), ("headroom", "overflow", "rows"),
+            ("headroom", "course", "rows"), ("headroom", "underflow", "rows"),
+            ("dead", "dead", "params"), ("dead", "unreached", "params"))
+
+
+def _native_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
+                   found_inf: torch.Tensor | None, total: torch.Tensor) -> tuple[list[Signal], RunningState]:
+    m = layout.masks(stats.device)
+    limit = relative_rms_limit(layout, th)
+    # Each derived constant as the reference computes it, in csrc/cpu/checks_cpu.cpp's `Th` order.
+    constants = [th.max_norm, th.max_param_norm ** 2, th.spike_factor, math.log(th.spike_factor),
+                 th.spike_zscore, 1.0 - th.spike_decay, th.min_norm, limit, limit ** 2,
+                 th.max_zero_fraction, th.headroom, th.overflow_horizon, th.max_subnormal_fraction,
+                 th.structural_rms, th.structural_rms ** 2]
+    fired, values, masks, count, mean, var, dead_, structural_, peak = torch.ops.torchhealth.run_checks(
+        stats.data, m["row_ints"], m["row_floats"], m["param_ints"], constants,
+        [th.warmup, th.dead_after, layout.num_modules], state.count, state.mean, state.var, state.dead,
+        state.structural, state.peak, total, found_inf)
+    rows, params = len(layout), len(layout.param_names)
+    thresholds = (0, 0, 0, th.max_norm, th.max_param_norm, th.spike_factor, th.min_norm, limit,
+                  th.max_zero_fraction, th.structural_rms, th.headroom, th.overflow_horizon,
+                  th.max_subnormal_fraction, th.dead_after, th.dead_after)
+    meta = [(check, kind, axis, float(t), params if axis == "params" else 1 if kind in ("total", "spike") else rows)
+            for (check, kind, axis), t in zip(_SIGNALS, thresholds)]
+    return SignalList.packed(meta, fired, values, masks), dataclasses.replace(
+        state, count=count, mean=mean, var=var, dead=dead_, structural=structural_, peak=peak)
+
+
+def reference_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
+                     found_inf: torch.Tensor | None = None,
+                     total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
+    """`run_checks` in PyTorch ops: every device's, and the CPU op's reference."""
+    total = total_grad_norm(stats, layout) if total is None else total
+    if found_inf is not None and found_inf.dim():  # a GradScaler's [1]: the state stays 0-d
+        found_inf = found_inf.reshape(())
     signals = nonfinite(stats, layout, found_inf)
     ex, state = exploding(stats, layout, th, state, found_inf, total)
     info, excluded, state = structural(stats, layout, th, state)
@@ -422,7 +477,7 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
     va = vanishing(stats, layout, th, total, excluded, exploded)
     dd, state = dead(stats, layout, th, state)
     hr, state = headroom(stats, layout, th, state)
-    return signals + ex + va + info + hr + dd, state
+    return SignalList(signals + ex + va + info + hr + dd), state
 
 
 def any_fired(signals: list[Signal], flags: list[bool], check: str, kind: str | None = None) -> bool:

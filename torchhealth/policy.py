@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from .checks import CHECKS, Signal
+from .checks import CHECKS, Signal, stacked
 from .report import Finding, Report
 
 ACTIONS = ("ignore", "warn", "raise", "skip", "zero")
@@ -168,8 +168,14 @@ class Decision:
 def decide(signals: list[Signal], policy: Mapping[str, Action], found_inf: torch.Tensor | None,
            consecutive_skips: torch.Tensor, escalate_after: int | None) -> Decision:
     """The device-side verdict of one check: one function of the signals."""
-    skipping = [s.fired for s in signals if policy[s.check] == "skip"]
-    policy_skip = torch.stack(skipping).any() if skipping else None
+    skipping = [i for i, s in enumerate(signals) if policy[s.check] == "skip"]
+    fired = stacked(signals)[0]
+    if not skipping:
+        policy_skip = None
+    elif skipping == list(range(skipping[0], skipping[-1] + 1)):  # one check's signals: a slice
+        policy_skip = fired[skipping[0]:skipping[-1] + 1].any()
+    else:
+        policy_skip = fired[skipping].any()
     scaler_skip = None if found_inf is None else found_inf.reshape(()) > 0
     parts = [x for x in (policy_skip, scaler_skip) if x is not None]
     skip = (parts[0] if len(parts) == 1 else torch.stack(parts).any()) if parts else None

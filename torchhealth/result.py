@@ -8,7 +8,7 @@ import torch
 
 from . import user_scalars
 from .activations import PassStats, activation_findings, any_finding, host_passes, pass_fields
-from .checks import Layout, Signal, any_fired, finding
+from .checks import Layout, Signal, any_fired, finding, stacked
 from .policy import Decision, describe
 from .hostcopy import HostCopy
 from .options import MonitorOptions
@@ -40,11 +40,12 @@ class CheckResult:
         self.late = late  # whether the verdict reaches the host after the optimizer step
         self.scalars = dict(scalars or {})  # the user's, from `HealthMonitor.log`
         none = grad_norm.new_zeros((), dtype=torch.bool)
+        fired, value, mask = stacked(signals)
         self.copy = HostCopy({
             "stats": stats.data,
-            "fired": torch.stack([s.fired for s in signals]),
-            "value": torch.stack([s.value for s in signals]),
-            "mask": torch.cat([s.mask for s in signals]),
+            "fired": fired,
+            "value": value,
+            "mask": mask,
             "grad_norm": grad_norm,
             "skip": decision.skip if decision.skip is not None else none,
             "scaler_skip": decision.scaler_skip if decision.scaler_skip is not None else none,
@@ -143,7 +144,7 @@ def build_report(step: int, layout: Layout, signals: list[Signal], copy: HostCop
     findings, actions = [], []
     at = 0
     for s, hit, value in zip(signals, flags, values):
-        mask, at = masks[at:at + s.mask.numel()], at + s.mask.numel()
+        mask, at = masks[at:at + s.size], at + s.size
         f = finding(s, hit, mask, value, rows, layout.param_names, notes=layout.structural)
         if f is None:
             continue
