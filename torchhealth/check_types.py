@@ -168,12 +168,13 @@ class Layout:
 
     def _native_constants(self, grad_row: dict[int, int], has_grad: list[bool]) -> dict[str, torch.Tensor]:
         """The rows and parameters as the CPU op ``torchhealth::run_checks``
-        takes them (csrc/cpu/checks_cpu.cpp): per row its flags (`ROW_FLAGS`, bit
-        k for flag k), parameter and module; its dtype's max, eps and smallest
+        takes them (csrc/cpu/checks_cpu.cpp): per row its flags (bits 0-5:
+        gradient, parameter, optimizer state, low precision, dense, structural
+        candidate), parameter and module; its dtype's max, eps and smallest
         normal; per parameter its gradient row (or one past the last) and flags
         (bit 0 trainable, bit 1 missing: trainable without a gradient)."""
         rows = []
-        for i, (role, dtype, j) in enumerate(zip(self.roles, self.dtypes, self.param_index)):
+        for role, dtype, j in zip(self.roles, self.dtypes, self.param_index):
             flags = (role == "grad", role == "param", role.startswith("state"), dtype in _LOWP,
                      not self.sparse[j], bool(self.structural[j]))
             rows.append([sum(f << k for k, f in enumerate(flags)), j, self.module_index[j]])
@@ -207,11 +208,10 @@ class Signal:
                  value: torch.Tensor | None, threshold: float, axis: str = "rows"):
         self.check, self.kind, self.threshold, self.axis = check, kind, threshold, axis
         self._fired, self._mask, self._value = fired, mask, value
-        self._at = None  # (SignalList, index, mask offset, mask size) of a packed signal
+        self._at = None  # ((fired, value, mask), index, mask offset, mask size) of a packed signal
 
     def _view(self, name: str) -> torch.Tensor:
-        signals, i, start, size = self._at
-        fired, value, mask = signals.stacked()
+        (fired, value, mask), i, start, size = self._at
         self._fired, self._value, self._mask = fired[i], value[i], mask[start:start + size]
         return getattr(self, name)
 
@@ -249,7 +249,7 @@ class SignalList(list):
         at = 0
         for i, (check, kind, axis, threshold, size) in enumerate(meta):
             s = Signal(check, kind, None, None, None, threshold, axis)
-            s._at = (out, i, at, size)
+            s._at = (out._stacked, i, at, size)
             at += size
             out.append(s)
         return out
