@@ -367,7 +367,32 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
         torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
 
 
-@pytest.mark.skipif(not C._ops.native_checks(), reason="the extension is not built")
+def _assert_native_is_reference(layout, th, steps, k, seen):
+    """Checks every step's statistics with the CPU op and with the reference,
+    each from its own running state, and asserts identical signals and states;
+    adds the kinds that fired (or recorded, for info signals) to ``seen``."""
+    native = reference = C.RunningState.zeros(len(layout.param_names))
+    for i, s in enumerate(steps):
+        found_inf = [None, torch.zeros(1), torch.ones(1), torch.ones((), dtype=torch.float64)][(k + i) % 4]
+        got, native = C.run_checks(s, layout, th, native, found_inf)
+        want, reference = C.reference_checks(TensorStats(s.data), layout, th, reference, found_inf)
+        assert [(x.check, x.kind, x.axis, x.threshold) for x in got] == \
+            [(x.check, x.kind, x.axis, x.threshold) for x in want]
+        for a, b in zip(got, want):
+            where = (k, i, a.check, a.kind)
+            assert _same(a.fired, b.fired) and _same(a.mask, b.mask), where
+            assert _same(a.value, b.value.double()), (where, a.value, b.value)
+            if bool(a.fired) or (a.severity == "info" and a.mask.any()):
+                seen.add((a.check, a.kind))
+        for name in ("count", "mean", "var", "dead", "structural", "peak"):
+            a, b = getattr(native, name), getattr(reference, name)
+            assert _same(a, b.reshape(a.shape).to(a.dtype)), (k, i, name, a, b)
+
+
+NATIVE = pytest.mark.skipif(not C._ops.native_checks(), reason="the extension is not built")
+
+
+@NATIVE
 def test_the_native_checks_are_the_reference():
     """`run_checks` on the CPU (the op of csrc/cpu/checks_cpu.cpp) gives every
     signal (fired, mask, value) and the running state of the PyTorch
@@ -382,22 +407,41 @@ def test_the_native_checks_are_the_reference():
                           max_norm=[1e4, 10.0][k % 2], min_norm=[1e-8, 1e-3][k % 2],
                           headroom=[0.5, 0.01][k % 2], max_subnormal_fraction=[0.01, 0.0][k % 2],
                           max_param_norm=[1e4, 1.0][k % 2], overflow_horizon=[20.0, 1e6][k % 2])
-        native = reference = C.RunningState.zeros(len(layout.param_names))
-        for i in range(6):
-            s = step()
-            found_inf = [None, torch.zeros(1), torch.ones(1), torch.ones((), dtype=torch.float64)][(k + i) % 4]
-            got, native = C.run_checks(s, layout, th, native, found_inf)
-            want, reference = C.reference_checks(TensorStats(s.data), layout, th, reference, found_inf)
-            assert [(x.check, x.kind, x.axis, x.threshold) for x in got] == \
-                [(x.check, x.kind, x.axis, x.threshold) for x in want]
-            for a, b in zip(got, want):
-                where = (k, i, a.check, a.kind)
-                assert _same(a.fired, b.fired) and _same(a.mask, b.mask), where
-                assert _same(a.value, b.value.double()), (where, a.value, b.value)
-                if bool(a.fired) or (a.severity == "info" and a.mask.any()):
-                    seen.add((a.check, a.kind))
-            for name in ("count", "mean", "var", "dead", "structural", "peak"):
-                a, b = getattr(native, name), getattr(reference, name)
-                assert _same(a, b.reshape(a.shape).to(a.dtype)), (k, i, name, a, b)
+        _assert_native_is_reference(layout, th, [step() for _ in range(6)], k, seen)
     # Every kind of signal fired (or recorded, for info) at least once.
     assert seen == {(c, k) for c, k, _ in C._SIGNALS}, sorted(seen)
+
+
+@NATIVE
+def test_the_native_checks_are_the_reference_on_their_thresholds():
+    """The same on statistics drawn from powers of two against thresholds that
+    are powers of two, so that values often land exactly on a limit: every
+    comparison goes the reference's way (strict or not) at the boundary."""
+    g = torch.Generator().manual_seed(1)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (), generator=g))]
+
+    seen = set()
+    for k in range(60):
+        layout, _ = _random_case(g, k)
+        th = C.Thresholds(warmup=1, dead_after=2, max_norm=4.0, max_param_norm=2.0, min_norm=0.5,
+                          spike_factor=2.0, spike_zscore=1.0, min_relative_rms=0.5,
+                          max_zero_fraction=0.5, headroom=0.5, overflow_horizon=2.0,
+                          max_subnormal_fraction=0.25, structural_rms=0.5)
+        steps = []
+        for _ in range(6):
+            counts, values = [], []
+            for dtype in layout.dtypes:
+                numel = pick([0, 1, 2, 4, 8])
+                nan = pick([0, 0, 0, 1]) if numel else 0
+                zero = pick([0, numel // 2, numel - nan])
+                sub = pick([0, (numel - nan - zero) // 4, (numel - nan - zero) // 2])
+                counts.append([numel, nan, 0, 0, zero, sub, 0])
+                top = torch.finfo(dtype).max
+                absmax = pick([0.0, top / 2, top / 4, top / 64, top / 128, 1.0])
+                values.append([-absmax, absmax, absmax, 0.0, pick([0.0, 2.0 ** -40, 0.25, 1.0, 4.0, 16.0])])
+            steps.append(TensorStats._pack(torch.tensor(counts, dtype=torch.int64),
+                                           torch.tensor(values, dtype=torch.float64), None))
+        _assert_native_is_reference(layout, th, steps, k, seen)
+    assert len(seen) >= 12, sorted(seen)
