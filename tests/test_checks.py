@@ -445,3 +445,22 @@ def test_the_native_checks_are_the_reference_on_their_thresholds():
                                            torch.tensor(values, dtype=torch.float64), None))
         _assert_native_is_reference(layout, th, steps, k, seen)
     assert len(seen) >= 12, sorted(seen)
+
+
+@NATIVE
+def test_the_native_op_refuses_constants_and_state_of_another_layout():
+    """A running state or layout constants that do not match the rows raise a
+    clear error instead of reading out of bounds."""
+    m = PG.masks(torch.device("cpu"))
+    s = stats({}, {}, {}, {})
+    state = C.RunningState.zeros(3)  # PG has 2 parameters
+    args = [s.data, m["row_ints"], m["row_floats"], m["param_ints"], [1.0] * 15, [1, 1, PG.num_modules],
+            state.count, state.mean, state.var, state.dead, state.structural, state.peak,
+            torch.zeros((), dtype=torch.float64), None]
+    with pytest.raises(RuntimeError, match="running state disagree"):
+        torch.ops.torchhealth.run_checks(*args)
+    args[3] = torch.tensor([[0, 1], [9, 1]])  # parameter 1's gradient row is past the end
+    args[9:12] = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                  torch.zeros(2, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="parameter 1 names no row"):
+        torch.ops.torchhealth.run_checks(*args)

@@ -94,6 +94,19 @@ std::vector<at::Tensor> run_checks_cpu(
   const int64_t warmup = ints[0], dead_after = ints[1], num_modules = ints[2];
   const auto dead_old = dead_t.contiguous(), structural_old = structural_t.contiguous(),
              peak_old = peak_t.contiguous();
+  TORCH_CHECK(ri.size(1) == 3 && rf.size(1) == 3 && pi.size(1) == 2 && ri.scalar_type() == at::kLong &&
+                  rf.scalar_type() == at::kDouble && pi.scalar_type() == at::kLong &&
+                  dead_old.numel() == P && structural_old.numel() == P && peak_old.numel() == P &&
+                  dead_old.scalar_type() == at::kLong && structural_old.scalar_type() == at::kLong &&
+                  peak_old.scalar_type() == at::kDouble,
+              "run_checks: the layout's constants and the running state disagree");
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t j = rint[i * 3 + 1], m = rint[i * 3 + 2];
+    TORCH_CHECK(j >= 0 && j < P && m >= 0 && m < num_modules, "run_checks: row ", i, " names no parameter");
+  }
+  for (int64_t j = 0; j < P; ++j) {
+    TORCH_CHECK(pint[j * 2] >= 0 && pint[j * 2] <= R, "run_checks: parameter ", j, " names no row");
+  }
   // 0-d inputs, read in place (a CPU kernel reading its inputs, not a host sync).
   TORCH_CHECK(count_t.scalar_type() == at::kLong && mean_t.scalar_type() == at::kDouble &&
                   var_t.scalar_type() == at::kDouble && total_t.scalar_type() == at::kDouble &&
