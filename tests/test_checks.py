@@ -464,3 +464,20 @@ def test_the_native_op_refuses_constants_and_state_of_another_layout():
                   torch.zeros(2, dtype=torch.float64)]
     with pytest.raises(RuntimeError, match="parameter 1 names no row"):
         torch.ops.torchhealth.run_checks(*args)
+
+
+def test_run_checks_traces_under_torch_compile():
+    """Under `torch.compile` the checks are the PyTorch reference (which traces
+    whole; the CPU op has no tracing rule), with the same verdict as eager."""
+    x = [torch.tensor([1.0, math.nan, 0.0]), torch.zeros(3)]
+    layout = rows(("a", "param"), ("a", "grad"))
+
+    def verdict(a, b):
+        s = th_stats([a, b], histogram=False)
+        signals, new = C.run_checks(s, layout, TH, C.RunningState.zeros(1))
+        return torch.stack([q.fired for q in signals]), new.dead
+
+    compiled = torch.compile(verdict, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(*x), verdict(*x)):
+        assert torch.equal(got, want)
+    assert verdict(*x)[0].tolist()[:2] == [False, True]  # a NaN parameter

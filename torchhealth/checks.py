@@ -423,10 +423,11 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
     norm if the caller already has it (`total_grad_norm`).
 
     On the CPU with the extension built, one call of the op
-    ``torchhealth::run_checks`` (csrc/cpu/checks_cpu.cpp); elsewhere, and as
-    its test oracle, `reference_checks`."""
+    ``torchhealth::run_checks`` (csrc/cpu/checks_cpu.cpp); elsewhere, under
+    `torch.compile` (which traces the PyTorch ops), and as the op's test
+    oracle, `reference_checks`."""
     total = total_grad_norm(stats, layout) if total is None else total
-    if stats.device.type == "cpu" and _ops.native_checks():
+    if stats.device.type == "cpu" and _ops.native_checks() and not torch.compiler.is_compiling():
         return _native_checks(stats, layout, th, state, found_inf, total)
     return reference_checks(stats, layout, th, state, found_inf, total)
 
