@@ -157,10 +157,15 @@ assert b.cuda, "torchhealth._C was built without a CUDA kernel for tensor_stats"
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchhealth::"))
 HOST_ONLY = {op for op in ops
              if not any("Tensor" in str(a.type) for a in torch._C._get_schema(op, "").arguments)}
+# The checks' op is the CPU's alone: on other devices torchhealth.checks.run_checks
+# runs the PyTorch checks (csrc/cpu/checks_cpu.cpp says why).
+CPU_ONLY = {"torchhealth::run_checks"}
 assert "torchhealth::tensor_stats" in ops and "torchhealth::tensor_stats" not in HOST_ONLY, ops
-missing = [op for op in ops if op not in HOST_ONLY
+missing = [op for op in ops if op not in HOST_ONLY | CPU_ONLY
            and not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"
+for op in sorted(CPU_ONLY):
+    assert op in ops and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"
 for op in sorted(HOST_ONLY):
     assert torch._C._dispatch_has_kernel(op), f"{op} has no kernel"
 segments, merges = torch.ops.torchhealth._work_plan([3, 0, 100_000], [4, 2, 8], 8)
