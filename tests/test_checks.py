@@ -481,3 +481,25 @@ def test_run_checks_traces_under_torch_compile():
     for got, want in zip(compiled(*x), verdict(*x)):
         assert torch.equal(got, want)
     assert verdict(*x)[0].tolist()[:2] == [False, True]  # a NaN parameter
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_policy_skips_on_any_check_it_is_told_to(native):
+    """`decide` over the signals of either implementation: with "skip" for
+    checks whose signals are not next to each other (nonfinite and dead), a
+    step is skipped when either fires, and only then."""
+    from torchhealth.policy import decide, resolve
+    if native and not C._ops.native_checks():
+        pytest.skip("the extension is not built")
+    layout = rows(("a", "param"), ("a", "grad"), ("b", "param"), ("b", "grad"))
+    policy = resolve({"nonfinite": "skip", "dead": "skip"})
+    run = C.run_checks if native else C.reference_checks
+    state = C.RunningState.zeros(2)
+    skipped = []
+    for nan, dead in ((0, 0), (1, 0), (0, 10), (0, 10), (0, 10)):
+        s = stats({}, {"nan": nan}, {}, {"zero": dead, "sumsq": 0.0 if dead else 10.0})
+        signals, state = run(s, layout, TH, state)
+        d = decide(signals, policy, None, state.skips, None)
+        state = dataclasses.replace(state, skips=d.consecutive_skips)
+        skipped.append(bool(d.skip))
+    assert skipped == [False, True, False, False, True]  # "b" is dead from its third all-zero check

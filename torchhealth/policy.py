@@ -169,13 +169,12 @@ def decide(signals: list[Signal], policy: Mapping[str, Action], found_inf: torch
            consecutive_skips: torch.Tensor, escalate_after: int | None) -> Decision:
     """The device-side verdict of one check: one function of the signals."""
     skipping = [i for i, s in enumerate(signals) if policy[s.check] == "skip"]
-    fired = stacked(signals)[0]
     if not skipping:
         policy_skip = None
     elif skipping == list(range(skipping[0], skipping[-1] + 1)):  # one check's signals: a slice
-        policy_skip = fired[skipping[0]:skipping[-1] + 1].any()
-    else:
-        policy_skip = fired[skipping].any()
+        policy_skip = stacked(signals)[0][skipping[0]:skipping[-1] + 1].any()
+    else:  # not an index list: on an accelerator that would be a copy from the host
+        policy_skip = torch.stack([signals[i].fired for i in skipping]).any()
     scaler_skip = None if found_inf is None else found_inf.reshape(()) > 0
     parts = [x for x in (policy_skip, scaler_skip) if x is not None]
     skip = (parts[0] if len(parts) == 1 else torch.stack(parts).any()) if parts else None
