@@ -134,17 +134,18 @@ std::vector<at::Tensor> run_checks_cpu(
 
   // Per row: what several checks read.
   std::vector<uint8_t> ok(R), grad_ok(R), grad_bad(R);
+  std::vector<int64_t> nonfinite(R), finite(R);
   std::vector<double> ms(R), sumsq(R);
   bool any_grad_bad = false;
   for (int64_t i = 0; i < R; ++i) {
-    const int64_t nonfinite = col(i, kNan) + col(i, kPosInf) + col(i, kNegInf);
-    ok[i] = nonfinite == 0;
+    nonfinite[i] = col(i, kNan) + col(i, kPosInf) + col(i, kNegInf);
+    finite[i] = col(i, kNumel) - nonfinite[i];
+    ok[i] = nonfinite[i] == 0;
     grad_ok[i] = flag(i, kGrad) && ok[i];
     grad_bad[i] = flag(i, kGrad) && !ok[i];
     any_grad_bad = any_grad_bad || grad_bad[i];
     sumsq[i] = fcol(i, kSumSq);
-    const int64_t finite = col(i, kNumel) - nonfinite;
-    ms[i] = sumsq[i] / static_cast<double>(std::max<int64_t>(finite, 1));
+    ms[i] = sumsq[i] / static_cast<double>(std::max<int64_t>(finite[i], 1));
   }
   const bool clean = !any_grad_bad;
   Signals out;
@@ -154,7 +155,7 @@ std::vector<at::Tensor> run_checks_cpu(
     std::vector<uint8_t> g(R), p(R), st(R);
     double vg = 0, vp = 0, vs = 0;
     for (int64_t i = 0; i < R; ++i) {
-      const double n = static_cast<double>(col(i, kNan) + col(i, kPosInf) + col(i, kNegInf));
+      const double n = static_cast<double>(nonfinite[i]);
       g[i] = grad_bad[i] && !scaler_inf;
       p[i] = !ok[i] && flag(i, kParam);
       st[i] = !ok[i] && flag(i, kState);
@@ -173,10 +174,10 @@ std::vector<at::Tensor> run_checks_cpu(
   bool exploded;
   {
     std::vector<uint8_t> big(R);
-    double top = R ? -kInf : 0.0;
+    double top = R ? -kInf : 0.0;  // the largest gradient sum of squares (0 with no row)
     for (int64_t i = 0; i < R; ++i) {
       big[i] = grad_ok[i] && sumsq[i] > th[kMaxParamNorm2];
-      if (R) top = nan_max(top, flag(i, kGrad) ? sumsq[i] : 0.0);
+      top = nan_max(top, flag(i, kGrad) ? sumsq[i] : 0.0);
     }
     // log and exp by torch's own kernels (vectorised ones, e.g. SLEEF's, may
     // differ from std::log/std::exp in the last bit): the reference's values exactly.
@@ -274,9 +275,8 @@ std::vector<at::Tensor> run_checks_cpu(
       const double tiny = rflt[i * 3 + 2];
       use[i] = fcol(i, kAbsMax) / rflt[i * 3];
       near[i] = use[i] >= th[kHeadroom] && ok[i];
-      const int64_t finite = col(i, kNumel) - (col(i, kNan) + col(i, kPosInf) + col(i, kNegInf));
       const double subn = static_cast<double>(col(i, kSubnormal));
-      const double sub = subn / static_cast<double>(std::max<int64_t>(finite - col(i, kZero), 1));
+      const double sub = subn / static_cast<double>(std::max<int64_t>(finite[i] - col(i, kZero), 1));
       under[i] = sub > th[kMaxSubnormalFraction] && sumsq[i] < subn * tiny * tiny;
       const double prev = peak[rint[i * 3 + 1]];
       const double growth = use[i] - prev;
@@ -288,13 +288,11 @@ std::vector<at::Tensor> run_checks_cpu(
       soonest = nan_min(soonest, course[i] ? left : kInf);
     }
     // The peaks are read above (the previous check's), then replaced here: a
-    // parameter's peak is its parameter row's use (0 unless low precision and finite).
-    std::fill(peak.begin(), peak.end(), 0.0);
-    if (any_lowp) {
-      peak.assign(peak_old.data_ptr<double>(), peak_old.data_ptr<double>() + P);
-      for (int64_t i = 0; i < R; ++i) {
-        if (flag(i, kParam)) peak[rint[i * 3 + 1]] = flag(i, kLowp) && ok[i] ? use[i] : 0.0;
-      }
+    // parameter's peak is its parameter row's use (0 unless low precision and
+    // finite); without a low-precision row, every peak is 0.
+    if (!any_lowp) std::fill(peak.begin(), peak.end(), 0.0);
+    for (int64_t i = 0; any_lowp && i < R; ++i) {
+      if (flag(i, kParam)) peak[rint[i * 3 + 1]] = flag(i, kLowp) && ok[i] ? use[i] : 0.0;
     }
     out.add(near, use_max);
     out.add(course, soonest);
