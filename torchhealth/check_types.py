@@ -160,33 +160,24 @@ class Layout:
                 "zero": torch.zeros((), dtype=torch.float64),
                 "inf": torch.full((), math.inf, dtype=torch.float64),
                 "ninf": torch.full((), -math.inf, dtype=torch.float64),
-                **self._native_constants(grad_row, has_grad),
             }
+            cached.update(_native_constants(cached))
             cached = {k: v.to(device) for k, v in cached.items()}
             self._device_cache[device] = cached
         return cached
 
-    def _native_constants(self, grad_row: dict[int, int], has_grad: list[bool]) -> dict[str, torch.Tensor]:
-        """The rows and parameters as the CPU op ``torchhealth::run_checks``
-        takes them (csrc/cpu/checks_cpu.cpp): per row its flags (bits 0-5:
-        gradient, parameter, optimizer state, low precision, dense, structural
-        candidate), parameter and module; its dtype's max, eps and smallest
-        normal; per parameter its gradient row (or one past the last) and flags
-        (bit 0 trainable, bit 1 missing: trainable without a gradient)."""
-        rows = []
-        for role, dtype, j in zip(self.roles, self.dtypes, self.param_index):
-            flags = (role == "grad", role == "param", role.startswith("state"), dtype in _LOWP,
-                     not self.sparse[j], bool(self.structural[j]))
-            rows.append([sum(f << k for k, f in enumerate(flags)), j, self.module_index[j]])
-        finfo = [torch.finfo(d) for d in self.dtypes]
-        return {
-            "row_ints": torch.tensor(rows, dtype=torch.int64).reshape(-1, 3),
-            "row_floats": torch.tensor([[f.max, f.eps, f.tiny] for f in finfo],
-                                       dtype=torch.float64).reshape(-1, 3),
-            "param_ints": torch.tensor([[grad_row.get(j, len(self.roles)), t | ((t and not h) << 1)]
-                                        for j, (t, h) in enumerate(zip(self.trainable, has_grad))],
-                                       dtype=torch.int64).reshape(-1, 2),
-        }
+
+def _native_constants(m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`Layout.masks`' rows and parameters packed as the CPU op
+    ``torchhealth::run_checks`` takes them (csrc/cpu/checks_cpu.cpp): per row
+    its flags (bits 0-5: gradient, parameter, optimizer state, low precision,
+    dense, structural candidate), parameter and module; its dtype's max, eps
+    and smallest normal; per parameter its gradient row (or one past the last)
+    and flags (bit 0 trainable, bit 1 missing: trainable without a gradient)."""
+    flags = sum(m[k].long() << bit for bit, k in enumerate(("grad", "param", "state", "lowp", "dense", "candidate")))
+    return {"row_ints": torch.stack([flags, m["row_param"], m["module"]], 1),
+            "row_floats": torch.stack([m["dtype_max"], m["eps"], m["tiny"]], 1),
+            "param_ints": torch.stack([m["param_grad"], m["trainable"].long() | (m["missing"].long() << 1)], 1)}
 
 
 class Signal:
