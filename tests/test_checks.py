@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchhealth import checks as C
+from torchhealth import checks as C, tensor_stats
 from torchhealth.report import Report
 from torchhealth.stats import TensorStats
 
@@ -353,13 +353,8 @@ def _random_case(g: torch.Generator, k: int):
             if p["numel"] and pick(6) == 0:
                 x[pick(p["numel"])] = [math.nan, math.inf, -math.inf][pick(3)]
             tensors.append(x.to(p["dtype"]))
-        return th_stats(tensors, histogram=False)
+        return tensor_stats(tensors, histogram=False)
     return layout, step
-
-
-def th_stats(tensors, **kw):
-    import torchhealth
-    return torchhealth.tensor_stats(tensors, **kw)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -473,7 +468,7 @@ def test_run_checks_traces_under_torch_compile():
     layout = rows(("a", "param"), ("a", "grad"))
 
     def verdict(a, b):
-        s = th_stats([a, b], histogram=False)
+        s = tensor_stats([a, b], histogram=False)
         signals, new = C.run_checks(s, layout, TH, C.RunningState.zeros(1))
         return torch.stack([q.fired for q in signals]), new.dead
 
