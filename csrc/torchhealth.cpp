@@ -21,5 +21,5 @@ TORCH_LIBRARY(torchhealth, m) {
   // reference); CPU only: see cpu/checks_cpu.cpp.
   m.def("run_checks(Tensor data, Tensor row_ints, Tensor row_floats, Tensor param_ints, float[] th, "
         "int[] ints, Tensor count, Tensor mean, Tensor var, Tensor dead, Tensor structural, "
-        "Tensor peak, Tensor total, Tensor? found_inf) -> Tensor[]");
+        "Tensor peak, Tensor? total, Tensor? found_inf) -> Tensor[]");
 }

@@ -420,13 +420,13 @@ def run_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: Runnin
                total: torch.Tensor | None = None) -> tuple[list[Signal], RunningState]:
     """Every check, in `CHECKS` order (the structural info signal after the
     vanishing ones); the new running state. ``total``: the total gradient
-    norm if the caller already has it (`total_grad_norm`).
+    norm if the caller already has it (`total_grad_norm`); the checks' own is
+    `grad_norm_of` their signals.
 
     On the CPU with the extension built, one call of the op
     ``torchhealth::run_checks`` (csrc/cpu/checks_cpu.cpp); elsewhere, under
     `torch.compile` (which traces the PyTorch ops), and as the op's test
     oracle, `reference_checks`."""
-    total = total_grad_norm(stats, layout) if total is None else total
     if stats.device.type == "cpu" and _ops.native_checks() and not torch.compiler.is_compiling():
         return _native_checks(stats, layout, th, state, found_inf, total)
     return reference_checks(stats, layout, th, state, found_inf, total)
@@ -441,27 +441,44 @@ _SIGNALS = (("nonfinite", "grad", "rows"), ("nonfinite", "param", "rows"), ("non
             ("dead", "dead", "params"), ("dead", "unreached", "params"))
 
 
+def grad_norm_of(signals: list[Signal]) -> torch.Tensor:
+    """The total gradient norm that made `signals` (`run_checks`'): the value
+    of its ("exploding", "total") signal (float64, 0-d)."""
+    return stacked(signals)[1][_SIGNALS.index(("exploding", "total", "rows"))]
+
+
 def _native_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,
-                   found_inf: torch.Tensor | None, total: torch.Tensor) -> tuple[list[Signal], RunningState]:
+                   found_inf: torch.Tensor | None, total: torch.Tensor | None) -> tuple[list[Signal], RunningState]:
     m = layout.masks(stats.device)
-    limit = relative_rms_limit(layout, th)
-    # Each derived constant as the reference computes it, in csrc/cpu/checks_cpu.cpp's `Th` order.
-    constants = [th.max_norm, th.max_param_norm ** 2, th.spike_factor, math.log(th.spike_factor),
-                 th.spike_zscore, 1.0 - th.spike_decay, th.min_norm, limit, limit ** 2,
-                 th.max_zero_fraction, th.headroom, th.overflow_horizon, th.max_subnormal_fraction,
-                 th.structural_rms, th.structural_rms ** 2]
+    constants, ints, meta = _native_arguments(layout, th)
     fired, values, masks, count, mean, var, dead_, structural_, peak = torch.ops.torchhealth.run_checks(
-        stats.data, m["row_ints"], m["row_floats"], m["param_ints"], constants,
-        [th.warmup, th.dead_after, layout.num_modules], state.count, state.mean, state.var, state.dead,
-        state.structural, state.peak, total, found_inf)
-    rows, params = len(layout), len(layout.param_names)
-    thresholds = (0, 0, 0, th.max_norm, th.max_param_norm, th.spike_factor, th.min_norm, limit,
-                  th.max_zero_fraction, th.structural_rms, th.headroom, th.overflow_horizon,
-                  th.max_subnormal_fraction, th.dead_after, th.dead_after)
-    meta = [(check, kind, axis, float(t), params if axis == "params" else 1 if kind in ("total", "spike") else rows)
-            for (check, kind, axis), t in zip(_SIGNALS, thresholds)]
+        stats.data, m["row_ints"], m["row_floats"], m["param_ints"], constants, ints, state.count, state.mean,
+        state.var, state.dead, state.structural, state.peak, total, found_inf)
     return SignalList.packed(meta, fired, values, masks), dataclasses.replace(
         state, count=count, mean=mean, var=var, dead=dead_, structural=structural_, peak=peak)
+
+
+def _native_arguments(layout: Layout, th: Thresholds) -> tuple[list[float], list[int], list[tuple]]:
+    """The op's float and int constants for `layout` and `th`, and its
+    signals' ``SignalList.packed`` metadata; made once, kept with the layout."""
+    key = ("run_checks", th)
+    cached = layout._device_cache.get(key)
+    if cached is None:
+        limit = relative_rms_limit(layout, th)
+        # Each derived constant as the reference computes it, in csrc/cpu/checks_cpu.cpp's `Th` order.
+        constants = [th.max_norm, th.max_param_norm ** 2, th.spike_factor, math.log(th.spike_factor),
+                     th.spike_zscore, 1.0 - th.spike_decay, th.min_norm, limit, limit ** 2,
+                     th.max_zero_fraction, th.headroom, th.overflow_horizon, th.max_subnormal_fraction,
+                     th.structural_rms, th.structural_rms ** 2]
+        rows, params = len(layout), len(layout.param_names)
+        thresholds = (0, 0, 0, th.max_norm, th.max_param_norm, th.spike_factor, th.min_norm, limit,
+                      th.max_zero_fraction, th.structural_rms, th.headroom, th.overflow_horizon,
+                      th.max_subnormal_fraction, th.dead_after, th.dead_after)
+        meta = [(check, kind, axis, float(t),
+                 params if axis == "params" else 1 if kind in ("total", "spike") else rows)
+                for (check, kind, axis), t in zip(_SIGNALS, thresholds)]
+        cached = layout._device_cache[key] = (constants, [th.warmup, th.dead_after, layout.num_modules], meta)
+    return cached
 
 
 def reference_checks(stats: TensorStats, layout: Layout, th: Thresholds, state: RunningState,

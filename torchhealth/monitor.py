@@ -62,7 +62,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .checks import RunningState, Signal, run_checks, total_grad_norm
+from .checks import RunningState, Signal, grad_norm_of, run_checks
 from .policy import Decision, act_, decide, dispatch, grad_norm_
 from . import distributed, user_scalars
 from ._ops import tensor_stats
@@ -296,9 +296,8 @@ class HealthMonitor:
         # sync="step" it waits for the verdict instead (see `_commit`).
         late = self._mode(batch.devices) != "step"
         origin = self.origin_tracker.gather() if self.origin_tracker is not None and late else None
-        grad_norm = total_grad_norm(stats, batch.layout)
-        signals, state = run_checks(stats, batch.layout, self.options.thresholds, state,
-                                    found_inf, grad_norm)
+        signals, state = run_checks(stats, batch.layout, self.options.thresholds, state, found_inf)
+        grad_norm = grad_norm_of(signals)
         decision = decide(signals, self.options.policy, found_inf, state.skips,
                           self.options.escalate_after)
         return _Prepared(step, batch, stats, signals, grad_norm, decision,

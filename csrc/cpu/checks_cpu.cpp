@@ -16,16 +16,19 @@
 // normal); per parameter, `param_ints` [P, 2] (its gradient row or R, flags);
 // `th` the thresholds and the limits derived from them in Python (so that each
 // constant is the reference's own double); `ints` warmup, dead_after,
-// num_modules; the running state; the total gradient norm and the GradScaler's
-// found_inf (or None).
+// num_modules; the running state; the total gradient norm (or None: made here, as
+// checks.py::total_grad_norm makes it) and the GradScaler's found_inf (or None).
 //
 // Returns fired [S], value [S], the masks of every signal concatenated, and
 // the new running state (count, mean, var, dead, structural, peak), S = 15
-// signals in torchhealth.checks.run_checks order.
+// signals in torchhealth.checks.run_checks order; the total norm is the value
+// of the ("exploding", "total") signal.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/log.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,7 +83,7 @@ std::vector<at::Tensor> run_checks_cpu(
     const at::Tensor& param_ints, at::ArrayRef<double> th, at::IntArrayRef ints,
     const at::Tensor& count_t, const at::Tensor& mean_t, const at::Tensor& var_t,
     const at::Tensor& dead_t, const at::Tensor& structural_t, const at::Tensor& peak_t,
-    const at::Tensor& total_t, const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& total_opt, const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(th.size() == kNumTh && ints.size() == 3, "run_checks: bad constants");
   const auto d = data.contiguous(), ri = row_ints.contiguous(), rf = row_floats.contiguous(),
              pi = param_ints.contiguous();
@@ -109,10 +112,9 @@ std::vector<at::Tensor> run_checks_cpu(
   }
   // 0-d inputs, read in place (a CPU kernel reading its inputs, not a host sync).
   TORCH_CHECK(count_t.scalar_type() == at::kLong && mean_t.scalar_type() == at::kDouble &&
-                  var_t.scalar_type() == at::kDouble && total_t.scalar_type() == at::kDouble &&
-                  count_t.numel() == 1 && mean_t.numel() == 1 && var_t.numel() == 1 && total_t.numel() == 1,
+                  var_t.scalar_type() == at::kDouble && count_t.numel() == 1 && mean_t.numel() == 1 &&
+                  var_t.numel() == 1,
               "run_checks: bad running state");
-  const double total = *total_t.data_ptr<double>();
   bool scaler_inf = false;
   if (found_inf.has_value()) {
     const at::Tensor f = found_inf->scalar_type() == at::kFloat ? *found_inf : found_inf->to(at::kDouble);
@@ -129,6 +131,17 @@ std::vector<at::Tensor> run_checks_cpu(
   };
   auto flag = [&](int64_t i, int64_t f) { return (rint[i * 3] & f) != 0; };
   auto pgrad = [&](int64_t j) { return pint[j * 2]; };
+  at::Tensor total_t;
+  if (total_opt.has_value()) {
+    total_t = *total_opt;
+  } else {  // the gradient rows' sums of squares summed by torch's own sum (its order, its rounding)
+    at::Tensor grad_sumsq = at::empty({R}, at::kDouble);
+    double* g = grad_sumsq.data_ptr<double>();
+    for (int64_t i = 0; i < R; ++i) g[i] = flag(i, kGrad) ? fcol(i, kSumSq) : 0.0;
+    total_t = at::sqrt(at::sum(grad_sumsq));
+  }
+  TORCH_CHECK(total_t.scalar_type() == at::kDouble && total_t.numel() == 1, "run_checks: bad total norm");
+  const double total = *total_t.data_ptr<double>();
   bool others_learn = false;  // some trainable parameter has a gradient
   for (int64_t j = 0; j < P; ++j) others_learn = others_learn || ((pint[j * 2 + 1] & kTrainable) && pgrad(j) < R);
 
