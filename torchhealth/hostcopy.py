@@ -28,14 +28,13 @@ class HostCopy:
         for name, t in fields.items():
             if t.dtype not in _KINDS:
                 raise TypeError(f"HostCopy: field {name!r} has dtype {t.dtype}; it packs {_KINDS}")
-        devices = {t.device.type for t in fields.values()}
-        if devices <= {"cpu"}:
+        if all(t.is_cpu for t in fields.values()):
             # The host is the device: nothing to copy, and packing would cost
             # more small ops than the check's own. The fields are read as they
-            # are: the check's own tensors, never changed after it (the user's
-            # scalars are copies made when logged, `torchhealth.user_scalars.checked`).
-            self._names, self._buffer = tuple(fields), None
-            self._fields = {name: t.detach() for name, t in fields.items()}
+            # are: the check's own tensors, made without autograd and never
+            # changed after it (the user's scalars are detached copies made
+            # when logged, `torchhealth.user_scalars.checked`).
+            self._names, self._buffer, self._fields = tuple(fields), None, fields
             return
         parts, at = [], 0
         for name, t in fields.items():

@@ -39,7 +39,7 @@ class CheckResult:
         self.origin, self.world_size = origin, world_size
         self.late = late  # whether the verdict reaches the host after the optimizer step
         self.scalars = dict(scalars or {})  # the user's, from `HealthMonitor.log`
-        none = grad_norm.new_zeros((), dtype=torch.bool)
+        none = layout.masks(grad_norm.device)["false"]  # a constant, never written
         fired, value, mask = stacked(signals)
         self.copy = HostCopy({
             "stats": stats.data,
