@@ -90,6 +90,7 @@ class Layout:
     sparse: list[bool] = None
     structural: list[str] = None
     modules: list[str | None] = None
+    # `masks` per device; the CPU op's arguments per Thresholds (checks.py).
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
