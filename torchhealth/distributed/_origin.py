@@ -31,6 +31,7 @@ those alone) still reads them.
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 import weakref
@@ -180,8 +181,9 @@ def _surely_finite(flat: torch.Tensor) -> bool:
     overflows from finite values only sends the bucket to the exact per-tensor
     test). `torch.sum` reads a buffer 2-3x faster than the fused statistics, and
     healthy steps are nearly all steps. False elsewhere: on an accelerator,
-    reading the sum would be a host sync."""
-    return flat.device.type == "cpu" and bool(flat.sum().isfinite())
+    reading the sum would be a host sync. The sum is read as a Python number:
+    `torch.isfinite` of a 0-d tensor is several ops (0.1 ms in a DDP step)."""
+    return flat.device.type == "cpu" and math.isfinite(flat.sum().item())
 
 
 def _record(tracker, flat: torch.Tensor, slots_and_tensors) -> None:
