@@ -116,6 +116,7 @@ class _Prepared:
     grad_norm: torch.Tensor
     decision: Decision
     state: RunningState
+    late: bool  # the verdict reaches the host after the optimizer step (see `HealthMonitor._mode`)
     origin: distributed.NonfiniteOrigin | None = None  # which ranks' local gradients were non-finite
     # Checked at the end of backward: the gradients' version counters then.
     versions: list[int] | None = None
@@ -301,7 +302,7 @@ class HealthMonitor:
         decision = decide(signals, self.options.policy, found_inf, state.skips,
                           self.options.escalate_after)
         return _Prepared(step, batch, stats, signals, grad_norm, decision,
-                         dataclasses.replace(state, skips=decision.consecutive_skips), origin)
+                         dataclasses.replace(state, skips=decision.consecutive_skips), late, origin)
 
     def _activation_passes(self, step: int) -> list:
         return self._activations.take(step) if self._activations is not None else []
@@ -321,7 +322,7 @@ class HealthMonitor:
         """The host copy and the in-place actions of `_commit` (in inference mode)."""
         self._state = p.state
         self.micro_batches, self._backwards = self._backwards, 0
-        late = self._mode(p.batch.devices) != "step"
+        late = p.late
         # Checked at the end of backward and changed in place since (clipping):
         # the norm of the gradients the step will use, to report beside the raw
         # one. In-place ops bump a tensor's version counter, so unchanged
