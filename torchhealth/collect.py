@@ -14,9 +14,9 @@ other. Sparse gradients are read through their coalesced values.
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 from dataclasses import dataclass
-import operator
 
 import torch
 
