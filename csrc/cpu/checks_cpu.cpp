@@ -131,24 +131,16 @@ std::vector<at::Tensor> run_checks_cpu(
   };
   auto flag = [&](int64_t i, int64_t f) { return (rint[i * 3] & f) != 0; };
   auto pgrad = [&](int64_t j) { return pint[j * 2]; };
-  at::Tensor total_t;
-  if (total_opt.has_value()) {
-    total_t = *total_opt;
-  } else {  // the gradient rows' sums of squares summed by torch's own sum (its order, its rounding)
-    at::Tensor grad_sumsq = at::empty({R}, at::kDouble);
-    double* g = grad_sumsq.data_ptr<double>();
-    for (int64_t i = 0; i < R; ++i) g[i] = flag(i, kGrad) ? fcol(i, kSumSq) : 0.0;
-    total_t = at::sqrt(at::sum(grad_sumsq));
-  }
-  TORCH_CHECK(total_t.scalar_type() == at::kDouble && total_t.numel() == 1, "run_checks: bad total norm");
-  const double total = *total_t.data_ptr<double>();
   bool others_learn = false;  // some trainable parameter has a gradient
   for (int64_t j = 0; j < P; ++j) others_learn = others_learn || ((pint[j * 2 + 1] & kTrainable) && pgrad(j) < R);
 
-  // Per row: what several checks read.
+  // Per row: what several checks read. `grad_sumsq`: a gradient row's sum of
+  // squares, 0 for other rows (checks.py::_grad_sumsq), a tensor for torch's sum.
   std::vector<uint8_t> ok(R), grad_ok(R), grad_bad(R);
   std::vector<int64_t> nonfinite(R), finite(R);
   std::vector<double> ms(R), sumsq(R);
+  const at::Tensor grad_sumsq_t = at::empty({R}, at::kDouble);
+  double* grad_sumsq = grad_sumsq_t.data_ptr<double>();
   bool any_grad_bad = false;
   for (int64_t i = 0; i < R; ++i) {
     nonfinite[i] = col(i, kNan) + col(i, kPosInf) + col(i, kNegInf);
@@ -158,9 +150,15 @@ std::vector<at::Tensor> run_checks_cpu(
     grad_bad[i] = flag(i, kGrad) && !ok[i];
     any_grad_bad = any_grad_bad || grad_bad[i];
     sumsq[i] = fcol(i, kSumSq);
+    grad_sumsq[i] = flag(i, kGrad) ? sumsq[i] : 0.0;
     ms[i] = sumsq[i] / static_cast<double>(std::max<int64_t>(finite[i], 1));
   }
   const bool clean = !any_grad_bad;
+  // The total norm given, or made by torch's own sum (its order, its rounding),
+  // as checks.py::total_grad_norm makes it.
+  const at::Tensor total_t = total_opt.has_value() ? *total_opt : at::sqrt(at::sum(grad_sumsq_t));
+  TORCH_CHECK(total_t.scalar_type() == at::kDouble && total_t.numel() == 1, "run_checks: bad total norm");
+  const double total = *total_t.data_ptr<double>();
   Signals out;
 
   // -- nonfinite: gradients (unless the scaler found inf), parameters, state.
@@ -190,7 +188,7 @@ std::vector<at::Tensor> run_checks_cpu(
     double top = R ? -kInf : 0.0;  // the largest gradient sum of squares (0 with no row)
     for (int64_t i = 0; i < R; ++i) {
       big[i] = grad_ok[i] && sumsq[i] > th[kMaxParamNorm2];
-      top = nan_max(top, flag(i, kGrad) ? sumsq[i] : 0.0);
+      top = nan_max(top, grad_sumsq[i]);
     }
     // log and exp by torch's own kernels (vectorised ones, e.g. SLEEF's, may
     // differ from std::log/std::exp in the last bit): the reference's values exactly.
