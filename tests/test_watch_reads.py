@@ -1,5 +1,7 @@
 """torchhealth.watch: what each batched read holds (each distinct tensor once, also
 across batches; integer outputs none) and that its rows stay exact."""
+import weakref
+
 import pytest
 import torch
 from test_watch import Residual, Wrap, _x
@@ -145,3 +147,39 @@ def test_output_gradients_of_a_leaf_a_custom_function_and_a_multi_output_op_are_
     for name, g in seen.items():
         want = th.tensor_stats([g], histogram=False)
         assert (rows[name].numel, rows[name].sum) == (int(want.numel[0]), float(want.sum[0])), name
+
+
+class Shift(nn.Module):
+    """x + 1: autograd saves neither its input nor its output."""
+
+    def forward(self, x):
+        return x + 1
+
+
+class Probe(nn.Module):
+    """Records whether the tensor behind `ref` was still alive when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.ref, self.alive = None, None
+
+    def forward(self, x):
+        self.alive = self.ref() is not None
+        return x * 3
+
+
+def test_an_output_already_read_is_not_kept_alive_until_the_pass_ends(monkeypatch):
+    # The first Shift's output is saved by nothing: once watch has read it (a one-byte
+    # budget reads each tensor as the next arrives), only the model held it, and the
+    # allocator can reuse its memory for the rest of the pass.
+    monkeypatch.setattr(activations, "READ_BYTES_CPU", 1)
+    probe = Probe()
+    model = nn.Sequential(nn.Linear(4, 8), Shift(), Shift(), Shift(), probe)
+    model[1].register_forward_hook(lambda m, i, out: setattr(probe, "ref", weakref.ref(out)))
+    with th.watch(model) as w:
+        model(_x()).sum().backward()
+        forward, backward = w.take(0)
+    assert probe.alive is False
+    assert forward.modules == ["<input>", "0", "1", "2", "3", "4", "<output>"]
+    # Its gradient is still hooked and read (through its node, not the tensor).
+    assert backward.modules == ["4", "<output>", "3", "2", "1", "0"]

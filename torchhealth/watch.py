@@ -187,7 +187,11 @@ class Watch:
         self._hooks.append(model.register_forward_hook(_Hook(self, "_end")))
         self._skipped_types: set[type] = set()
         self._outputs: PendingPass | None = None  # the forward pass under way, on a due step
-        self._to_hook: list = []  # (grad_fn, output_nr, name, tensor) of its outputs that require grad
+        # (grad_fn, output_nr, name, leaf) of its outputs that require grad; leaf is the
+        # tensor only when it has no grad_fn: holding every output until the forward pass
+        # ends would keep alive the ones autograd does not save (a dropout's input, a
+        # residual branch), which the allocator would otherwise reuse at once.
+        self._to_hook: list = []
         self._grads: PendingPass | None = None  # the backward pass under way
         self._recomputing = False  # the whole model's forward, rerun inside a due step's backward
         self._output_hooked = False  # whether the last forward's own output had a graph to hook
@@ -221,7 +225,8 @@ class Watch:
         if isinstance(output, torch.Tensor):  # the common case, in as few operations as it takes
             pending.add(name, kind, output)
             if output.requires_grad:
-                self._to_hook.append((output.grad_fn, output.output_nr, name, output))
+                node = output.grad_fn
+                self._to_hook.append((node, output.output_nr, name, output if node is None else None))
         else:
             self._record(name, kind, output, module=module)
 
@@ -236,7 +241,8 @@ class Watch:
         for label, t in _labelled(name, found):
             self._outputs.add(label, kind, t)  # the op records no autograd: nothing to detach
             if t.requires_grad:
-                self._to_hook.append((t.grad_fn, t.output_nr, label, t))
+                node = t.grad_fn
+                self._to_hook.append((node, t.output_nr, label, t if node is None else None))
 
     def _hook_recomputed(self, name, obj) -> None:
         """Reentrant activation checkpointing recomputes a segment in backward
@@ -266,9 +272,9 @@ class Watch:
             # interpreter's caches are cold): a pre-hook on the node that made the
             # output, as it was when the module returned it, sees the gradient flowing
             # into that output even if a later in-place op replaced the tensor's node.
-            for node, index, name, t in to_hook:
+            for node, index, name, leaf in to_hook:
                 if node is None:  # a leaf: its gradient goes to no node of this pass
-                    t.register_hook(functools.partial(self._eager_grad, name))
+                    leaf.register_hook(functools.partial(self._eager_grad, name))
                 else:
                     node.register_prehook(functools.partial(self._eager_grad_output, index, name))
 
