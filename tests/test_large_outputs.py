@@ -1,6 +1,6 @@
 """Outputs large enough for the CPU op to map them itself (csrc/cpu/output_alloc.h):
-the same rows as any other output, and a tensor like any other (freed, cloned,
-saved, resized, shared)."""
+the same rows as any other output, a tensor like any other (freed, cloned,
+saved, resized, shared), and the memory of a freed one reused, zero-filled."""
 import gc
 import io
 import sys
@@ -92,6 +92,27 @@ def test_mapped_outputs_are_freed():
     gc.collect()
     assert _resident_bytes() - before < 100 << 20
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_a_freed_output_is_kept_and_the_next_one_gets_it_zero_filled():
+    first, second = _inputs(MAPPED_ROWS, seed=3), _inputs(MAPPED_ROWS, seed=4)
+    out = torchhealth.tensor_stats(first).data
+    ptr = out.data_ptr()
+    gc.collect()
+    held = _resident_bytes()
+    del out
+    gc.collect()
+    # Kept: its ~33 MB stay resident (given back to the system, they would not).
+    assert held - _resident_bytes() < 4 << 20
+    again = torchhealth.tensor_stats(second).data
+    assert again.data_ptr() == ptr
+    # Zero-filled: nothing of the first call's counts remains in its bins.
+    assert torch.equal(again[:, :S.COLS], torchhealth.tensor_stats(second, histogram=False).data)
+    counted = again[:, S.NUMEL] - again[:, S.NAN] - again[:, S.POSINF] - again[:, S.NEGINF] - again[:, S.ZERO]
+    assert torch.equal(again[:, S.COLS:].sum(1), counted)
+    sample = [second[i] for i in range(0, len(second), 211)]
+    assert_rows_agree(again[::211], reference.tensor_stats(sample, True, None), sample, "sample")
 
 def test_survives_clone_save_views_set_resize_and_share(case):
     ts, out = case

@@ -7,6 +7,14 @@
 // anonymous memory is already zero, so nothing is filled, and the kernel
 // faults it in 2 MiB at a time where the op first writes it. Smaller outputs
 // come from torch's allocator, whose memory malloc reuses without faults.
+//
+// When such an output is freed, its mapping is kept (one, the latest) for the
+// next large output, which zero-fills it instead of mapping fresh memory: a
+// check made every step then faults nothing in. Fresh huge pages cost the host
+// kernel more when memory is fragmented, after other work: the same 21 faults
+// took 8-20 ms or 48-60 ms (benchmarks/RESULTS.md, issue 10). So a process that
+// made a large output holds, after freeing it, at most that output's memory
+// more, like torch's caching allocators.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +22,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -35,15 +45,60 @@ struct Mapping {
   size_t bytes;
 };
 
-inline void unmap(void* ctx) {
-  const Mapping* m = static_cast<const Mapping*>(ctx);
+inline void release(Mapping* m) {
   munmap(m->base, m->bytes);
   delete m;
 }
 
+// The mapping of the latest large output freed, kept for the next one.
+struct Kept {
+  std::mutex mutex;
+  Mapping* mapping = nullptr;
+};
+inline Kept& kept() {
+  static Kept* k = new Kept;  // never destroyed: outputs may be freed during exit
+  return *k;
+}
+
+// The deleter of a mapped output: keeps its mapping, releasing the one kept before.
+inline void keep(void* ctx) {
+  Mapping* m = static_cast<Mapping*>(ctx);
+  Kept& k = kept();
+  std::unique_lock<std::mutex> lock(k.mutex);
+  Mapping* old = k.mapping;
+  k.mapping = m;
+  lock.unlock();
+  if (old != nullptr) {
+    release(old);
+  }
+}
+
+// The kept mapping if it holds `bytes` without wasting more than as much again,
+// zero-filled; else nullptr (and a kept mapping of another size is released).
+inline Mapping* take_kept(size_t bytes) {
+  Kept& k = kept();
+  std::unique_lock<std::mutex> lock(k.mutex);
+  Mapping* m = k.mapping;
+  k.mapping = nullptr;
+  lock.unlock();
+  if (m == nullptr) {
+    return nullptr;
+  }
+  if (m->bytes < bytes || m->bytes / 2 > bytes) {
+    release(m);
+    return nullptr;
+  }
+  std::memset(m->base, 0, bytes);
+  return m;
+}
+
 // `bytes` of zeros starting on a huge-page boundary (so that every whole 2 MiB
-// of it can be a huge page), or an empty DataPtr when the mapping fails.
+// of it can be a huge page): the kept mapping or a new one, or an empty DataPtr
+// when the mapping fails.
 inline at::DataPtr map_zeros(size_t bytes) {
+  if (Mapping* m = take_kept(bytes)) {
+    return at::DataPtr(m->base, m, &keep, at::Device(at::kCPU));
+  }
   const size_t padded = bytes + kHugePage;
   void* raw = mmap(nullptr, padded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) {
@@ -65,7 +120,7 @@ inline at::DataPtr map_zeros(size_t bytes) {
   // Without huge pages (THP disabled, or madvise refused) the mapping is still
   // zeroed memory, faulted in 4 KiB at a time: no slower than the usual way.
   madvise(data, end - aligned, MADV_HUGEPAGE);
-  return at::DataPtr(data, new Mapping{data, end - aligned}, &unmap, at::Device(at::kCPU));
+  return at::DataPtr(data, new Mapping{data, end - aligned}, &keep, at::Device(at::kCPU));
 }
 
 }  // namespace detail
@@ -79,7 +134,7 @@ inline at::Tensor zeros_int64(int64_t rows, int64_t cols) {
     at::DataPtr data = detail::map_zeros(bytes);
     if (data.get() != nullptr) {
       // Resizable with torch's allocator, like any at::empty output: resize_
-      // and share_memory_ move the data to memory of their own and unmap this.
+      // and share_memory_ move the data to memory of their own and give this back.
       c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data),
                            c10::GetCPUAllocator(), /*resizable=*/true);
       at::Tensor out = at::empty({0}, options);
