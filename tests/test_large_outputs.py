@@ -93,7 +93,6 @@ def test_mapped_outputs_are_freed():
     assert _resident_bytes() - before < 100 << 20
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_a_freed_output_is_kept_and_the_next_one_gets_it_zero_filled():
     first, second = _inputs(MAPPED_ROWS, seed=3), _inputs(MAPPED_ROWS, seed=4)
@@ -113,6 +112,7 @@ def test_a_freed_output_is_kept_and_the_next_one_gets_it_zero_filled():
     assert torch.equal(again[:, S.COLS:].sum(1), counted)
     sample = [second[i] for i in range(0, len(second), 211)]
     assert_rows_agree(again[::211], reference.tensor_stats(sample, True, None), sample, "sample")
+
 
 def test_survives_clone_save_views_set_resize_and_share(case):
     ts, out = case
