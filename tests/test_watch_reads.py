@@ -19,7 +19,9 @@ def _reads(monkeypatch, model, x, read_bytes):
     monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
     w = th.watch(model)
     out = model(x)
-    if out.requires_grad:
+    if isinstance(out, tuple):  # (loss, logits), as a Hugging Face model returns
+        out[0].backward()
+    elif out.requires_grad:
         out.pow(2).mean().backward()
     passes = w.take(0)
     w.remove()
@@ -43,6 +45,61 @@ def test_a_repeat_after_a_full_batch_is_not_read_again_and_rows_match_one_batch(
     for a, b in zip(whole, batched):
         assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
         assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)
+
+
+class Loss(nn.Module):
+    def forward(self, logits):
+        return logits.sum() * 0.1
+
+
+class LossAndLogits(nn.Module):
+    """Returns (loss, logits), as a Hugging Face model does: its output repeats its
+    head's, after a new tensor (the loss); with ``double``, logits doubled in place
+    after the loss, a module's output, was computed."""
+
+    def __init__(self, double=False):
+        super().__init__()
+        self.body, self.head, self.loss = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 3), Loss()
+        self.double = double
+
+    def forward(self, x):
+        logits = self.head(self.body(x))
+        loss = self.loss(logits)
+        if self.double:
+            logits.mul_(2)
+        return loss, logits
+
+
+def test_a_repeat_of_a_tensor_read_in_an_earlier_batch_is_not_read_again(monkeypatch):
+    torch.manual_seed(0)
+    model, x = LossAndLogits(), _x()
+    whole_reads, whole = _reads(monkeypatch, model, x, 1 << 30)
+    # One tensor a batch: the loss comes between the head's logits and the model's
+    # output's, so they are in different batches; the logits are read once all the same.
+    reads, batched = _reads(monkeypatch, model, x, 1)
+    assert all(len(r) == 1 for r in reads)
+    assert len(reads) == sum(len(r) for r in whole_reads)
+    logits = [t for r in reads for t in r if t.shape == (6, 3) and t.requires_grad]
+    assert len(logits) == 1
+    forward = batched[0]
+    assert forward.modules[-4:] == ["head", "loss", "<output>[0]", "<output>[1]"]
+    assert torch.equal(forward.stats.data[-1], forward.stats.data[-4])
+    for a, b in zip(whole, batched):
+        assert (a.name, a.modules, a.kinds, a.shapes) == (b.name, b.modules, b.kinds, b.shapes)
+        assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near)
+
+
+def test_a_tensor_changed_in_place_after_its_read_is_read_again(monkeypatch):
+    torch.manual_seed(0)
+    model, x = LossAndLogits(double=True), _x()
+    reads, (forward, _) = _reads(monkeypatch, model, x, 1)
+    with torch.no_grad():
+        doubled = model(x)[1]
+    head, output = forward.modules.index("head"), forward.modules.index("<output>[1]")
+    # The head's row: the logits as it returned them; the output's: as the model did.
+    assert forward.stats.max[head].item() == (doubled / 2).max().item()
+    assert forward.stats.max[output].item() == doubled.max().item()
+    assert forward.stats.sum[output].item() == pytest.approx(2 * forward.stats.sum[head].item())
 
 
 class ArgMax(nn.Module):

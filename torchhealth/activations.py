@@ -22,6 +22,7 @@ reads them in batches into a `PassStats`.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,11 @@ class PendingPass:
     same batch (a container returning its child's output, a gradient that reaches
     several outputs through a residual sum) repeats that tensor's row, and a full
     batch is read only when a tensor that repeats none of it arrives, so such a
-    repeat, which comes right after its original, still finds it. Sigmoid/tanh
+    repeat, which comes right after its original, still finds it. A repeat of a
+    tensor read in an earlier batch of the pass (a model's output returning its
+    head's logits after the loss) repeats that row too, if the tensor is still
+    alive (a weak reference: nothing is held) and unchanged since (its version
+    counter; one changed in place is read again, as it would have been). Sigmoid/tanh
     outputs go in a call of their own with the saturation threshold at
     ``1 - EPS`` and a histogram, so that the one read also counts their values
     near an asymptote. Tensors of other dtypes (integers) give no row."""
@@ -131,6 +136,8 @@ class PendingPass:
         # (stats, high, tiny): high/tiny None for a call of rows with no asymptote
         self.parts: list[tuple[TensorStats, torch.Tensor | None, torch.Tensor | None]] = []
         self.read = 0  # rows of statistics read
+        # per tensor read in an earlier batch, by _key: (weak reference, version, row, bounded)
+        self.earlier: dict[tuple, tuple] = {}
 
     def add(self, name: str, kind: str, t: torch.Tensor) -> None:
         if self.full and not any(t is u or _key(t) == _key(u) for _, _, u in self.items):
@@ -142,31 +149,40 @@ class PendingPass:
     def flush(self) -> None:
         slot: dict = {}
         unique: list[torch.Tensor] = []
+        keys: list[tuple] = []
         bounded: list[bool] = []
-        index = []
+        index = []  # per row: its tensor's index in unique, or -1 - row for one read earlier
         for name, kind, t in self.items:
             if t.dtype not in SUPPORTED_DTYPES:
                 continue
             # Every tensor of the batch is still held, so equal keys mean the same elements.
-            i = slot.setdefault(_key(t), len(unique))
+            key = _key(t)
+            i = slot.setdefault(key, len(unique))
             if i == len(unique):
-                unique.append(t)
-                bounded.append(False)
-            bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+                seen = self.earlier.get(key)
+                if (seen is not None and (old := seen[0]()) is not None and _key(old) == key
+                        and t._version == seen[1] and (seen[3] or kind not in (SIGMOID, TANH))):
+                    del slot[key]
+                    i = -1 - seen[2]
+                else:
+                    unique.append(t)
+                    keys.append(key)
+                    bounded.append(False)
+            if i >= 0:
+                bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
             index.append(i)
             self.names.append(name)
             self.kinds.append(kind)
             self.shapes.append(tuple(t.shape))
             self.dtypes.append(t.dtype)
         self.items, self.bytes, self.full = [], 0, False
-        if not unique:
-            return
         plain = [i for i, b in enumerate(bounded) if not b]
         sat = [i for i, b in enumerate(bounded) if b]
         position = [0] * len(unique)
         for p, i in enumerate(plain + sat):
             position[i] = self.read + p
-        self.rows += [position[i] for i in index]
+            self.earlier[keys[i]] = (weakref.ref(unique[i]), unique[i]._version, position[i], bounded[i])
+        self.rows += [position[i] if i >= 0 else -1 - i for i in index]
         self.read += len(unique)
         if plain:  # no values near an asymptote to count (None: zeros, made only if needed)
             self.parts.append((tensor_stats([unique[i] for i in plain], histogram=self.histogram), None, None))
