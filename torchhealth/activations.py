@@ -156,12 +156,12 @@ class PendingPass:
             if t.dtype not in SUPPORTED_DTYPES:
                 continue
             # Every tensor of the batch is still held, so equal keys mean the same elements.
-            key = _key(t)
+            key, asymptote = _key(t), kind in (SIGMOID, TANH)
             i = slot.setdefault(key, len(unique))
             if i == len(unique):
                 seen = self.earlier.get(key)
                 if (seen is not None and (old := seen[0]()) is not None and _key(old) == key
-                        and t._version == seen[1] and (seen[3] or kind not in (SIGMOID, TANH))):
+                        and t._version == seen[1] and (seen[3] or not asymptote)):
                     del slot[key]
                     i = -1 - seen[2]
                 else:
@@ -169,7 +169,7 @@ class PendingPass:
                     keys.append(key)
                     bounded.append(False)
             if i >= 0:
-                bounded[i] = bounded[i] or kind in (SIGMOID, TANH)
+                bounded[i] = bounded[i] or asymptote
             index.append(i)
             self.names.append(name)
             self.kinds.append(kind)
