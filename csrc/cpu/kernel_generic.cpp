@@ -54,14 +54,24 @@ inline vu one_bit(vu k) {
   const __m128i e = _mm_max_epi16((__m128i)(k + 127u), _mm_setzero_si128());
   return (vu)_mm_cvttps_epi32(_mm_castsi128_ps(_mm_slli_epi32(e, 23)));
 }
+// Zeros unpacked into the low halves: the shift comes free.
+inline vf bf16_to_float(const uint16_t* p) {
+  return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
 inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
 inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }
 #elif defined(__aarch64__)
 inline vu one_bit(vu k) { return (vu)(k < 32u) & (splat(1) << (k & 31u)); }
+inline vf bf16_to_float(const uint16_t* p) { return (vf)vshll_n_u16(vld1_u16(p), 16); }
 inline vd lo_double(vf x) { return (vd)vcvt_f64_f32(vget_low_f32((float32x4_t)x)); }
 inline vd hi_double(vf x) { return (vd)vcvt_high_f64_f32((float32x4_t)x); }
 #else
 typedef float vf_half __attribute__((vector_size(2 * kLanes)));  // kLanes / 2 floats
+inline vf bf16_to_float(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
 inline vu one_bit(vu k) { return (vu)(k < 32u) & (splat(1) << (k & 31u)); }
 inline vd lo_double(vf x) {
   vf_half h;

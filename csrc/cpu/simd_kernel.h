@@ -69,6 +69,11 @@ typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
 inline vu one_bit(vu k);
 // float16 bits to float32, exactly (vcvtph2ps).
 inline vf half_to_float(vh h);
+// kLanes bfloat16 values at p as float32 (their bits shifted up by 16), in
+// one or two instructions: GCC widens the portable form (a vector of uint16
+// converted to uint32, then shifted) half a register at a time, two to three
+// more per register (benchmarks/RESULTS.md).
+inline vf bf16_to_float(const uint16_t* p);
 // Whether any lane is nonzero.
 inline bool any_lane(vu m);
 // The low and high halves of a vector, converted exactly to double.
@@ -198,8 +203,8 @@ inline void flush_sums(vf s, vf q, Block& b) {
 
 // How each input dtype reaches float32. load_v() gives a register of kLanes
 // values as float32; kDirect dtypes are read that way by pass 1 and pass 2
-// (bfloat16: bits << 16 is exact and costs one op, less than writing and
-// re-reading a widened copy); the others are widened into the block buffer
+// (bfloat16: bits << 16 is exact and costs one or two ops, bf16_to_float,
+// less than writing and re-reading a widened copy); the others are widened into the block buffer
 // by to_buf() first. to_buf() also makes the private float32 copy that the
 // careful pass and its pass 2 read.
 struct FromFloat {
@@ -212,11 +217,7 @@ struct FromFloat {
 struct FromBFloat16 {
   using type = uint16_t;
   static constexpr bool kDirect = true;
-  static vf load_v(const uint16_t* p) {
-    vh h;
-    std::memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vu) << 16);
-  }
+  static vf load_v(const uint16_t* p) { return bf16_to_float(p); }
   static void to_buf(const uint16_t* p, int n, float* buf) {
     for (int i = 0; i < n; i += kLanes) {
       const vf w = load_v(p + i);
