@@ -8,7 +8,6 @@
 // compares them side by side; it is not part of the API.
 #include <torch/library.h>
 
-#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -82,21 +81,6 @@ Kernels scalar_kernels() {
   return {"scalar", &chunk_stats<float>, &chunk_stats<c10::BFloat16>, &chunk_stats<c10::Half>,
           &chunk_stats<double>, &chunk_stats<c10::Float8_e4m3fn>, &chunk_stats<c10::Float8_e5m2>};
 }
-
-namespace {
-template <float (*kDecode)(uint32_t)>
-const float* float8_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (uint32_t b = 0; b < 256; ++b) t[b] = kDecode(b);
-    return t;
-  }();
-  return table.data();
-}
-}  // namespace
-
-const float* float8_e4m3fn_table() { return float8_table<&float8_e4m3fn_to_float>(); }
-const float* float8_e5m2_table() { return float8_table<&float8_e5m2_to_float>(); }
 
 const Kernels& cpu_kernels() {
   const Kernels* k = g_active.load(std::memory_order_acquire);

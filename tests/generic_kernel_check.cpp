@@ -1,0 +1,146 @@
+// Checks the portable chunk kernel (csrc/cpu/kernel_generic.cpp) against
+// chunk_stats, the definition (csrc/cpu/chunk_kernel.h), without torch: the
+// two are built from the extension's sources into one program. On x86-64 that
+// is the SSE2 build of the generic kernel (also reached through torch by
+// tests/test_cpu_kernels.py); built for aarch64 and run under qemu-user, it is
+// the NEON build, which no test can reach through torch on this machine. Built
+// with csrc/cpu/kernel_generic.cpp and csrc/cpu/float8_tables.cpp. Per
+// dtype, histogram on and off and two saturation thresholds: counts, extremes
+// and every histogram bin bit for bit, sums within |sum - exact| <= 1e-6 *
+// sum|x|. Built and run by tests/test_generic_kernel.py; prints what it checked.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/chunk_kernel.h"
+
+using namespace torchhealth;
+using namespace torchhealth::cpu;
+
+namespace {
+
+int failures = 0;
+long long checked = 0;
+
+bool same(double a, double b) { return bits_of(a) == bits_of(b); }
+// Within the documented bound, or the same overflow (a sum of squares above
+// DBL_MAX is +Inf for both).
+bool near(double got, double want, double bound) {
+  return same(got, want) || std::fabs(got - want) <= 1e-6 * bound;
+}
+
+template <typename T, typename acc_t>
+void check(const std::vector<T>& xs, const Limits<acc_t>& lim, bool hist,
+           Acc (*kernel)(const T*, int64_t, const Limits<acc_t>&, HistOut*), const std::string& what) {
+  std::vector<int64_t> got_h(kBins, 0), want_h(kBins, 0);
+  HistOut got_out{hist ? got_h.data() : nullptr};
+  HistOut want_out{hist ? want_h.data() : nullptr};
+  const int64_t n = static_cast<int64_t>(xs.size());
+  const Acc g = kernel(xs.data(), n, lim, &got_out);
+  const Acc w = chunk_stats<T>(xs.data(), n, lim, &want_out);
+  double abs_sum = 0, sq_sum = 0;
+  for (const T& x : xs) {
+    const double d = static_cast<double>(to_acc(x));
+    if (std::isfinite(d)) {
+      abs_sum += std::fabs(d);
+      sq_sum += d * d;
+    }
+  }
+  bool ok = g.nan == w.nan && g.posinf == w.posinf && g.neginf == w.neginf && g.zero == w.zero &&
+            g.subnormal == w.subnormal && g.saturated == w.saturated && same(g.min, w.min) &&
+            same(g.max, w.max) && same(g.absmax, w.absmax) &&
+            near(g.sum, w.sum, abs_sum) && near(g.sumsq, w.sumsq, sq_sum);
+  for (int b = 0; b < kBins && ok; ++b) {
+    // The caller adds only the touched range [lo, hi) to the row.
+    const int64_t g_b = b >= got_out.lo && b < got_out.hi ? got_h[b] : 0;
+    ok = g_b == want_h[b] && (got_h[b] == 0 || (b >= got_out.lo && b < got_out.hi));
+  }
+  ++checked;
+  if (!ok && failures++ < 10) {
+    std::printf(
+        "%s, n=%lld, histogram %d: generic/definition nan %lld/%lld +inf %lld/%lld -inf %lld/%lld "
+        "zero %lld/%lld sub %lld/%lld sat %lld/%lld min %a/%a max %a/%a absmax %a/%a sum %a/%a "
+        "sumsq %a/%a\n",
+        what.c_str(), static_cast<long long>(n), hist, (long long)g.nan, (long long)w.nan,
+        (long long)g.posinf, (long long)w.posinf, (long long)g.neginf, (long long)w.neginf,
+        (long long)g.zero, (long long)w.zero, (long long)g.subnormal, (long long)w.subnormal,
+        (long long)g.saturated, (long long)w.saturated, g.min, w.min, g.max, w.max, g.absmax,
+        w.absmax, g.sum, w.sum, g.sumsq, w.sumsq);
+  }
+}
+
+template <typename T>
+std::vector<T> convert(const std::vector<float>& xs) {
+  std::vector<T> out;
+  out.reserve(xs.size());
+  for (float x : xs) out.push_back(static_cast<T>(x));
+  return out;
+}
+
+template <typename T, typename acc_t>
+void both(const std::vector<T>& xs, const Limits<acc_t>& lim,
+          Acc (*kernel)(const T*, int64_t, const Limits<acc_t>&, HistOut*), const char* dtype) {
+  for (int hist = 0; hist < 2; ++hist) check(xs, lim, hist == 1, kernel, dtype);
+}
+
+}  // namespace
+
+int main() {
+  const Kernels k = generic_kernels();
+  std::mt19937_64 gen(20261130);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float specials[] = {nan, -nan, inf, -inf, 0.0f, -0.0f, 0x1p-149f, -0x1p-149f, 0x1p-130f,
+                            0x1p-126f, 0x1p-64f, -0x1p-63f, 0x1.fffffep127f, -0x1.fffffep127f,
+                            0x1p70f, 65504.0f, 57344.0f, 448.0f, 0x1p-14f, 0x1p-24f, 1.0f, -0.5f};
+  constexpr int kSpecials = sizeof(specials) / sizeof(specials[0]);
+  // Per dtype: the smallest normal and two saturation thresholds (near the
+  // dtype's maximum, and 1 - 2^-10, as watch uses for sigmoid outputs).
+  const float low = 1.0f - 0x1p-10f;
+  const Limits<float> f32[] = {{0x1p-126f, 0x1p127f}, {0x1p-126f, low}};
+  const Limits<float> f16[] = {{0x1p-14f, 32752.0f}, {0x1p-14f, low}};
+  const Limits<float> e4m3[] = {{0x1p-6f, 224.0f}, {0x1p-6f, low}};
+  const Limits<float> e5m2[] = {{0x1p-14f, 28672.0f}, {0x1p-14f, low}};
+  const Limits<double> f64[] = {{0x1p-1022, 0x1p1023}, {0x1p-1022, 1.0 - 0x1p-10}};
+  for (int trial = 0; trial < 400; ++trial) {
+    // Lengths across blocks (960 values at 4 lanes, 1920 at 8) and tails.
+    const int n = 1 + static_cast<int>(gen() % 5000);
+    const int e = static_cast<int>(gen() % 300) - 160;  // scales 2^-160 .. 2^140
+    const int e16 = static_cast<int>(gen() % 40) - 26;  // scales 2^-26 .. 2^13
+    std::vector<float> xs(n), ys(n);
+    std::vector<double> ds(n);
+    for (int i = 0; i < n; ++i) {
+      const double z = normal(gen);
+      xs[i] = static_cast<float>(std::ldexp(z, e));
+      ys[i] = static_cast<float>(std::ldexp(z, e16));
+      ds[i] = std::ldexp(z, e * 6);
+    }
+    const int kinds = trial % 4;  // 0: clean data; else a few special values
+    for (int j = 0; kinds != 0 && j < 1 + static_cast<int>(gen() % 8); ++j) {
+      const size_t i = gen() % n;
+      xs[i] = ys[i] = specials[gen() % kSpecials];
+      ds[i] = static_cast<double>(xs[i]);
+    }
+    if (trial % 5 == 1) {
+      for (int i = 0; i < n; i += 3) xs[i] = ys[i] = 0.0f;  // many zeros (ReLU, dropout)
+    }
+    if (trial % 7 == 2) {
+      for (int i = 0; i < n; ++i) ys[i] = 1.0f / (1.0f + std::exp(-8.0f * ys[i]));  // sigmoid-like
+    }
+    for (int t = 0; t < 2; ++t) {
+      both(xs, f32[t], k.f32, "float32");
+      both(convert<c10::BFloat16>(xs), f32[t], k.bf16, "bfloat16");
+      both(convert<c10::Half>(ys), f16[t], k.f16, "float16");
+      both(convert<c10::Float8_e4m3fn>(ys), e4m3[t], k.f8e4m3, "float8_e4m3fn");
+      both(convert<c10::Float8_e5m2>(ys), e5m2[t], k.f8e5m2, "float8_e5m2");
+      both(ds, f64[t], k.f64, "float64");
+    }
+  }
+  std::printf("generic kernel '%s' against the definition: %lld checks, %d failures\n", k.name,
+              checked, failures);
+  return failures == 0 ? 0 : 1;
+}
