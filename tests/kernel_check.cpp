@@ -1,13 +1,14 @@
-// Checks the portable chunk kernel (csrc/cpu/kernel_generic.cpp) against
-// chunk_stats, the definition (csrc/cpu/chunk_kernel.h), without torch: the
-// two are built from the extension's sources into one program. On x86-64 that
-// is the SSE2 build of the generic kernel (also reached through torch by
-// tests/test_cpu_kernels.py); built for aarch64 and run under qemu-user, it is
-// the NEON build, which no test can reach through torch on this machine. Built
-// with csrc/cpu/kernel_generic.cpp and csrc/cpu/float8_tables.cpp. Per
-// dtype, histogram on and off and two saturation thresholds: counts, extremes
-// and every histogram bin bit for bit, sums within |sum - exact| <= 1e-6 *
-// sum|x|. Built and run by tests/test_generic_kernel.py; prints what it checked.
+// Checks the chunk kernels against chunk_stats, the definition
+// (csrc/cpu/chunk_kernel.h), without torch: the portable kernel
+// (kernel_generic.cpp) and, on x86-64, the AVX2 and AVX-512 ones this CPU runs,
+// built from the extension's own sources (with float8_tables.cpp) into one
+// program. tests/test_kernel_check.py builds it with GCC, with Clang (whose
+// build of the x86 kernels the extension's build with GCC does not show), and
+// with the aarch64 cross g++ and runs that under qemu-user: the NEON build of
+// the portable kernel, which every non-x86 machine gets and no test can reach
+// through torch here. Per dtype, histogram on and off, two saturation
+// thresholds: counts, extremes and every histogram bin bit for bit, sums within
+// |sum - exact| <= 1e-6 * sum|x|. Prints what it checked per kernel.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -82,14 +83,14 @@ std::vector<T> convert(const std::vector<float>& xs) {
 
 template <typename T, typename acc_t>
 void both(const std::vector<T>& xs, const Limits<acc_t>& lim,
-          Acc (*kernel)(const T*, int64_t, const Limits<acc_t>&, HistOut*), const char* dtype) {
-  for (int hist = 0; hist < 2; ++hist) check(xs, lim, hist == 1, kernel, dtype);
+          Acc (*kernel)(const T*, int64_t, const Limits<acc_t>&, HistOut*), const std::string& what) {
+  for (int hist = 0; hist < 2; ++hist) check(xs, lim, hist == 1, kernel, what);
 }
 
-}  // namespace
-
-int main() {
-  const Kernels k = generic_kernels();
+void check_kernel(const Kernels& k) {
+  const std::string name = k.name;
+  const long long before = checked;
+  const int failed = failures;
   std::mt19937_64 gen(20261130);
   std::normal_distribution<double> normal(0.0, 1.0);
   const float inf = std::numeric_limits<float>::infinity();
@@ -132,15 +133,40 @@ int main() {
       for (int i = 0; i < n; ++i) ys[i] = 1.0f / (1.0f + std::exp(-8.0f * ys[i]));  // sigmoid-like
     }
     for (int t = 0; t < 2; ++t) {
-      both(xs, f32[t], k.f32, "float32");
-      both(convert<c10::BFloat16>(xs), f32[t], k.bf16, "bfloat16");
-      both(convert<c10::Half>(ys), f16[t], k.f16, "float16");
-      both(convert<c10::Float8_e4m3fn>(ys), e4m3[t], k.f8e4m3, "float8_e4m3fn");
-      both(convert<c10::Float8_e5m2>(ys), e5m2[t], k.f8e5m2, "float8_e5m2");
-      both(ds, f64[t], k.f64, "float64");
+      both(xs, f32[t], k.f32, name + " float32");
+      both(convert<c10::BFloat16>(xs), f32[t], k.bf16, name + " bfloat16");
+      both(convert<c10::Half>(ys), f16[t], k.f16, name + " float16");
+      both(convert<c10::Float8_e4m3fn>(ys), e4m3[t], k.f8e4m3, name + " float8_e4m3fn");
+      both(convert<c10::Float8_e5m2>(ys), e5m2[t], k.f8e5m2, name + " float8_e5m2");
+      both(ds, f64[t], k.f64, name + " float64");
     }
   }
-  std::printf("generic kernel '%s' against the definition: %lld checks, %d failures\n", k.name,
-              checked, failures);
+  std::printf("kernel %s against the definition: %lld checks, %d failures\n", k.name,
+              checked - before, failures - failed);
+}
+
+// Every kernel of the build that this CPU runs: the x86 ones are compiled in
+// only on x86-64 (elsewhere they fall back to the scalar kernels of
+// dispatch.cpp, which needs libtorch).
+std::vector<Kernels> runnable() {
+  std::vector<Kernels> ks = {generic_kernels()};
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2");
+  if (avx2) ks.push_back(avx2_kernels());
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    ks.push_back(avx512_kernels());
+  }
+#endif
+  return ks;
+}
+
+}  // namespace
+
+int main() {
+  for (const Kernels& k : runnable()) check_kernel(k);
+  std::printf("%lld checks, %d failures\n", checked, failures);
   return failures == 0 ? 0 : 1;
 }
