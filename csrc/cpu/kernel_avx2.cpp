@@ -32,7 +32,8 @@ inline vu one_bit(vu k) { return (vu)_mm256_sllv_epi32((__m256i)splat(1), (__m25
 
 inline vf half_to_float(vh h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
 inline vf bf16_to_float(const uint16_t* p) {
-  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
 }
 
 inline bool any_lane(vu m) { return !_mm256_testz_si256((__m256i)m, (__m256i)m); }

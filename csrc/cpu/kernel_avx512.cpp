@@ -44,7 +44,8 @@ inline vu one_bit(vu k) { return (vu)_mm512_sllv_epi32((__m512i)splat(1), (__m51
 
 inline vf half_to_float(vh h) { return (vf)_mm512_cvtph_ps((__m256i)h); }
 inline vf bf16_to_float(const uint16_t* p) {
-  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 }
 
 inline bool any_lane(vu m) { return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0; }

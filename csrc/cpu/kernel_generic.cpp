@@ -56,7 +56,8 @@ inline vu one_bit(vu k) {
 }
 // Zeros unpacked into the low halves: the shift comes free.
 inline vf bf16_to_float(const uint16_t* p) {
-  return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), h);
 }
 inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
 inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }

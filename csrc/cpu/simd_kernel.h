@@ -203,10 +203,10 @@ inline void flush_sums(vf s, vf q, Block& b) {
 
 // How each input dtype reaches float32. load_v() gives a register of kLanes
 // values as float32; kDirect dtypes are read that way by pass 1 and pass 2
-// (bfloat16: bits << 16 is exact and costs one or two ops, bf16_to_float,
-// less than writing and re-reading a widened copy); the others are widened into the block buffer
-// by to_buf() first. to_buf() also makes the private float32 copy that the
-// careful pass and its pass 2 read.
+// (bfloat16: bits << 16 is exact and costs one or two ops, bf16_to_float, less
+// than writing and re-reading a widened copy); the others are widened into the
+// block buffer by to_buf() first. to_buf() also makes the private float32 copy
+// that the careful pass and its pass 2 read.
 struct FromFloat {
   using type = float;
   static constexpr bool kDirect = true;
