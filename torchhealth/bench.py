@@ -5,15 +5,17 @@ every method once; a row's time is its minimum over the rounds), so that rows
 are compared under the same machine state:
 
 - floor: ``torch.sum`` of one flat buffer holding the same bytes (the tensors of
-  a model are views into it), i.e. one read of the data;
+  a model are views into it), i.e. one read of the data (float8: its bytes as int64);
 - torchhealth with and without the histogram, for each CPU kernel this CPU runs;
 - the pure-Python checks (per tensor: isnan().sum(), isinf().sum(), min, max,
-  abs().max(), sum, (x*x).sum(), (x==0).sum(), histc, each read with .item());
+  abs().max(), sum, (x*x).sum(), (x==0).sum(), histc, each read with .item();
+  float8 tensors, which torch's reductions refuse, copied to float32 first);
 - ``torch.isfinite(g).all()`` per tensor, read with ``bool()``;
 - ``torch._foreach_norm`` + ``torch._amp_foreach_non_finite_check_and_unscale_``.
 
 Models: GPT-2 small's 148 parameter tensors and as many gradients (float32,
-~1 GB; and bfloat16), and 10,000 tensors of 1-4k elements.
+~1 GB; and bfloat16; ``--dtypes`` also takes float16 and the float8 formats,
+drawn scaled into their range), and 10,000 tensors of 1-4k elements.
 
     python -m torchhealth.bench [--quick] [--repeat N] [--progress]
 
@@ -67,10 +69,17 @@ def _as_views(name: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
     tensors, off = [], 0
     for i, (shape, n) in enumerate(zip(shapes, sizes)):
         t = flat[off:off + n].view(shape)
-        t.normal_(0.0, scales[i % len(scales)], generator=g)
+        if _is_float8(dtype):  # torch draws no float8: drawn in float32 and rounded
+            t.copy_(torch.empty(shape).normal_(0.0, scales[i % len(scales)], generator=g))
+        else:
+            t.normal_(0.0, scales[i % len(scales)], generator=g)
         tensors.append(t)
         off += n
     return Model(name, flat, tensors)
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def make_models(quick: bool, dtypes: Sequence[str]) -> list[Model]:
@@ -81,8 +90,9 @@ def make_models(quick: bool, dtypes: Sequence[str]) -> list[Model]:
     for dt in dtypes:
         dtype = getattr(torch, dt)
         label = "GPT-2 small" + (" (2 layers, 8k vocab)" if quick else "")
+        # float8 tensors are stored scaled into the format's range (1e-4 would be 0 in e4m3).
         models.append(_as_views(f"{label}, params+grads, {len(both)} x {dt}", both, dtype,
-                                scales, seed=0))
+                                [1.0] if _is_float8(dtype) else scales, seed=0))
     n_tiny = 1000 if quick else 10_000
     g = torch.Generator().manual_seed(1)
     tiny = [(int(n),) for n in torch.randint(1024, 4097, (n_tiny,), generator=g)]
@@ -93,9 +103,24 @@ def make_models(quick: bool, dtypes: Sequence[str]) -> list[Model]:
 
 # --- methods -------------------------------------------------------------------
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x, or for float8 (which torch's min, max, sum, isinf and norms refuse) a
+    float32 copy, as a user's check of a float8 tensor has to make."""
+    return x.float() if _is_float8(x.dtype) else x
+
+
+def floor_sum(flat: torch.Tensor) -> torch.Tensor:
+    """One read of the buffer's bytes: its sum. torch sums no float8, and uint8
+    a hundred times slower than float32, so float8 bytes are summed as int64
+    (as fast as float32 here; the last numel % 8 bytes are left out)."""
+    if not _is_float8(flat.dtype):
+        return flat.sum()
+    return flat[:flat.numel() - flat.numel() % 8].view(torch.int64).sum()
+
+
 def pure_python_checks(ts: Sequence[torch.Tensor], histc: bool = True) -> list[tuple]:
     out = []
-    for x in ts:
+    for x in map(_wide, ts):
         row = (x.isnan().sum().item(), x.isinf().sum().item(), x.min().item(),
                x.max().item(), x.abs().max().item(), x.sum().item(),
                (x * x).sum().item(), (x == 0).sum().item())
@@ -107,16 +132,17 @@ def pure_python_checks(ts: Sequence[torch.Tensor], histc: bool = True) -> list[t
 
 def isfinite_loop(ts: Sequence[torch.Tensor]) -> bool:
     ok = True
-    for x in ts:
+    for x in map(_wide, ts):
         ok &= bool(torch.isfinite(x).all())
     return ok
 
 
 def foreach_norm_and_unscale(ts: Sequence[torch.Tensor]) -> float:
-    norms = torch._foreach_norm(list(ts))
+    ts = [_wide(t) for t in ts]
+    norms = torch._foreach_norm(ts)
     found_inf = torch.zeros(1)
     inv_scale = torch.ones(1)  # multiplies by 1: the data is left as it was
-    torch._amp_foreach_non_finite_check_and_unscale_(list(ts), found_inf, inv_scale)
+    torch._amp_foreach_non_finite_check_and_unscale_(ts, found_inf, inv_scale)
     return torch.stack(norms).float().norm().item() + found_inf.item()
 
 
@@ -148,7 +174,7 @@ def _methods(model: Model, kernels: Sequence[str]) -> list[tuple[str, Callable[[
             return torchhealth.tensor_stats(ts, histogram=histogram).data
         return run
 
-    methods = [("floor: torch.sum(flat buffer)", lambda: model.flat.sum())]
+    methods = [("floor: torch.sum(flat buffer)", lambda: floor_sum(model.flat))]
     for k in kernels:
         methods.append((f"torchhealth [{k}] with histogram", fused(k, True)))
         methods.append((f"torchhealth [{k}] no histogram", fused(k, False)))
