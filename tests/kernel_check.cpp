@@ -141,6 +141,19 @@ void check_kernel(const Kernels& k) {
       both(ds, f64[t], k.f64, name + " float64");
     }
   }
+  // Every float8 bit pattern, over several blocks (vector path) and alone.
+  std::vector<uint8_t> all(256 * 9 + 5);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint8_t>(i * 7 + 3);
+  for (const size_t n : {all.size(), size_t{256}}) {
+    std::vector<c10::Float8_e4m3fn> e4(n);
+    std::vector<c10::Float8_e5m2> e5(n);
+    for (size_t i = 0; i < n; ++i) {
+      e4[i].x = n == 256 ? static_cast<uint8_t>(i) : all[i];
+      e5[i].x = e4[i].x;
+    }
+    both(e4, e4m3[0], k.f8e4m3, name + " float8_e4m3fn, every bit pattern");
+    both(e5, e5m2[0], k.f8e5m2, name + " float8_e5m2, every bit pattern");
+  }
   std::printf("kernel %s against the definition: %lld checks, %d failures\n", k.name,
               checked - before, failures - failed);
 }

@@ -348,6 +348,21 @@ def test_float8_every_bit_pattern(kernel, f8):
 
 @kernel_param
 @f8_param
+def test_float8_flush_to_zero_mode_changes_nothing(kernel, f8):
+    """The vector kernels decode float8 through float16 arithmetic (an e4m3fn
+    value is scaled by 2^8): every bit pattern gives the same row, sums
+    included, with flush-to-zero on."""
+    with use_kernel(kernel):
+        x = _all_f8(f8)
+        ts = [x, x.repeat(2 * CHUNK // 256 + 3)[3:]]
+        want = torchhealth.tensor_stats(ts).data
+        with flush_denormal():
+            got = torchhealth.tensor_stats(ts).data
+        assert torch.equal(got, want)
+
+
+@kernel_param
+@f8_param
 def test_float8_specials_in_normal_data(kernel, f8):
     """Random data in the format's range (the fast vector path) with specials
     planted at lane, block and chunk edges."""

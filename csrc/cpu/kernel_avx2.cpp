@@ -24,6 +24,7 @@ namespace cpu {
 namespace avx2 {
 
 constexpr bool kUnsignedMin = true;
+constexpr bool kHalfInHardware = true;  // vcvtph2ps
 constexpr int kLanes = 8;
 
 #include "simd_kernel.h"

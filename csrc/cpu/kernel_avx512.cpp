@@ -36,6 +36,7 @@ namespace cpu {
 namespace avx512 {
 
 constexpr bool kUnsignedMin = true;
+constexpr bool kHalfInHardware = true;  // vcvtph2ps
 constexpr int kLanes = 16;
 
 #include "simd_kernel.h"

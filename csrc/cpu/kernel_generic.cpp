@@ -37,6 +37,7 @@ constexpr bool kUnsignedMin = false;  // the SSE2 one_bit below relies on the si
 #else
 constexpr bool kUnsignedMin = true;  // NEON, VSX: a vector unsigned min
 #endif
+constexpr bool kHalfInHardware = false;  // half_to_float below is integer arithmetic
 constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
 
 #include "simd_kernel.h"

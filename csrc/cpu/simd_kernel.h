@@ -48,7 +48,8 @@
 // ops in two, both ISAs then run at about the same speed.
 
 // The includer defines kUnsignedMin, whether the ISA has a vector unsigned
-// min (SSE4.1 and later; not SSE2), and kLanes, the float32 lanes of its registers (8 for AVX2,
+// min (SSE4.1 and later; not SSE2), kHalfInHardware, whether half_to_float is
+// one instruction (F16C) rather than integer arithmetic, and kLanes, the float32 lanes of its registers (8 for AVX2,
 // 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
 // machine register: wider vectors than the ISA has are lowered lane by lane
 // through the stack.
@@ -240,18 +241,45 @@ struct FromHalf {
   static float scalar(uint16_t x) { return static_cast<float>(c10::Half(x, c10::Half::from_bits())); }
 };
 
-// float8 through a table of its 256 values (built by baseline code,
-// dispatch.cpp); then the float16 path: its subnormals are counted by the fast
-// pass, as float16's are.
-template <const float* (*kTable)()>
+// float8 to float32 exactly, then the float16 path (float8 subnormals are
+// counted by the fast pass, as float16's are). With a hardware half_to_float,
+// through float16, by bits: an e5m2 byte is the high byte of the float16 of
+// the same value. An e4m3fn byte moved into float16's fields (exponent bias 15
+// instead of 7) is its value times 2^-8, subnormals included, so the float32
+// is multiplied by 2^8: exact, and never with a subnormal operand or result,
+// so flush-to-zero cannot change it. Its NaN (S.1111.111; e4m3fn has no Inf)
+// is made a float16 NaN first. Without one (the generic kernel), where that
+// integer arithmetic took twice the time of a lookup (benchmarks/RESULTS.md),
+// and for scalar() (chunk tails): the tables of the 256 values
+// (float8_tables.cpp).
+template <bool kE4M3>
 struct FromFloat8 {
   using type = uint8_t;
   static constexpr bool kDirect = false;
+  static const float* table() { return kE4M3 ? float8_e4m3fn_table() : float8_e5m2_table(); }
   static void to_buf(const uint8_t* p, int n, float* buf) {
-    const float* t = kTable();
-    for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
+    typedef uint8_t vb __attribute__((vector_size(kLanes)));
+    if constexpr (!kHalfInHardware) {
+      const float* t = table();
+      for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
+    } else {
+      for (int i = 0; i < n; i += kLanes) {
+        vb b;
+        std::memcpy(&b, p + i, sizeof b);
+        vh h = __builtin_convertvector(b, vh);
+        vf w;
+        if constexpr (kE4M3) {
+          const vh em = h & 0x7f;
+          h = em == 0x7f ? vh{} + 0x7e00 : (h & 0x80) << 8 | em << 7;
+          w = half_to_float(h) * 256.0f;
+        } else {
+          w = half_to_float(h << 8);
+        }
+        std::memcpy(buf + i, &w, sizeof w);
+      }
+    }
   }
-  static float scalar(uint8_t x) { return kTable()[x]; }
+  static float scalar(uint8_t x) { return table()[x]; }
 };
 
 // Pass 1 over nv > 0 vectors. kCareful=false is the fast pass: it assumes
@@ -715,10 +743,10 @@ Acc chunk_f16(const c10::Half* p, int64_t n, const Limits<float>& lim, HistOut* 
   return chunk<FromHalf>(reinterpret_cast<const uint16_t*>(p), n, lim, h);
 }
 Acc chunk_f8e4m3(const c10::Float8_e4m3fn* p, int64_t n, const Limits<float>& lim, HistOut* h) {
-  return chunk<FromFloat8<&float8_e4m3fn_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
+  return chunk<FromFloat8<true>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
 }
 Acc chunk_f8e5m2(const c10::Float8_e5m2* p, int64_t n, const Limits<float>& lim, HistOut* h) {
-  return chunk<FromFloat8<&float8_e5m2_table>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
+  return chunk<FromFloat8<false>>(reinterpret_cast<const uint8_t*>(p), n, lim, h);
 }
 
 // ---- float64 ------------------------------------------------------------------
