@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import torchhealth
 from torchhealth import cli
 from torchhealth.sinks import JsonlSink
 
@@ -175,6 +176,17 @@ def test_progress_bar_off_a_terminal_writes_one_final_line(use_tqdm):
 
 
 # -- bench --------------------------------------------------------------------------------------------
+def replace_bench(monkeypatch, module) -> None:
+    """Makes `from . import bench` in the CLI give `module` (None: fail), whether
+    or not an earlier test imported the real one (which sets the package's
+    attribute, read before sys.modules)."""
+    monkeypatch.setitem(sys.modules, "torchhealth.bench", module)
+    if module is None:
+        monkeypatch.delattr(torchhealth, "bench", raising=False)
+    else:
+        monkeypatch.setattr(torchhealth, "bench", module, raising=False)
+
+
 def test_bench_passes_its_arguments_on(monkeypatch):
     seen = []
 
@@ -182,7 +194,7 @@ def test_bench_passes_its_arguments_on(monkeypatch):
         seen.append((argv, prog))
         progress(1, 2, "a method")
         return 3
-    monkeypatch.setitem(sys.modules, "torchhealth.bench", types.SimpleNamespace(main=main))
+    replace_bench(monkeypatch, types.SimpleNamespace(main=main))
     assert cli.main(["bench", "--quick", "-n", "5"]) == 3
     assert seen == [(["--quick", "-n", "5"], "torchhealth bench")]
 
@@ -204,7 +216,7 @@ def test_bench_quick_prints_the_comparison_table_and_its_noise_caveat():
 
 
 def test_bench_missing_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torchhealth.bench", None)
+    replace_bench(monkeypatch, None)
     assert cli.main(["bench"]) == 1
     assert one_line_error(capsys).startswith("torchhealth bench: the benchmark is not available")
 
