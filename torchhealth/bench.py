@@ -68,11 +68,11 @@ def _as_views(name: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
     g = torch.Generator().manual_seed(seed)
     tensors, off = [], 0
     for i, (shape, n) in enumerate(zip(shapes, sizes)):
-        t = flat[off:off + n].view(shape)
+        t, scale = flat[off:off + n].view(shape), scales[i % len(scales)]
         if _is_float8(dtype):  # torch draws no float8: drawn in float32 and rounded
-            t.copy_(torch.empty(shape).normal_(0.0, scales[i % len(scales)], generator=g))
+            t.copy_(torch.empty(shape).normal_(0.0, scale, generator=g))
         else:
-            t.normal_(0.0, scales[i % len(scales)], generator=g)
+            t.normal_(0.0, scale, generator=g)
         tensors.append(t)
         off += n
     return Model(name, flat, tensors)

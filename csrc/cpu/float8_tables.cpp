@@ -1,6 +1,6 @@
 // The 256 float32 values of each float8 format, built once from stats.h's
 // decoders. Kept apart from dispatch.cpp, which needs libtorch, so that
-// tests/generic_kernel_check.cpp builds the kernels without it.
+// tests/kernel_check.cpp builds the kernels without it.
 #include <array>
 #include <cstdint>
 

@@ -49,8 +49,9 @@
 
 // The includer defines kUnsignedMin, whether the ISA has a vector unsigned
 // min (SSE4.1 and later; not SSE2), kHalfInHardware, whether half_to_float is
-// one instruction (F16C) rather than integer arithmetic, and kLanes, the float32 lanes of its registers (8 for AVX2,
-// 16 for AVX-512; 4 for the generic kernel), so that every GCC vector is one
+// one instruction (F16C) rather than integer arithmetic, and kLanes, the
+// float32 lanes of its registers (8 for AVX2, 16 for AVX-512; 4 for the
+// generic kernel), so that every GCC vector is one
 // machine register: wider vectors than the ISA has are lowered lane by lane
 // through the stack.
 // Registers per block: <= 255, so that a lane's count fits the 8 bit-planes of
@@ -258,11 +259,11 @@ struct FromFloat8 {
   static constexpr bool kDirect = false;
   static const float* table() { return kE4M3 ? float8_e4m3fn_table() : float8_e5m2_table(); }
   static void to_buf(const uint8_t* p, int n, float* buf) {
-    typedef uint8_t vb __attribute__((vector_size(kLanes)));
     if constexpr (!kHalfInHardware) {
       const float* t = table();
       for (int i = 0; i < n; ++i) buf[i] = t[p[i]];
     } else {
+      typedef uint8_t vb __attribute__((vector_size(kLanes)));
       for (int i = 0; i < n; i += kLanes) {
         vb b;
         std::memcpy(&b, p + i, sizeof b);
