@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import torchhealth
 from torchhealth import reference
+from torchhealth._ops import tensor_stats_in_hooks
 from torchhealth import stats as S
 from torchhealth.stats import TensorStats
 
@@ -283,11 +284,17 @@ def test_without_histogram_has_no_hist():
     (torch.empty(3, device="meta"), ValueError, ["tensors[1]", "meta"]),
     ([1.0, 2.0], TypeError, ["tensors[1]", "list", "not a tensor"]),
 ])
+@pytest.mark.parametrize("call", ["tensor_stats", "tensor_stats_in_hooks"])
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
-def test_bad_tensor_is_named(bad, exc, words):
+def test_bad_tensor_is_named(bad, exc, words, call):
+    # tensor_stats_in_hooks (watch's reads) calls the op without tensor_stats's
+    # checks first: what the op refuses or cannot name goes through them after.
     bad = bad() if callable(bad) else bad
     with pytest.raises(exc) as e:
-        torchhealth.tensor_stats([torch.ones(2), bad])
+        if call == "tensor_stats":
+            torchhealth.tensor_stats([torch.ones(2), bad])
+        else:
+            tensor_stats_in_hooks([torch.ones(2), bad], True)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
@@ -307,6 +314,28 @@ def test_bad_options():
         torchhealth.tensor_stats([torch.ones(2)], saturation="1")
     with pytest.raises(TypeError, match="histogram"):
         torchhealth.tensor_stats([torch.ones(2)], histogram=1)
+
+
+@pytest.mark.parametrize("histogram, saturation", [(False, None), (True, None), (True, 1 - 2 ** -10)])
+def test_reads_from_hooks_give_the_rows_of_tensor_stats(histogram, saturation):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 48, generator=g) * 300
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-41])
+    tensors = [x, x.t(), x[:, ::3], x.to(torch.bfloat16), x.half(), x.double()[1:], torch.tanh(x),
+               torch.zeros(0), torch.tensor(2.5)]
+    want = torchhealth.tensor_stats(tensors, histogram=histogram, saturation=saturation).data
+    got = tensor_stats_in_hooks(tensors, histogram, saturation).data
+    assert torch.equal(got, want)
+
+
+def test_a_tensor_subclass_read_from_hooks_gives_the_rows_of_tensor_stats():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(100).as_subclass(Tagged)
+    assert torch.equal(tensor_stats_in_hooks([torch.ones(3), x], False).data,
+                       torchhealth.tensor_stats([torch.ones(3), x.as_subclass(torch.Tensor)],
+                                                histogram=False).data)
 
 
 def test_op_itself_checks_its_inputs():

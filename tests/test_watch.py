@@ -157,8 +157,8 @@ def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(mon
     model = _mlp(nn.ReLU())
     opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)
     calls = []
-    stats = activations.tensor_stats
-    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: calls.append(len(t)) or stats(t, **k))
+    stats = activations.tensor_stats_in_hooks
+    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: calls.append(len(t)) or stats(t, *a))
     reports = []
     opt.monitor.on_report(reports.append)
     with th.watch(model, monitor=opt):
@@ -337,8 +337,8 @@ def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, h
     for m in list(model.modules())[1:]:
         m.register_forward_hook(capture)
     reads = []
-    stats = activations.tensor_stats
-    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    stats = activations.tensor_stats_in_hooks
+    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: reads.append(t) or stats(t, *a))
     w = th.watch(model, thresholds=th.Thresholds(), check_every=1)
     w.options = dataclasses.replace(w.options, histogram=histogram)
     x = _x()
@@ -370,14 +370,14 @@ def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_row
     def passes(read_bytes):
         monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
         calls = []
-        stats = activations.tensor_stats
-        monkeypatch.setattr(activations, "tensor_stats",
-                            lambda t, **k: calls.append(len(t)) or stats(t, **k))
+        stats = activations.tensor_stats_in_hooks
+        monkeypatch.setattr(activations, "tensor_stats_in_hooks",
+                            lambda t, *a: calls.append(len(t)) or stats(t, *a))
         w = th.watch(model)
         model(_x()).pow(2).mean().backward()
         out = w.take(0)
         w.remove()
-        monkeypatch.setattr(activations, "tensor_stats", stats)
+        monkeypatch.setattr(activations, "tensor_stats_in_hooks", stats)
         return out, calls
 
     whole, calls = passes(1 << 30)

@@ -15,8 +15,8 @@ def _reads(monkeypatch, model, x, read_bytes):
     """(the lists of tensors passed to tensor_stats, the passes) of one watched step."""
     monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
     reads = []
-    stats = activations.tensor_stats
-    monkeypatch.setattr(activations, "tensor_stats", lambda t, **k: reads.append(t) or stats(t, **k))
+    stats = activations.tensor_stats_in_hooks
+    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: reads.append(t) or stats(t, *a))
     w = th.watch(model)
     out = model(x)
     if isinstance(out, tuple):  # (loss, logits), as a Hugging Face model returns
@@ -25,7 +25,7 @@ def _reads(monkeypatch, model, x, read_bytes):
         out.pow(2).mean().backward()
     passes = w.take(0)
     w.remove()
-    monkeypatch.setattr(activations, "tensor_stats", stats)
+    monkeypatch.setattr(activations, "tensor_stats_in_hooks", stats)
     return reads, passes
 
 

@@ -149,3 +149,28 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
         return TensorStats(_op(tensors, histogram, saturation))
     _name_the_bad_tensor(tensors, torch.compiler.is_compiling())  # the reference would not name it
     return TensorStats(reference.tensor_stats(tensors, histogram, saturation))
+
+
+_OP = torch.ops.torchhealth.tensor_stats.default if _BACKEND.name == "extension" else None
+
+
+def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
+                          saturation: float | None = None) -> TensorStats:
+    """`tensor_stats` for callers that read activations many times a step from
+    hooks (`torchhealth.watch`): ``tensors`` a list of plain tensors that the
+    caller made, ``histogram`` a bool, ``saturation`` a float or None. The
+    extension's op is called directly: the checks of `tensor_stats` above cost,
+    between a model's own operations (with the interpreter's caches cold), about
+    what the op itself costs on a few megabytes (benchmarks/RESULTS.md, issue 9).
+    A list the op cannot read as it is (a DTensor or other subclass, a sparse or
+    meta tensor, a dtype or device it refuses) goes through `tensor_stats`, which
+    names what is wrong or reads it."""
+    if _OP is not None and all(type(t) is torch.Tensor for t in tensors):
+        try:
+            data = _OP(tensors, histogram, saturation)
+        except (NotImplementedError, RuntimeError):
+            data = None  # tensor_stats below raises the same refusal, naming the tensor
+        if data is not None and not data.is_meta:
+            return TensorStats(data)
+    return tensor_stats(tensors, histogram=histogram, saturation=saturation)
+

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ops import SUPPORTED_DTYPES, tensor_stats
+from ._ops import SUPPORTED_DTYPES, tensor_stats_in_hooks
 from .report import Finding, Row, rows_from_stats
 from .stats import BINS_PER_SIGN, COLS, EXP_MIN, SATURATED, TensorStats
 
@@ -185,9 +185,9 @@ class PendingPass:
         self.rows += [position[i] if i >= 0 else -1 - i for i in index]
         self.read += len(unique)
         if plain:  # no values near an asymptote to count (None: zeros, made only if needed)
-            self.parts.append((tensor_stats([unique[i] for i in plain], histogram=self.histogram), None, None))
+            self.parts.append((tensor_stats_in_hooks([unique[i] for i in plain], self.histogram), None, None))
         if sat:
-            stats = tensor_stats([unique[i] for i in sat], histogram=True, saturation=1 - EPS)
+            stats = tensor_stats_in_hooks([unique[i] for i in sat], True, 1 - EPS)
             self.parts.append((bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)))
 
     def finish(self, name: str) -> PassStats | None:
