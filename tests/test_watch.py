@@ -158,7 +158,8 @@ def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(mon
     opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)
     calls = []
     stats = activations.tensor_stats_in_hooks
-    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: calls.append(len(t)) or stats(t, *a))
+    monkeypatch.setattr(activations, "tensor_stats_in_hooks",
+                        lambda t, *a: calls.append(len(t)) or stats(t, *a))
     reports = []
     opt.monitor.on_report(reports.append)
     with th.watch(model, monitor=opt):
