@@ -1,5 +1,7 @@
-"""`tensor_stats`: the one entry point to the kernels, with the backend chosen
-once at import (the compiled extension, or the pure-PyTorch reference)."""
+"""`tensor_stats`: the entry point to the kernels, with the backend chosen once
+at import (the compiled extension, or the pure-PyTorch reference); and
+`tensor_stats_in_hooks`, the same for `torchhealth.watch`'s reads, which skips
+the checks in Python where the op's own suffice."""
 from __future__ import annotations
 
 import numbers
