@@ -153,26 +153,17 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
     return TensorStats(reference.tensor_stats(tensors, histogram, saturation))
 
 
-_OP = torch.ops.torchhealth.tensor_stats.default if _BACKEND.name == "extension" else None
-
-
 def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
                           saturation: float | None = None) -> TensorStats:
     """`tensor_stats` for callers that read activations many times a step from
     hooks (`torchhealth.watch`): ``tensors`` a list of plain tensors that the
     caller made, ``histogram`` a bool, ``saturation`` a float or None. The
-    extension's op is called directly: between a model's own operations (the
-    interpreter's caches cold) the Python checks of `tensor_stats` cost ~80 us a
-    call, ~8 us in a loop (benchmarks/RESULTS.md, issue 9). The op checks dtypes,
-    devices and the saturation value itself, naming the tensor; a list it cannot
-    read as it is (a DTensor or other tensor subclass, a sparse, quantized or meta
-    tensor) goes through `tensor_stats`, which reads it or names what is wrong."""
-    if _OP is not None and all(type(t) is torch.Tensor for t in tensors):
-        try:
-            data = _OP(tensors, histogram, saturation)
-        except (NotImplementedError, RuntimeError):
-            data = None  # tensor_stats below raises the same refusal, naming the tensor
-        if data is not None and not data.is_meta:
-            return TensorStats(data)
+    extension's op is called through `_op` alone: between a model's own
+    operations (the interpreter's caches cold) the Python checks of
+    `tensor_stats` cost ~80 us a call, ~8 us in a loop (benchmarks/RESULTS.md,
+    issue 9). The op checks dtypes, devices and the saturation value itself, and
+    `_op` names a sparse, quantized or meta tensor it refuses; a list holding a
+    tensor subclass (a DTensor) goes through `tensor_stats`."""
+    if _BACKEND.name == "extension" and tensors and all(type(t) is torch.Tensor for t in tensors):
+        return TensorStats(_op(tensors, histogram, saturation))
     return tensor_stats(tensors, histogram=histogram, saturation=saturation)
-
