@@ -100,7 +100,7 @@ def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None) 
     """The extension's op; a tensor it cannot read is named once it refuses."""
     tracing = torch.compiler.is_compiling()
     try:
-        data = torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation)
+        data = torch.ops.torchhealth.tensor_stats.default(tensors, histogram, saturation)
     except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
         _name_the_bad_tensor(tensors, tracing)
         raise

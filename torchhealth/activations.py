@@ -29,7 +29,7 @@ import torch
 
 from ._ops import SUPPORTED_DTYPES, tensor_stats_in_hooks
 from .report import Finding, Row, rows_from_stats
-from .stats import BINS_PER_SIGN, COLS, EXP_MIN, SATURATED, TensorStats
+from .stats import BINS_PER_SIGN, COLS, EXP_MIN, NAN, NEGINF, SATURATED, TensorStats
 
 EPS_EXP = -10
 EPS = math.ldexp(1.0, EPS_EXP)
@@ -140,8 +140,10 @@ class PendingPass:
         self.earlier: dict[tuple, tuple] = {}
 
     def add(self, name: str, kind: str, t: torch.Tensor) -> None:
-        if self.full and not any(t is u or _key(t) == _key(u) for _, _, u in self.items):
-            self.flush()
+        if self.full:
+            key = _key(t)
+            if not any(t is u or key == _key(u) for _, _, u in self.items):
+                self.flush()
         self.items.append((name, kind, t))
         self.bytes += t.nbytes
         self.full = self.bytes >= (READ_BYTES_CPU if t.is_cpu else READ_BYTES)
@@ -236,9 +238,17 @@ def flagged(p: PassStats, data: torch.Tensor, near: torch.Tensor, max_saturated_
 
 def any_finding(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],
                 max_saturated_fraction: float, max_dead_fraction: float) -> bool:
-    """Whether `activation_findings` of the same passes would find anything."""
-    return any(bool(m.any()) for p, data, near in passes
-               for m in flagged(p, data, near, max_saturated_fraction, max_dead_fraction).values())
+    """Whether `activation_findings` of the same passes would find anything. A
+    monitor asks it on every step: a pass with no NaN/Inf and no module of a
+    checked kind costs one operation."""
+    for p, data, near in passes:
+        if bool(data[:, NAN:NEGINF + 1].any()):
+            return True
+        if p.name == "forward" and any(k != OTHER for k in p.kinds):
+            flags = flagged(p, data, near, max_saturated_fraction, max_dead_fraction)
+            if any(bool(flags[c].any()) for c in CHECKS):
+                return True
+    return False
 
 
 def activation_findings(passes: list[tuple[PassStats, torch.Tensor, torch.Tensor]],

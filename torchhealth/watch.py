@@ -100,18 +100,18 @@ class _Hook:
     model's state, so a copy of the model carries them: ``copy.deepcopy`` (an EMA
     model, say) shares this one, which ignores the copy's modules, and a pickled
     model (``torch.save``) holds a `_Detached` hook in its place. Eager under
-    `torch.compile`: traced, it would be asked for the byte size of a symbolic
-    shape, and its outputs would not exist to be read."""
+    `torch.compile` (see `_eager`)."""
 
-    __slots__ = ("watch", "method", "args")
+    __slots__ = ("watch", "fn", "args")
 
     def __init__(self, watch: Watch, method: str, *args):
-        self.watch, self.method, self.args = watch, method, args
+        self.watch, self.fn, self.args = watch, getattr(watch, method), args
 
-    @torch.compiler.disable
     def __call__(self, module, *rest):
+        if torch.compiler.is_compiling():
+            return _eager(self, module, *rest)
         if module in self.watch._modules:
-            return getattr(self.watch, self.method)(*self.args, module, *rest)
+            return self.fn(*self.args, module, *rest)
         return None
 
     def __deepcopy__(self, memo) -> _Hook:
@@ -119,6 +119,18 @@ class _Hook:
 
     def __reduce__(self):
         return _Detached, ()
+
+
+@torch.compiler.disable
+def _eager(hook, *args):
+    """Runs a watch's hook eagerly where torch.compile would trace it (the
+    compiled graph breaks there): traced, it would be asked for the byte size of
+    a symbolic shape, its outputs would not exist to be read, and compiled
+    autograd cannot trace the engine's queue_callback outside a full graph. The
+    hooks call it only when tracing: `torch.compiler.disable` around every call
+    cost ~4 us of its own each, between a model's operations (benchmarks/RESULTS.md,
+    issue 9)."""
+    return hook(*args)
 
 
 class _Detached:
@@ -175,12 +187,9 @@ class Watch:
         self._last_report: Report | None = None
         names = {m: n for n, m in self._roots[-1].named_modules()}
         self._modules = set(names) | set(self._roots)  # what the hooks act for (see _Hook)
-        # The gradient hooks are eager too (see _Hook): compiled autograd would trace
-        # them, and the engine's queue_callback cannot be traced outside a full graph.
-        # (There the engine runs no queued callback either: a backward pass is then
-        # closed when next needed, see _close_backward.)
-        eager = torch.compiler.disable
-        self._eager_grad, self._eager_grad_output = eager(self._grad), eager(self._grad_output)
+        # The gradient hooks are eager too (`_eager`). (Under compiled autograd the
+        # engine runs no queued callback either: a backward pass is then closed when
+        # next needed, see _close_backward.)
         self._hooks = [model.register_forward_pre_hook(_Hook(self, "_begin"), with_kwargs=True)]
         self._hooks += [m.register_forward_hook(_Hook(self, "_output", names[m], kind_of(m)))
                         for m in self._roots[-1].modules() if m not in self._roots]
@@ -253,7 +262,7 @@ class Watch:
         then never run.)"""
         for label, t in _labelled(name, _tensors(obj) or []):
             if t.grad_fn is not None:
-                t.grad_fn.register_prehook(functools.partial(self._eager_grad_output, t.output_nr, label))
+                t.grad_fn.register_prehook(functools.partial(self._grad_output, t.output_nr, label))
 
     def _end(self, module, inputs, output) -> None:
         if self._recomputing:
@@ -274,15 +283,22 @@ class Watch:
             # into that output even if a later in-place op replaced the tensor's node.
             for node, index, name, leaf in to_hook:
                 if node is None:  # a leaf: its gradient goes to no node of this pass
-                    leaf.register_hook(functools.partial(self._eager_grad, name))
+                    leaf.register_hook(functools.partial(self._grad, name))
                 else:
-                    node.register_prehook(functools.partial(self._eager_grad_output, index, name))
+                    node.register_prehook(functools.partial(self._grad_output, index, name))
 
     def _grad_output(self, index, name, grad_outputs) -> None:
+        if torch.compiler.is_compiling():
+            return _eager(self._grad_output, index, name, grad_outputs)
         if grad_outputs[index] is not None:
-            self._grad(name, grad_outputs[index])
+            self._take_grad(name, grad_outputs[index])
 
     def _grad(self, name, grad) -> None:
+        if torch.compiler.is_compiling():
+            return _eager(self._grad, name, grad)
+        self._take_grad(name, grad)
+
+    def _take_grad(self, name, grad) -> None:
         if self._grads is None:
             at_backward_end(self._backward_end)  # none under compiled autograd: see _close_backward
             step = self._next_step()
