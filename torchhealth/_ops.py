@@ -160,7 +160,7 @@ def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
     caller made, ``histogram`` a bool, ``saturation`` a float or None. The
     extension's op is called through `_op` alone: between a model's own
     operations (the interpreter's caches cold) the Python checks of
-    `tensor_stats` cost ~80 us a call, ~8 us in a loop (benchmarks/RESULTS.md,
+    `tensor_stats` cost many times what they do in a loop (benchmarks/RESULTS.md,
     issue 9). The op checks dtypes, devices and the saturation value itself, and
     `_op` names a sparse, quantized or meta tensor it refuses; a list holding a
     tensor subclass (a DTensor) goes through `tensor_stats`."""

@@ -96,10 +96,10 @@ def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> tor
 # bounds that. On a GPU, large enough that a small model's pass is still one call
 # (and a large model's a few per GPU-sized activation), small next to a training
 # step's memory. On the CPU, smaller: what watch holds there is memory that malloc
-# hands back to the kernel and faults in again on the next step (benchmarks/RESULTS.md,
-# issue 9: 8 MiB batches cost ~15 ms less a step than 64 MiB on a GPT-2 of 3.7M
-# parameters, with the page faults of an unwatched step; the reads themselves are
-# not faster, as the tensors are out of cache either way).
+# hands back to the kernel and faults in again on the next step; and smaller batches
+# are read while still in cache, but each read has a fixed cost of its own (torch's
+# path from Python, run between the model's operations with the caches cold). No
+# budget measured from 1 to 64 MiB did better than 8 (benchmarks/RESULTS.md, issue 9).
 READ_BYTES = 64 << 20
 READ_BYTES_CPU = 8 << 20
 

@@ -15,8 +15,8 @@ until they are read: one `tensor_stats` call at the end of the forward pass
 asymptote) and one when backward finishes (an autograd-engine callback); a pass
 that holds more than `activations.READ_BYTES` (``READ_BYTES_CPU`` on the CPU)
 is read in batches of about that size as it goes. Each distinct tensor is read once. Steps
-that are not due cost one comparison per module (and ~1 us of the
-`torch.compiler.disable` wrapper below). See `torchhealth.activations` for what is checked.
+that are not due cost one comparison per module (and a test of
+`torch.compiler.is_compiling()`). See `torchhealth.activations` for what is checked.
 
 With ``monitor=`` (a `HealthMonitor` or `HealthCheckedOptimizer`), the passes
 of a step join that monitor's check of the same step (its Report and any
@@ -127,9 +127,8 @@ def _eager(hook, *args):
     compiled graph breaks there): traced, it would be asked for the byte size of
     a symbolic shape, its outputs would not exist to be read, and compiled
     autograd cannot trace the engine's queue_callback outside a full graph. The
-    hooks call it only when tracing: `torch.compiler.disable` around every call
-    cost ~4 us of its own each, between a model's operations (benchmarks/RESULTS.md,
-    issue 9)."""
+    hooks call it only when tracing, as the wrapper of `torch.compiler.disable`
+    has a cost of its own on every call (benchmarks/RESULTS.md, issue 9)."""
     return hook(*args)
 
 

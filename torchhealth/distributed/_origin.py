@@ -182,7 +182,7 @@ def _surely_finite(flat: torch.Tensor) -> bool:
     test). `torch.sum` reads a buffer 2-3x faster than the fused statistics, and
     healthy steps are nearly all steps. False elsewhere: on an accelerator,
     reading the sum would be a host sync. The sum is read as a Python number:
-    `torch.isfinite` of a 0-d tensor is several ops (0.1 ms in a DDP step)."""
+    `torch.isfinite` of a 0-d tensor is several ops."""
     return flat.device.type == "cpu" and math.isfinite(flat.sum().item())
 
 
