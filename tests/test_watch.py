@@ -1,6 +1,7 @@
 """torchhealth.watch (issue 9): where a non-finite value was born, saturation,
 dead units, and no finding on a healthy model."""
 import dataclasses
+import sys
 import warnings
 
 import pytest
@@ -515,6 +516,23 @@ def test_a_compiled_model_gives_the_rows_and_origin_of_the_eager_one(how):
             assert rc.l2norm == pytest.approx(re_.l2norm, rel=1e-5, abs=1e-12), rc.name
     assert _origin(compiled[2]) == _origin(eager[2]) == ("0", "forward")
     assert not compiled[1].findings
+
+
+def test_hooks_go_through_the_disabled_wrapper_only_when_traced(monkeypatch):
+    """Eager hooks call their method directly; under torch.compile (and only
+    there) every hook runs through `watch._eager`, torch.compiler.disable's wrapper."""
+    watch_module = sys.modules[th.watch.__module__]
+    calls = []
+    eager = watch_module._eager
+    monkeypatch.setattr(watch_module, "_eager", lambda hook, *a: calls.append(hook) or eager(hook, *a))
+    model = _mlp(nn.ReLU())
+    with th.watch(model) as w:
+        model(_x()).pow(2).mean().backward()
+        assert calls == [] and w._grads is None
+        torch._dynamo.reset()
+        torch.compile(model, backend="eager")(_x()).pow(2).mean().backward()
+    torch._dynamo.reset()
+    assert len(calls) >= 3  # the pre-hook, each module's hook, the model's end hook
 
 
 class _Residual(nn.Module):
