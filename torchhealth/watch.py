@@ -292,10 +292,8 @@ class Watch:
         if grad_outputs[index] is not None:
             self._take_grad(name, grad_outputs[index])
 
-    def _grad(self, name, grad) -> None:
-        if torch.compiler.is_compiling():
-            return _eager(self._grad, name, grad)
-        self._take_grad(name, grad)
+    def _grad(self, name, grad) -> None:  # a leaf's tensor hook: one gradient, not a tuple
+        self._grad_output(0, name, (grad,))
 
     def _take_grad(self, name, grad) -> None:
         if self._grads is None:
