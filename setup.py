@@ -55,7 +55,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     # setuptools wants source paths relative to the project root.
-    sources = (["csrc/torchhealth.cpp", "csrc/plan.cpp"]
+    sources = (sorted(glob.glob("csrc/*.cpp", root_dir=ROOT))
                + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)))
     kwargs = dict(
         name="torchhealth._C",

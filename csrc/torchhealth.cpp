@@ -1,17 +1,6 @@
 // Operator schemas, declared once; each backend registers its kernel in its own
-// file under cpu/ and cuda/.
-#include <Python.h>
+// file under cpu/ and cuda/ (the Python module is python_call.cpp).
 #include <torch/library.h>
-
-extern "C" {
-// Importing torchhealth._C loads this library, which registers the ops.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(torchhealth, m) {
   // Returns int64 [len(tensors), cols]: one row of statistics per tensor, laid

@@ -25,7 +25,7 @@ for p in include_paths() + [sysconfig.get_paths()["include"]]:
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 status=0
-for src in csrc/torchhealth.cpp csrc/plan.cpp csrc/cpu/*.cpp; do
+for src in csrc/*.cpp csrc/cpu/*.cpp; do
   # The flags of setup.py, plus -Werror, with torch's headers as system headers
   # (their own warnings are not ours to fix).
   if ! "$CXX_CROSS" -std=c++20 -O3 -fopenmp -fPIC -Wall -Wextra -Wno-unused-parameter -Werror \

@@ -344,6 +344,42 @@ def test_a_tensor_subclass_read_from_hooks_goes_through_tensor_stats(monkeypatch
     assert checked == [2] and torch.equal(plain.data, tagged.data)
 
 
+@pytest.mark.skipif(torchhealth.backend().name != "extension", reason="needs the compiled extension")
+def test_direct_call_gives_the_rows_of_the_op_or_declines():
+    # _C._tensor_stats, the hooks' way to the op (csrc/python_call.cpp): the op's
+    # rows for a list of plain tensors, and None, without reading anything, for
+    # whatever it leaves to torch.ops (an empty list, a tensor subclass, a tuple,
+    # arguments of other types).
+    from torchhealth import _C
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(40, 30) * 1e3
+    x[3, :4] = torch.tensor([float("nan"), float("inf"), 0.0, 1e-42])
+    tensors = [x, x.t(), x.half(), torch.nn.Parameter(x[::2, 1:]), torch.zeros(0)]
+    for histogram, saturation in [(True, None), (False, None), (True, 0.75), (False, 3.0)]:
+        want = torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation)
+        assert torch.equal(_C._tensor_stats(tensors, histogram, saturation), want)
+    for args in [([], True, None), ([x, x.as_subclass(Tagged)], True, None), ((x,), True, None),
+                 ([x], 1, None), ([x], True, 1), ([x], True, "1"), ([x], True)]:
+        assert _C._tensor_stats(*args) is None, args
+
+
+@pytest.mark.skipif(torchhealth.backend().name != "extension", reason="needs the compiled extension")
+def test_reads_from_hooks_of_plain_tensors_skip_torch_ops(monkeypatch):
+    import torchhealth._ops as ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a read of plain tensors went through torch.ops")
+
+    tensors = [torch.ones(3), torch.randn(9)]
+    want = torchhealth.tensor_stats(tensors).data
+    monkeypatch.setattr(ops, "tensor_stats", refuse)
+    monkeypatch.setattr(ops, "_op", refuse)
+    assert torch.equal(tensor_stats_in_hooks(tensors, True).data, want)
+
+
 def test_op_itself_checks_its_inputs():
     with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int32"):
         torch.ops.torchhealth.tensor_stats([torch.ones(2), torch.ones(2, dtype=torch.int32)])

@@ -156,14 +156,35 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
 def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
                           saturation: float | None = None) -> TensorStats:
     """`tensor_stats` for callers that read activations many times a step from
-    hooks (`torchhealth.watch`): ``tensors`` a list of plain tensors that the
-    caller made, ``histogram`` a bool, ``saturation`` a float or None. The
-    extension's op is called through `_op` alone: between a model's own
-    operations (the interpreter's caches cold) the Python checks of
-    `tensor_stats` cost many times what they do in a loop (benchmarks/RESULTS.md,
-    issue 9). The op checks dtypes, devices and the saturation value itself, and
-    `_op` names a sparse, quantized or meta tensor it refuses; a list holding a
-    tensor subclass (a DTensor) goes through `tensor_stats`."""
-    if _BACKEND.name == "extension" and tensors and all(type(t) is torch.Tensor for t in tensors):
-        return TensorStats(_op(tensors, histogram, saturation))
+    hooks (`torchhealth.watch`): ``tensors`` a list of tensors that the caller
+    made, ``histogram`` a bool, ``saturation`` a float or None. Between a model's
+    own operations (the interpreter's caches cold) the Python checks of
+    `tensor_stats` and the generic path of ``torch.ops`` cost many times the op's
+    own work on a small batch (benchmarks/RESULTS.md, issue 9), so a list of
+    plain tensors goes to the op through ``_C._tensor_stats``
+    (csrc/python_call.cpp), which checks nothing itself: the op checks dtypes,
+    devices and the saturation value, and a sparse, quantized or meta tensor it
+    refuses is named here as `_op` names it. Anything else (a tensor subclass
+    such as a DTensor, the reference backend) goes through `tensor_stats`."""
+    if _FAST is not None:
+        try:
+            data = _FAST(tensors, histogram, saturation)
+        except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
+            _name_the_bad_tensor(tensors, False)
+            raise
+        if data is not None:
+            if data.is_meta:
+                _name_the_bad_tensor(tensors, False)
+            return TensorStats(data)
     return tensor_stats(tensors, histogram=histogram, saturation=saturation)
+
+
+def _direct_call():
+    """``_C._tensor_stats``, or None when the extension is not built."""
+    if _BACKEND.name != "extension":
+        return None
+    from . import _C
+    return _C._tensor_stats
+
+
+_FAST = _direct_call()
