@@ -368,6 +368,8 @@ def test_direct_call_gives_the_rows_of_the_op_or_declines():
 
 @pytest.mark.skipif(torchhealth.backend().name != "extension", reason="needs the compiled extension")
 def test_reads_from_hooks_of_plain_tensors_skip_torch_ops(monkeypatch):
+    import types
+
     import torchhealth._ops as ops
 
     def refuse(*args, **kwargs):
@@ -376,7 +378,9 @@ def test_reads_from_hooks_of_plain_tensors_skip_torch_ops(monkeypatch):
     tensors = [torch.ones(3), torch.randn(9)]
     want = torchhealth.tensor_stats(tensors).data
     monkeypatch.setattr(ops, "tensor_stats", refuse)
-    monkeypatch.setattr(ops, "_op", refuse)
+    monkeypatch.setattr(torch.ops.torchhealth, "tensor_stats", types.SimpleNamespace(default=refuse))
+    with pytest.raises(AssertionError, match="torch.ops"):  # what the patch catches
+        ops._op(tensors, True, None)
     assert torch.equal(tensor_stats_in_hooks(tensors, True).data, want)
 
 

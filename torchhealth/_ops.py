@@ -96,15 +96,17 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
     return list(tensors), saturation
 
 
-def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None) -> torch.Tensor:
-    """The extension's op; a tensor it cannot read is named once it refuses."""
+def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None,
+        call=None) -> torch.Tensor | None:
+    """The extension's op (through ``call``, by default ``torch.ops``); a tensor it
+    cannot read is named once it refuses."""
     tracing = torch.compiler.is_compiling()
     try:
-        data = torch.ops.torchhealth.tensor_stats.default(tensors, histogram, saturation)
+        data = (call or torch.ops.torchhealth.tensor_stats.default)(tensors, histogram, saturation)
     except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
         _name_the_bad_tensor(tensors, tracing)
         raise
-    if data.is_meta and not tracing:
+    if data is not None and data.is_meta and not tracing:
         _name_the_bad_tensor(tensors, tracing)
     return data
 
@@ -163,19 +165,11 @@ def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
     own work on a small batch (benchmarks/RESULTS.md, issue 9), so a list of
     plain tensors goes to the op through ``_C._tensor_stats``
     (csrc/python_call.cpp), which checks nothing itself: the op checks dtypes,
-    devices and the saturation value, and a sparse, quantized or meta tensor it
-    refuses is named here as `_op` names it. Anything else (a tensor subclass
-    such as a DTensor, the reference backend) goes through `tensor_stats`."""
-    if _FAST is not None:
-        try:
-            data = _FAST(tensors, histogram, saturation)
-        except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
-            _name_the_bad_tensor(tensors, False)
-            raise
-        if data is not None:
-            if data.is_meta:
-                _name_the_bad_tensor(tensors, False)
-            return TensorStats(data)
+    devices and the saturation value, and `_op` names a sparse, quantized or
+    meta tensor it refuses. Anything else (a tensor subclass such as a DTensor,
+    the reference backend) goes through `tensor_stats`."""
+    if _FAST is not None and (data := _op(tensors, histogram, saturation, _FAST)) is not None:
+        return TensorStats(data)
     return tensor_stats(tensors, histogram=histogram, saturation=saturation)
 
 

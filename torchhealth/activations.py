@@ -97,8 +97,8 @@ def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> tor
 # (and a large model's a few per GPU-sized activation), small next to a training
 # step's memory. On the CPU, smaller: what watch holds there is memory that malloc
 # hands back to the kernel and faults in again on the next step; and smaller batches
-# are read while still in cache, but each read has a fixed cost of its own (torch's
-# path from Python, run between the model's operations with the caches cold). No
+# are read while still in cache, but each read has a fixed cost of its own (the
+# call from Python, run between the model's operations with the caches cold). No
 # budget measured from 1 to 64 MiB did better than 8 (benchmarks/RESULTS.md, issue 9).
 READ_BYTES = 64 << 20
 READ_BYTES_CPU = 8 << 20
