@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import torchhealth
 from torchhealth import reference
-from torchhealth._ops import tensor_stats_in_hooks
 from torchhealth import stats as S
 from torchhealth.stats import TensorStats
 
@@ -284,17 +283,11 @@ def test_without_histogram_has_no_hist():
     (torch.empty(3, device="meta"), ValueError, ["tensors[1]", "meta"]),
     ([1.0, 2.0], TypeError, ["tensors[1]", "list", "not a tensor"]),
 ])
-@pytest.mark.parametrize("call", ["tensor_stats", "tensor_stats_in_hooks"])
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
-def test_bad_tensor_is_named(bad, exc, words, call):
-    # tensor_stats_in_hooks (watch's reads) calls the op without tensor_stats's
-    # checks first: what the op refuses or cannot name goes through them after.
+def test_bad_tensor_is_named(bad, exc, words):
     bad = bad() if callable(bad) else bad
     with pytest.raises(exc) as e:
-        if call == "tensor_stats":
-            torchhealth.tensor_stats([torch.ones(2), bad])
-        else:
-            tensor_stats_in_hooks([torch.ones(2), bad], True)
+        torchhealth.tensor_stats([torch.ones(2), bad])
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
@@ -314,74 +307,6 @@ def test_bad_options():
         torchhealth.tensor_stats([torch.ones(2)], saturation="1")
     with pytest.raises(TypeError, match="histogram"):
         torchhealth.tensor_stats([torch.ones(2)], histogram=1)
-
-
-@pytest.mark.parametrize("histogram, saturation", [(False, None), (True, None), (True, 1 - 2 ** -10)])
-def test_reads_from_hooks_give_the_rows_of_tensor_stats(histogram, saturation):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(64, 48, generator=g) * 300
-    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-41])
-    tensors = [x, x.t(), x[:, ::3], x.to(torch.bfloat16), x.half(), x.double()[1:], torch.tanh(x),
-               torch.zeros(0), torch.tensor(2.5)]
-    want = torchhealth.tensor_stats(tensors, histogram=histogram, saturation=saturation).data
-    got = tensor_stats_in_hooks(tensors, histogram, saturation).data
-    assert torch.equal(got, want)
-
-
-def test_a_tensor_subclass_read_from_hooks_goes_through_tensor_stats(monkeypatch):
-    # A DTensor is such a subclass: tensor_stats gives the rows of the global tensors.
-    import torchhealth._ops as ops
-
-    class Tagged(torch.Tensor):
-        pass
-
-    checked = []
-    real = ops.tensor_stats
-    monkeypatch.setattr(ops, "tensor_stats", lambda ts, **k: checked.append(len(ts)) or real(ts, **k))
-    x = torch.randn(100)
-    plain = tensor_stats_in_hooks([torch.ones(3), x], False)
-    tagged = tensor_stats_in_hooks([torch.ones(3), x.as_subclass(Tagged)], False)
-    assert checked == [2] and torch.equal(plain.data, tagged.data)
-
-
-@pytest.mark.skipif(torchhealth.backend().name != "extension", reason="needs the compiled extension")
-def test_direct_call_gives_the_rows_of_the_op_or_declines():
-    # _C._tensor_stats, the hooks' way to the op (csrc/python_call.cpp): the op's
-    # rows for a list of plain tensors, and None, without reading anything, for
-    # whatever it leaves to torch.ops (an empty list, a tensor subclass, a tuple,
-    # arguments of other types).
-    from torchhealth import _C
-
-    class Tagged(torch.Tensor):
-        pass
-
-    x = torch.randn(40, 30) * 1e3
-    x[3, :4] = torch.tensor([float("nan"), float("inf"), 0.0, 1e-42])
-    tensors = [x, x.t(), x.half(), torch.nn.Parameter(x[::2, 1:]), torch.zeros(0)]
-    for histogram, saturation in [(True, None), (False, None), (True, 0.75), (False, 3.0)]:
-        want = torch.ops.torchhealth.tensor_stats(tensors, histogram, saturation)
-        assert torch.equal(_C._tensor_stats(tensors, histogram, saturation), want)
-    for args in [([], True, None), ([x, x.as_subclass(Tagged)], True, None), ((x,), True, None),
-                 ([x], 1, None), ([x], True, 1), ([x], True, "1"), ([x], True)]:
-        assert _C._tensor_stats(*args) is None, args
-
-
-@pytest.mark.skipif(torchhealth.backend().name != "extension", reason="needs the compiled extension")
-def test_reads_from_hooks_of_plain_tensors_skip_torch_ops(monkeypatch):
-    import types
-
-    import torchhealth._ops as ops
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a read of plain tensors went through torch.ops")
-
-    tensors = [torch.ones(3), torch.randn(9)]
-    want = torchhealth.tensor_stats(tensors).data
-    monkeypatch.setattr(ops, "tensor_stats", refuse)
-    monkeypatch.setattr(torch.ops.torchhealth, "tensor_stats", types.SimpleNamespace(default=refuse))
-    with pytest.raises(AssertionError, match="torch.ops"):  # what the patch catches
-        ops._op(tensors, True, None)
-    assert torch.equal(tensor_stats_in_hooks(tensors, True).data, want)
 
 
 def test_op_itself_checks_its_inputs():

@@ -32,6 +32,17 @@ def _x(seed=1, n=6):
     return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
 
 
+def python_reads(monkeypatch) -> list[list[torch.Tensor]]:
+    """The tensors of each read of the passes begun after this call, which use the
+    Python `activations.Batch` (tests/test_watch_reads.py holds the extension's
+    ``_C.Batch`` to the same reads and rows)."""
+    reads = []
+    read = activations.read
+    monkeypatch.setattr(activations, "NATIVE_BATCH", None)
+    monkeypatch.setattr(activations, "read", lambda t, *a: reads.append(t) or read(t, *a))
+    return reads
+
+
 def _run(model, loss_fn=lambda out: out.pow(2).mean(), x=None, steps=1, **kw):
     reports = []
     with th.watch(model, on_report=reports.append, **kw):
@@ -157,10 +168,7 @@ def test_a_steps_activation_findings_are_made_once_for_the_origin_and_the_report
 def test_watch_follows_the_monitors_cadence_and_costs_nothing_between_checks(monkeypatch):
     model = _mlp(nn.ReLU())
     opt = th.HealthCheckedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model=model, check_every=2)
-    calls = []
-    stats = activations.tensor_stats_in_hooks
-    monkeypatch.setattr(activations, "tensor_stats_in_hooks",
-                        lambda t, *a: calls.append(len(t)) or stats(t, *a))
+    calls = python_reads(monkeypatch)
     reports = []
     opt.monitor.on_report(reports.append)
     with th.watch(model, monitor=opt):
@@ -338,9 +346,7 @@ def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, h
 
     for m in list(model.modules())[1:]:
         m.register_forward_hook(capture)
-    reads = []
-    stats = activations.tensor_stats_in_hooks
-    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: reads.append(t) or stats(t, *a))
+    reads = python_reads(monkeypatch)
     w = th.watch(model, thresholds=th.Thresholds(), check_every=1)
     w.options = dataclasses.replace(w.options, histogram=histogram)
     x = _x()
@@ -354,7 +360,7 @@ def test_each_distinct_tensor_is_read_once_and_every_row_is_exact(monkeypatch, h
     for p in passes:
         for i, (name, kind) in enumerate(zip(p.modules, p.kinds)):
             t = x if name == "<input>" else seen[(p.name, "5" if name == "<output>" else name)]
-            want = stats([t], histogram=histogram).data  # the op alone on this tensor
+            want = th.tensor_stats([t], histogram=histogram).data  # the op alone on this tensor
             assert_rows_agree(p.stats.data[i:i + 1], want, [t], f"{p.name} {name}")
             near = 0
             if kind == "sigmoid":
@@ -371,15 +377,12 @@ def test_a_pass_larger_than_the_read_budget_is_read_in_batches_with_the_same_row
 
     def passes(read_bytes):
         monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
-        calls = []
-        stats = activations.tensor_stats_in_hooks
-        monkeypatch.setattr(activations, "tensor_stats_in_hooks",
-                            lambda t, *a: calls.append(len(t)) or stats(t, *a))
-        w = th.watch(model)
-        model(_x()).pow(2).mean().backward()
-        out = w.take(0)
-        w.remove()
-        monkeypatch.setattr(activations, "tensor_stats_in_hooks", stats)
+        with monkeypatch.context() as patched:
+            calls = python_reads(patched)
+            w = th.watch(model)
+            model(_x()).pow(2).mean().backward()
+            out = w.take(0)
+            w.remove()
         return out, calls
 
     whole, calls = passes(1 << 30)

@@ -4,7 +4,7 @@ import weakref
 
 import pytest
 import torch
-from test_watch import Residual, Wrap, _x
+from test_watch import Residual, Wrap, _x, python_reads
 from torch import nn
 
 import torchhealth as th
@@ -14,9 +14,14 @@ from torchhealth import activations
 def _reads(monkeypatch, model, x, read_bytes):
     """(the lists of tensors passed to tensor_stats, the passes) of one watched step."""
     monkeypatch.setattr(activations, "READ_BYTES_CPU", read_bytes)
-    reads = []
-    stats = activations.tensor_stats_in_hooks
-    monkeypatch.setattr(activations, "tensor_stats_in_hooks", lambda t, *a: reads.append(t) or stats(t, *a))
+    with monkeypatch.context() as patched:
+        reads = python_reads(patched)
+        passes = _step(model, x)
+    return reads, passes
+
+
+def _step(model, x):
+    """The passes of one watched step."""
     w = th.watch(model)
     out = model(x)
     if isinstance(out, tuple):  # (loss, logits), as a Hugging Face model returns
@@ -25,8 +30,7 @@ def _reads(monkeypatch, model, x, read_bytes):
         out.pow(2).mean().backward()
     passes = w.take(0)
     w.remove()
-    monkeypatch.setattr(activations, "tensor_stats_in_hooks", stats)
-    return reads, passes
+    return passes
 
 
 def test_a_repeat_after_a_full_batch_is_not_read_again_and_rows_match_one_batch(monkeypatch):
@@ -240,3 +244,116 @@ def test_an_output_already_read_is_not_kept_alive_until_the_pass_ends(monkeypatc
     assert forward.modules == ["<input>", "0", "1", "2", "3", "4", "<output>"]
     # Its gradient is still hooked and read (through its node, not the tensor).
     assert backward.modules == ["4", "<output>", "3", "2", "1", "0"]
+
+
+# The extension's batch (_C.Batch, csrc/python_call.cpp) against its Python
+# reference (activations.Batch): the same reads and the same rows.
+NATIVE = pytest.mark.skipif(activations.NATIVE_BATCH is None, reason="needs the compiled extension")
+BATCHES = [pytest.param(activations.Batch, id="python"),
+           pytest.param(activations.NATIVE_BATCH, id="native", marks=NATIVE)]
+
+
+def _made_by(monkeypatch, cls, model, x, read_bytes):
+    """(the passes, each batch's reads) of one watched step with batches of `cls`."""
+    made = []
+    with monkeypatch.context() as patched:
+        patched.setattr(activations, "READ_BYTES_CPU", read_bytes)
+        patched.setattr(activations, "NATIVE_BATCH", lambda *a: made.append(cls(*a)) or made[-1])
+        passes = _step(model, x)
+    return passes, [list(b.calls) for b in made]
+
+
+def _scenarios():
+    torch.manual_seed(0)
+    yield nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), Residual(), nn.Linear(8, 8), Wrap(),
+                        nn.Linear(8, 2))
+    yield LossAndLogits()
+    yield LossAndLogits(double=True)
+    yield nn.Sequential(nn.Linear(4, 8), nn.Tanh(), ArgMax())
+    yield nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), Shift(), nn.Tanh(), Shift(), nn.Sigmoid())
+
+
+@NATIVE
+@pytest.mark.parametrize("read_bytes", [1, 100, 1 << 30])
+def test_the_extensions_batch_makes_the_reads_and_rows_of_the_python_one(monkeypatch, read_bytes):
+    for model in _scenarios():
+        python, python_calls = _made_by(monkeypatch, activations.Batch, model, _x(), read_bytes)
+        native, native_calls = _made_by(monkeypatch, activations.NATIVE_BATCH, model, _x(), read_bytes)
+        assert native_calls == python_calls and len(native) == len(python) > 0
+        for a, b in zip(python, native):
+            assert (a.step, a.name, a.modules, a.kinds, a.shapes, a.dtypes) == \
+                (b.step, b.name, b.modules, b.kinds, b.shapes, b.dtypes)
+            assert torch.equal(a.stats.data, b.stats.data) and torch.equal(a.near, b.near), (model, a.name)
+
+
+def _batch(cls, read=activations.read, histogram=True, budget=1 << 30):
+    return cls(histogram, budget, budget, activations.BOUNDED, 1 - activations.EPS, read)
+
+
+@pytest.mark.parametrize("cls", BATCHES)
+@pytest.mark.parametrize("histogram", [False, True])
+def test_a_batch_gives_the_rows_of_tensor_stats(cls, histogram):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 48, generator=g) * 300
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-41])
+    plain = [x, x.t(), x[:, ::3], x.to(torch.bfloat16), x.half(), x.double()[1:], nn.Parameter(x[::2]),
+             torch.zeros(0), torch.tensor(2.5)]
+    bounded = [torch.tanh(x), torch.sigmoid(x).half()]
+    b = _batch(cls, histogram=histogram)
+    for i, t in enumerate(plain + bounded):
+        b.add(f"m{i}", "tanh" if i >= len(plain) else "other", t)
+    b.flush()
+    names, kinds, shapes, dtypes, rows, parts = b.result()
+    assert names == [f"m{i}" for i in range(len(plain) + len(bounded))] and rows == list(range(len(names)))
+    assert shapes == [tuple(t.shape) for t in plain + bounded] and dtypes == [t.dtype for t in plain + bounded]
+    assert [bounded_part for _, bounded_part in parts] == [False, True] and list(b.calls) == [9, 2]
+    assert torch.equal(parts[0][0], th.tensor_stats(plain, histogram=histogram).data)
+    assert torch.equal(parts[1][0], th.tensor_stats(bounded, saturation=1 - activations.EPS).data)
+
+
+@NATIVE
+def test_the_extensions_batch_reads_plain_tensors_through_neither_python_nor_torch_ops(monkeypatch):
+    import types
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a read of plain tensors went through Python")
+
+    tensors = [torch.ones(3), torch.randn(9), nn.Parameter(torch.randn(4, 4))]
+    want = th.tensor_stats(tensors, histogram=False).data
+    monkeypatch.setattr(torch.ops.torchhealth, "tensor_stats", types.SimpleNamespace(default=refuse))
+    b = _batch(activations.NATIVE_BATCH, read=refuse, histogram=False)
+    for t in tensors:
+        b.add("m", "other", t)
+    b.flush()
+    assert torch.equal(b.result()[-1][0][0], want)
+
+
+@pytest.mark.parametrize("cls", BATCHES)
+def test_a_batch_holding_a_tensor_subclass_reads_it_through_tensor_stats(cls):
+    # A DTensor is such a subclass: tensor_stats gives the rows of the global tensors.
+    class Tagged(torch.Tensor):
+        pass
+
+    reads = []
+    x = torch.randn(100)
+    b = _batch(cls, read=lambda t, *a: reads.append(t) or activations.read(t, *a))
+    b.add("a", "other", torch.ones(3))
+    b.add("b", "other", x.as_subclass(Tagged))
+    b.flush()
+    assert [type(t) for t in reads[0]] == [torch.Tensor, Tagged]
+    assert torch.equal(b.result()[-1][0][0], th.tensor_stats([torch.ones(3), x]).data)
+
+
+@pytest.mark.parametrize("cls", BATCHES)
+@pytest.mark.parametrize("bad, exc, words", [
+    (torch.randn(2, 2).to_sparse(), ValueError, ["tensors[1]", "sparse", "layout"]),
+    (torch.empty(3, device="meta"), ValueError, ["tensors[1]", "meta"]),
+])
+def test_a_batch_names_a_tensor_it_cannot_read(cls, bad, exc, words):
+    b = _batch(cls)
+    b.add("a", "other", torch.ones(2))
+    b.add("b", "other", bad)
+    with pytest.raises(exc) as e:
+        b.flush()
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))

@@ -1,7 +1,6 @@
 """`tensor_stats`: the entry point to the kernels, with the backend chosen once
 at import (the compiled extension, or the pure-PyTorch reference); and
-`tensor_stats_in_hooks`, the same for `torchhealth.watch`'s reads, which skips
-the checks in Python where the op's own suffice."""
+`native_batch`, the extension's batched reads for `torchhealth.watch`."""
 from __future__ import annotations
 
 import numbers
@@ -96,17 +95,15 @@ def _validate(tensors, histogram, saturation) -> tuple[list[torch.Tensor], float
     return list(tensors), saturation
 
 
-def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None,
-        call=None) -> torch.Tensor | None:
-    """The extension's op (through ``call``, by default ``torch.ops``); a tensor it
-    cannot read is named once it refuses."""
+def _op(tensors: list[torch.Tensor], histogram: bool, saturation: float | None) -> torch.Tensor:
+    """The extension's op; a tensor it cannot read is named once it refuses."""
     tracing = torch.compiler.is_compiling()
     try:
-        data = (call or torch.ops.torchhealth.tensor_stats.default)(tensors, histogram, saturation)
+        data = torch.ops.torchhealth.tensor_stats.default(tensors, histogram, saturation)
     except NotImplementedError:  # no kernel for this layout: the dispatcher names no tensor
         _name_the_bad_tensor(tensors, tracing)
         raise
-    if data is not None and data.is_meta and not tracing:
+    if data.is_meta and not tracing:
         _name_the_bad_tensor(tensors, tracing)
     return data
 
@@ -155,30 +152,11 @@ def tensor_stats(tensors: Sequence[torch.Tensor], *, histogram: bool = True,
     return TensorStats(reference.tensor_stats(tensors, histogram, saturation))
 
 
-def tensor_stats_in_hooks(tensors: list[torch.Tensor], histogram: bool,
-                          saturation: float | None = None) -> TensorStats:
-    """`tensor_stats` for callers that read activations many times a step from
-    hooks (`torchhealth.watch`): ``tensors`` a list of tensors that the caller
-    made, ``histogram`` a bool, ``saturation`` a float or None. Between a model's
-    own operations (the interpreter's caches cold) the Python checks of
-    `tensor_stats` and the generic path of ``torch.ops`` cost many times the op's
-    own work on a small batch (benchmarks/RESULTS.md, issue 9), so a list of
-    plain tensors goes to the op through ``_C._tensor_stats``
-    (csrc/python_call.cpp), which checks nothing itself: the op checks dtypes,
-    devices and the saturation value, and `_op` names a sparse, quantized or
-    meta tensor it refuses. Anything else (a tensor subclass such as a DTensor,
-    the reference backend) goes through `tensor_stats`."""
-    if _FAST is not None and (data := _op(tensors, histogram, saturation, _FAST)) is not None:
-        return TensorStats(data)
-    return tensor_stats(tensors, histogram=histogram, saturation=saturation)
-
-
-def _direct_call():
-    """``_C._tensor_stats``, or None when the extension is not built."""
+def native_batch():
+    """``_C.Batch`` (csrc/python_call.cpp), the batched reads of `torchhealth.watch`'s
+    hooks, or None with the reference backend (`activations.Batch` does the same
+    in Python)."""
     if _BACKEND.name != "extension":
         return None
     from . import _C
-    return _C._tensor_stats
-
-
-_FAST = _direct_call()
+    return _C.Batch

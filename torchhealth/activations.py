@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ops import SUPPORTED_DTYPES, tensor_stats_in_hooks
+from ._ops import SUPPORTED_DTYPES, native_batch, tensor_stats
 from .report import Finding, Row, rows_from_stats
 from .stats import BINS_PER_SIGN, COLS, EXP_MIN, SATURATED, TensorStats
 
@@ -37,6 +37,7 @@ SIGMOID, TANH, PROB, RELU, OTHER = "sigmoid", "tanh", "prob", "relu", "other"
 KINDS = {torch.nn.Sigmoid: SIGMOID, torch.nn.Tanh: TANH, torch.nn.Softmax: PROB, torch.nn.Softmin: PROB,
          torch.nn.ReLU: RELU, torch.nn.ReLU6: RELU}
 CHECKS = ("saturation", "range", "dead_units")
+BOUNDED = frozenset((SIGMOID, TANH))  # kinds with asymptotes, read with saturation=1 - EPS
 
 
 def kind_of(module: torch.nn.Module) -> str:
@@ -102,14 +103,19 @@ def near_counts(kinds: list[str], high: torch.Tensor, tiny: torch.Tensor) -> tor
 # budget measured from 1 to 64 MiB did better than 8 (benchmarks/RESULTS.md, issue 9).
 READ_BYTES = 64 << 20
 READ_BYTES_CPU = 8 << 20
+NATIVE_BATCH = native_batch()  # _C.Batch, or None (the reference backend): Batch
 
 
-class PendingPass:
-    """A pass's rows: their tensors awaiting a batched read, and the statistics
-    read so far. The hooks only append (they run between the model's own ops,
-    with the interpreter's caches cold, so each Python operation there costs many
-    times what it does in a loop); the read does the rest for its whole batch.
+class Batch:
+    """A pass's tensors awaiting a batched read, and the rows read so far: the
+    Python reference of ``_C.Batch`` (csrc/python_call.cpp), which `PendingPass`
+    uses when the extension is built (the same rows and reads: tests/test_watch_reads.py;
+    its weak reference is to the tensor's TensorImpl, which autograd may keep alive
+    after the Python object is gone, so it may find a repeat that this one reads
+    again, with the same row).
 
+    ``add(name, kind, tensor)`` only holds the tensor until the batch holds
+    ``budget_cpu`` bytes (``budget`` off the CPU); ``flush()`` reads what it holds.
     Each distinct tensor is read once: a row whose tensor is an earlier one of the
     same batch (a container returning its child's output, a gradient that reaches
     several outputs through a residual sum) repeats that tensor's row, and a full
@@ -118,13 +124,17 @@ class PendingPass:
     tensor read in an earlier batch of the pass (a model's output returning its
     head's logits after the loss) repeats that row too, if the tensor is still
     alive (a weak reference: nothing is held) and unchanged since (its version
-    counter; one changed in place is read again, as it would have been). Sigmoid/tanh
-    outputs go in a call of their own with the saturation threshold at
-    ``1 - EPS`` and a histogram, so that the one read also counts their values
-    near an asymptote. Tensors of other dtypes (integers) give no row."""
+    counter; one changed in place is read again, as it would have been). Outputs of
+    ``bounded_kinds`` (sigmoid/tanh) go in a call of their own with the
+    ``saturation`` threshold and a histogram, so that the one read also counts
+    their values near an asymptote. Tensors of other dtypes (integers) give no
+    row. ``read(tensors, histogram, saturation)`` gives a batch's rows; ``calls``
+    the number of tensors of each read."""
 
-    def __init__(self, step: int, histogram: bool):
-        self.step, self.histogram = step, histogram
+    def __init__(self, histogram: bool, budget_cpu: int, budget: int, bounded_kinds: frozenset,
+                 saturation: float, read):
+        self.histogram, self.budget_cpu, self.budget = histogram, budget_cpu, budget
+        self.bounded_kinds, self.saturation, self.read = bounded_kinds, saturation, read
         self.items: list = []  # (name, kind, tensor) not read yet
         self.bytes = 0
         self.full = False
@@ -133,9 +143,9 @@ class PendingPass:
         self.shapes: list[tuple[int, ...]] = []
         self.dtypes: list[torch.dtype] = []
         self.rows: list[int] = []  # per row: its tensor's row in the statistics read
-        # (stats, high, tiny): high/tiny None for a call of rows with no asymptote
-        self.parts: list[tuple[TensorStats, torch.Tensor | None, torch.Tensor | None]] = []
-        self.read = 0  # rows of statistics read
+        self.parts: list[tuple[torch.Tensor, bool]] = []  # each read's rows, and whether of bounded kinds
+        self.calls: list[int] = []
+        self.read_rows = 0
         # per tensor read in an earlier batch, by _key: (weak reference, version, row, bounded)
         self.earlier: dict[tuple, tuple] = {}
 
@@ -145,8 +155,8 @@ class PendingPass:
             if not any(t is u or key == _key(u) for _, _, u in self.items):
                 self.flush()
         self.items.append((name, kind, t))
-        self.bytes += t.nbytes
-        self.full = self.bytes >= (READ_BYTES_CPU if t.is_cpu else READ_BYTES)
+        self.bytes += t.numel() * t.element_size()
+        self.full = self.bytes >= (self.budget_cpu if t.is_cpu else self.budget)
 
     def flush(self) -> None:
         slot: dict = {}
@@ -158,7 +168,7 @@ class PendingPass:
             if t.dtype not in SUPPORTED_DTYPES:
                 continue
             # Every tensor of the batch is still held, so equal keys mean the same elements.
-            key, asymptote = _key(t), kind in (SIGMOID, TANH)
+            key, asymptote = _key(t), kind in self.bounded_kinds
             i = slot.setdefault(key, len(unique))
             if i == len(unique):
                 seen = self.earlier.get(key)
@@ -182,36 +192,74 @@ class PendingPass:
         sat = [i for i, b in enumerate(bounded) if b]
         position = [0] * len(unique)
         for p, i in enumerate(plain + sat):
-            position[i] = self.read + p
+            position[i] = self.read_rows + p
             self.earlier[keys[i]] = (weakref.ref(unique[i]), unique[i]._version, position[i], bounded[i])
         self.rows += [position[i] if i >= 0 else -1 - i for i in index]
-        self.read += len(unique)
-        if plain:  # no values near an asymptote to count (None: zeros, made only if needed)
-            self.parts.append((tensor_stats_in_hooks([unique[i] for i in plain], self.histogram), None, None))
-        if sat:
-            stats = tensor_stats_in_hooks([unique[i] for i in sat], True, 1 - EPS)
-            self.parts.append((bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)))
+        self.read_rows += len(unique)
+        for which, is_bounded in ((plain, False), (sat, True)):
+            if which:
+                self.calls.append(len(which))
+                self.parts.append((self.read([unique[i] for i in which], self.histogram or is_bounded,
+                                             self.saturation if is_bounded else None), is_bounded))
+
+    def result(self) -> tuple:
+        """(names, kinds, shapes, dtypes, rows, parts) of every row so far."""
+        return self.names, self.kinds, self.shapes, self.dtypes, self.rows, self.parts
+
+
+def read(tensors: list[torch.Tensor], histogram: bool, saturation: float | None) -> torch.Tensor:
+    """The rows of one batch (`tensor_stats`): a `Batch`'s reads, and those of
+    ``_C.Batch`` that are not of plain tensors (a tensor subclass, such as a
+    DTensor) or that the op refuses (this names the tensor)."""
+    return tensor_stats(tensors, histogram=histogram, saturation=saturation).data
+
+
+class PendingPass:
+    """A pass's rows: a `Batch` (``_C.Batch`` when the extension is built) that
+    the hooks feed through ``add``, and at the pass's end the `PassStats` of its
+    rows. The hooks only add (they run between the model's own ops, with the
+    interpreter's caches cold, so each Python operation there costs many times
+    what it does in a loop); the batch does the rest."""
+
+    def __init__(self, step: int, histogram: bool):
+        self.step, self.histogram = step, histogram
+        self.batch = (NATIVE_BATCH or Batch)(histogram, READ_BYTES_CPU, READ_BYTES, BOUNDED, 1 - EPS, read)
+        self.add, self.flush = self.batch.add, self.batch.flush
 
     def finish(self, name: str) -> PassStats | None:
         """The pass's rows, in order, or None if it held no tensor."""
         self.flush()
-        if not self.rows:
+        modules, kinds, shapes, dtypes, rows, parts = self.batch.result()
+        if not rows:
             return None
-        parts, high, tiny = zip(*self.parts)
-        rows = torch.tensor(self.rows, device=parts[0].device)
-        stats = parts[0] if len(parts) == 1 else TensorStats.cat(list(parts))
+        stats, high, tiny = zip(*(self._part(TensorStats(data), bounded) for data, bounded in parts))
+        rows = torch.tensor(rows, device=stats[0].device)
+        all_stats = stats[0] if len(stats) == 1 else TensorStats.cat(list(stats))
         if all(h is None for h in high):  # no sigmoid/tanh output in the pass: nothing is near
-            near = rows.new_zeros(len(self.rows))
+            near = rows.new_zeros(len(rows))
         else:
             def cat(counts):
                 return torch.cat([c if c is not None else s.numel.new_zeros(len(s))
-                                  for s, c in zip(parts, counts)])[rows]
+                                  for s, c in zip(stats, counts)])[rows]
 
-            near = near_counts(self.kinds, cat(high), cat(tiny))
-        return PassStats(self.step, name, self.names, self.kinds, self.shapes, self.dtypes, stats[rows], near)
+            near = near_counts(kinds, cat(high), cat(tiny))
+        return PassStats(self.step, name, list(modules), list(kinds), list(shapes), list(dtypes),
+                         all_stats[rows], near)
+
+    def _part(self, stats: TensorStats, bounded: bool) -> tuple:
+        """(rows as a call with the default saturation gives them, values with
+        |x| >= 1 - EPS, values within EPS of 0) of one read; for a read with no
+        sigmoid/tanh outputs, None for the counts (zeros, made only if needed)."""
+        if not bounded:
+            return stats, None, None
+        return bounded_rows(stats, self.histogram), stats.saturated, tiny_counts(stats)
 
 
 def _key(t: torch.Tensor) -> tuple:
+    """What makes two held tensors the same elements; a tensor that is not
+    strided (sparse, which the read refuses, naming it) is only itself."""
+    if t.layout != torch.strided:
+        return (id(t),)
     return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
 
 
