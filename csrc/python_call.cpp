@@ -27,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+#include "validation.h"
+
 namespace py = pybind11;
 
 namespace torchhealth {
@@ -71,10 +73,6 @@ struct KeyHash {
     return h;
   }
 };
-
-bool readable_dtype(c10::ScalarType s) {
-  return s == c10::kFloat || s == c10::kHalf || s == c10::kBFloat16 || s == c10::kDouble;
-}
 
 // A tensor awaiting its batch's read. Both the Python object and the tensor are
 // held until then, as the Python reference holds them.
@@ -148,7 +146,7 @@ class Batch {
     std::vector<int64_t> index;  // per row: its tensor's index in unique, or -1 - row for one read earlier
     for (const Item& it : items) {
       const at::Tensor& t = it.tensor;
-      if (!readable_dtype(t.scalar_type())) {
+      if (!is_supported_dtype(t.scalar_type())) {  // integers: no row
         continue;
       }
       Key key(t);
