@@ -132,6 +132,14 @@ void check_kernel(const Kernels& k) {
     if (trial % 7 == 2) {
       for (int i = 0; i < n; ++i) ys[i] = 1.0f / (1.0f + std::exp(-8.0f * ys[i]));  // sigmoid-like
     }
+    if (trial % 11 == 3) {
+      // ReLU-like, zeros of both signs: the minimum is a zero, reported as +0.0
+      // whichever zero the kernel's min kept (fmin on aarch64 keeps -0.0).
+      for (int i = 0; i < n; ++i) xs[i] = i % 4 == 0 ? (i % 8 == 0 ? -0.0f : 0.0f) : std::fabs(xs[i]);
+    }
+    if (trial % 11 == 4) {
+      for (int i = 0; i < n; ++i) xs[i] = i % 4 == 0 ? -0.0f : -std::fabs(xs[i]);  // the maximum is -0.0
+    }
     for (int t = 0; t < 2; ++t) {
       both(xs, f32[t], k.f32, name + " float32");
       both(convert<c10::BFloat16>(xs), f32[t], k.bf16, name + " bfloat16");

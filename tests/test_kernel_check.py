@@ -66,3 +66,25 @@ def test_the_portable_kernel_matches_the_definition_on_aarch64(tmp_path):
     exe = tmp_path / "kernel_check_aarch64"
     assert build_and_run(cxx, exe, PORTABLE, ["-static"], [qemu]) == {"generic": 9608}
     assert exe.read_bytes()[18:20] == EM_AARCH64.to_bytes(2, "little")  # ELF e_machine
+
+
+def test_the_neon_build_uses_fmin_fmax_in_pass_1_and_no_compare_in_pass_2s_one_hot():
+    """The aarch64 forms of the portable kernel's primitives reach the hot loops: pass 1's
+    min and max are fmin/fmax (the compare-and-select of `a < b ? a : b` costs two to
+    three instructions), pass 2's one-hot bit is umin and ushl (the portable form adds a
+    compare and two ands per register). A static count of the cross build
+    (benchmarks/kernel_loops.py), not a time."""
+    if not shutil.which("aarch64-linux-gnu-g++") or not shutil.which("aarch64-linux-gnu-objdump"):
+        pytest.skip("the aarch64 cross g++ is not installed (Debian: g++-aarch64-linux-gnu)")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernel_loops", os.path.join(ROOT, "benchmarks", "kernel_loops.py"))
+    kernel_loops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_loops)
+    found = list(kernel_loops.loops(kernel_loops.disassemble("aarch64", PORTABLE[1])))
+    pass1 = [ops for name, kind, _, _, ops in found if kind == "pass 1" and "chunk<FromFloat>" in name]
+    pass2 = [(size, ops) for name, kind, size, _, ops in found if kind == "pass 2"]
+    assert pass1 and pass2, found
+    for ops in pass1:
+        assert ops["fmin"] == 8 and ops["fmax"] == 8 and ops["fcmgt"] == 0 and ops["bsl"] == 0, ops
+    size, ops = min(pass2, key=lambda p: p[0])  # the unmasked variant
+    assert ops["cmhs"] == 0 and ops["umin"] == 32, ops  # 16 for the window slot, 16 clamps

@@ -43,6 +43,8 @@ inline vd lo_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((_
 inline vd hi_double(vf x) { return (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x, 1)); }
 
 
+inline vf fast_min(vf a, vf b) { return a < b ? a : b; }  // vminps
+inline vf fast_max(vf a, vf b) { return a > b ? a : b; }  // vmaxps
 inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 
 inline uint32_t reduce_add(vu v) {

@@ -57,6 +57,8 @@ inline vd hi_double(vf x) {
 }
 
 
+inline vf fast_min(vf a, vf b) { return a < b ? a : b; }  // vminps
+inline vf fast_max(vf a, vf b) { return a > b ? a : b; }  // vmaxps
 inline vf fmadd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 
 inline uint32_t reduce_add(vu v) {

@@ -14,7 +14,10 @@
 
 // What compilers do not find from portable code: float -> double of a
 // register half (they convert a 2-float vector lane by lane), a per-lane
-// variable shift, which SSE2 lacks, and a test of all lanes at once.
+// variable shift, which SSE2 lacks, and a test of all lanes at once; on
+// aarch64 also fmin/fmax, bsl for the majority, and ushl's own zero for
+// shifts of 32 or more (the portable forms cost 18% more instructions in pass
+// 1 and 2 there, counted in benchmarks/RESULTS.md).
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #elif defined(__aarch64__)
@@ -63,7 +66,12 @@ inline vf bf16_to_float(const uint16_t* p) {
 inline vd lo_double(vf x) { return (vd)_mm_cvtps_pd((__m128)x); }
 inline vd hi_double(vf x) { return (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x, (__m128)x)); }
 #elif defined(__aarch64__)
-inline vu one_bit(vu k) { return (vu)(k < 32u) & (splat(1) << (k & 31u)); }
+// ushl shifts by the signed low byte of each lane and gives 0 from a left
+// shift by 32 or more: k is clamped to 32 first (one umin where the portable
+// form below takes a compare and two ands).
+inline vu one_bit(vu k) {
+  return (vu)vshlq_u32(vdupq_n_u32(1), vreinterpretq_s32_u32(vminq_u32((uint32x4_t)k, vdupq_n_u32(32))));
+}
 inline vf bf16_to_float(const uint16_t* p) { return (vf)vshll_n_u16(vld1_u16(p), 16); }
 inline vd lo_double(vf x) { return (vd)vcvt_f64_f32(vget_low_f32((float32x4_t)x)); }
 inline vd hi_double(vf x) { return (vd)vcvt_high_f64_f32((float32x4_t)x); }
@@ -114,6 +122,14 @@ inline bool any_lane(vu m) {
 #endif
 
 
+#if defined(__aarch64__)
+inline vf fast_min(vf a, vf b) { return (vf)vminq_f32((float32x4_t)a, (float32x4_t)b); }
+inline vf fast_max(vf a, vf b) { return (vf)vmaxq_f32((float32x4_t)a, (float32x4_t)b); }
+#else
+inline vf fast_min(vf a, vf b) { return a < b ? a : b; }  // minps on x86-64
+inline vf fast_max(vf a, vf b) { return a > b ? a : b; }
+#endif
+
 // Rounded once where the compiler contracts it (aarch64, -ffp-contract=fast),
 // else twice: the bound of add_sums holds either way.
 inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
@@ -127,7 +143,12 @@ inline uint32_t reduce_add(vu v) {
 inline vu count_zero(vu acc, vu a) { return acc - (vu)(a == 0u); }
 inline vu count_lt(vu acc, vi a, vi lim) { return acc - (vu)(a < lim); }
 
+#if defined(__aarch64__)
+// c where a and b differ, else a: one bsl after the a ^ b that xor3 shares.
+inline vu maj3(vu a, vu b, vu c) { return (vu)vbslq_u32((uint32x4_t)(a ^ b), (uint32x4_t)c, (uint32x4_t)a); }
+#else
 inline vu maj3(vu a, vu b, vu c) { return (a & b) | ((a ^ b) & c); }
+#endif
 inline vu xor3(vu a, vu b, vu c) { return a ^ b ^ c; }
 
 }  // namespace generic

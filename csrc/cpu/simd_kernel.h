@@ -81,6 +81,13 @@ inline bool any_lane(vu m);
 // The low and high halves of a vector, converted exactly to double.
 inline vd lo_double(vf x);
 inline vd hi_double(vf x);
+// The smaller and the larger of a and b per lane, for the fast pass, which
+// may take either operand where one is NaN (it reads every block holding a
+// NaN again) or where both are zeros (a zero min or max is reported as +0):
+// minps/maxps on x86, fmin/fmax on aarch64, where the compare and select of
+// `a < b ? a : b` take two or three instructions.
+inline vf fast_min(vf a, vf b);
+inline vf fast_max(vf a, vf b);
 // a * b + c per lane, rounded once where the ISA has FMA (see add_sums for the
 // error bound, which holds either way).
 inline vf fmadd(vf a, vf b, vf c);
@@ -317,8 +324,8 @@ inline void pass1(const typename L::type* p, int nv, const Consts& c, Block& out
         const vu a1 = a - 1;  // zero wraps to the largest value: min ignores zeros
         b.anz = a1 < b.anz ? a1 : b.anz;
       }
-      b.vmin = x < b.vmin ? x : b.vmin;
-      b.vmax = x > b.vmax ? x : b.vmax;
+      b.vmin = fast_min(x, b.vmin);
+      b.vmax = fast_max(x, b.vmax);
       ps += x;
       pq = fmadd(x, x, pq);
     };
