@@ -162,6 +162,10 @@ void check_kernel(const Kernels& k) {
     both(e4, e4m3[0], k.f8e4m3, name + " float8_e4m3fn, every bit pattern");
     both(e5, e5m2[0], k.f8e5m2, name + " float8_e5m2, every bit pattern");
   }
+  // Every float16 bit pattern (subnormals, NaN payloads, both infinities), in order.
+  std::vector<c10::Half> halves(65536);
+  for (size_t i = 0; i < halves.size(); ++i) halves[i].x = static_cast<uint16_t>(i);
+  both(halves, f16[0], k.f16, name + " float16, every bit pattern");
   std::printf("kernel %s against the definition: %lld checks, %d failures\n", k.name,
               checked - before, failures - failed);
 }

@@ -15,9 +15,10 @@
 // What compilers do not find from portable code: float -> double of a
 // register half (they convert a 2-float vector lane by lane), a per-lane
 // variable shift, which SSE2 lacks, and a test of all lanes at once; on
-// aarch64 also fmin/fmax, bsl for the majority, and ushl's own zero for
-// shifts of 32 or more (the portable forms cost 18% more instructions in pass
-// 1 and 2 there, counted in benchmarks/RESULTS.md).
+// aarch64 also fmin/fmax, bsl for the majority, ushl's own zero for shifts of
+// 32 or more (the portable forms cost 18% more instructions in pass 1 and 2
+// there) and fcvtl for float16 (then float8 is decoded through float16 as on
+// AVX2), counted in benchmarks/RESULTS.md.
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #elif defined(__aarch64__)
@@ -40,7 +41,11 @@ constexpr bool kUnsignedMin = false;  // the SSE2 one_bit below relies on the si
 #else
 constexpr bool kUnsignedMin = true;  // NEON, VSX: a vector unsigned min
 #endif
+#if defined(__aarch64__)
+constexpr bool kHalfInHardware = true;  // fcvtl
+#else
 constexpr bool kHalfInHardware = false;  // half_to_float below is integer arithmetic
+#endif
 constexpr int kLanes = 4;  // one 128-bit register (SSE2, NEON, VSX): wider GCC vectors than the ISA has are lowered lane by lane
 
 #include "simd_kernel.h"
@@ -73,6 +78,10 @@ inline vu one_bit(vu k) {
   return (vu)vshlq_u32(vdupq_n_u32(1), vreinterpretq_s32_u32(vminq_u32((uint32x4_t)k, vdupq_n_u32(32))));
 }
 inline vf bf16_to_float(const uint16_t* p) { return (vf)vshll_n_u16(vld1_u16(p), 16); }
+// fcvtl is exact whatever FPCR says: a conversion from half precision ignores
+// FZ16 (the Arm ARM's FPUnpackCV), and every half, subnormals included, is a
+// normal float, which FZ cannot flush.
+inline vf half_to_float(vh h) { return (vf)vcvt_f32_f16((float16x4_t)h); }
 inline vd lo_double(vf x) { return (vd)vcvt_f64_f32(vget_low_f32((float32x4_t)x)); }
 inline vd hi_double(vf x) { return (vd)vcvt_high_f64_f32((float32x4_t)x); }
 #else
@@ -95,6 +104,7 @@ inline vd hi_double(vf x) {
 }
 #endif
 
+#if !defined(__aarch64__)
 // float16 bits to float32 by integer arithmetic: normals by moving the fields,
 // subnormals as mantissa * 2^-24 (an exact int -> float conversion; no
 // subnormal float is ever an operand).
@@ -108,6 +118,7 @@ inline vf half_to_float(vh h) {
   r = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : r;
   return (vf)(r | sign);
 }
+#endif
 
 #if defined(__SSE2__)
 inline bool any_lane(vu m) { return _mm_movemask_epi8((__m128i)m) != 0; }
