@@ -1,5 +1,6 @@
 // The SIMD chunk kernel for x86-64-v3 (AVX2, FMA, F16C, BMI2): 8 float32
 // lanes, one 256-bit register per GCC vector.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>

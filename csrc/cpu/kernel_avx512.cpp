@@ -3,6 +3,7 @@
 // only on CPUs with those features; tests/test_cpu_kernels.py runs it wherever
 // the CPU has them and skips it elsewhere (benchmarks/RESULTS.md names the CPUs
 // it was measured on).
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>

@@ -3,6 +3,7 @@
 // NEON on aarch64, VSX on ppc64le, ...). It is what cpu_kernels() picks where
 // no x86 kernel applies, with the same exact columns as the others; its sums
 // add in its own lane order (4 float32 lanes), within the documented bound.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>

@@ -314,7 +314,8 @@ inline void pass1(const typename L::type* p, int nv, const Consts& c, Block& out
   const vu inf = splat(0x7f800000u);
   if (!kCareful) {
     const vi small = splat_i(static_cast<int32_t>(c.small_bits));
-    auto step = [&](int v, vf& ps, vf& pq) {
+    // A pointer-sized index: an int one was sign-extended for every register's address.
+    auto step = [&](std::ptrdiff_t v, vf& ps, vf& pq) {
       const vf x = L::load_v(p + v * kLanes);
       if (kCopy) std::memcpy(copy + v * kLanes, &x, sizeof x);
       const vu a = (vu)x & absmask;
@@ -329,7 +330,7 @@ inline void pass1(const typename L::type* p, int nv, const Consts& c, Block& out
       ps += x;
       pq = fmadd(x, x, pq);
     };
-    int v = 0;
+    std::ptrdiff_t v = 0;
     for (; v + kFlush <= nv; v += kFlush) {
       if (c.prefetch) {
         // An address, not a pointer into the tensor: it may lie past its end.
