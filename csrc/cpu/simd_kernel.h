@@ -49,7 +49,7 @@
 
 // The includer defines kUnsignedMin, whether the ISA has a vector unsigned
 // min (SSE4.1 and later; not SSE2), kHalfInHardware, whether half_to_float is
-// one instruction (F16C) rather than integer arithmetic, and kLanes, the
+// one instruction (F16C, fcvtl) rather than integer arithmetic, and kLanes, the
 // float32 lanes of its registers (8 for AVX2, 16 for AVX-512; 4 for the
 // generic kernel), so that every GCC vector is one
 // machine register: wider vectors than the ISA has are lowered lane by lane
@@ -256,10 +256,10 @@ struct FromHalf {
 // instead of 7) is its value times 2^-8, subnormals included, so the float32
 // is multiplied by 2^8: exact, and never with a subnormal operand or result,
 // so flush-to-zero cannot change it. Its NaN (S.1111.111; e4m3fn has no Inf)
-// is made a float16 NaN first. Without one (the generic kernel), where that
-// integer arithmetic took twice the time of a lookup (benchmarks/RESULTS.md),
-// and for scalar() (chunk tails): the tables of the 256 values
-// (float8_tables.cpp).
+// is made a float16 NaN first. Without one (the generic kernel except on
+// aarch64), where that integer arithmetic took twice the time of a lookup
+// (benchmarks/RESULTS.md), and for scalar() (chunk tails): the tables of the
+// 256 values (float8_tables.cpp).
 template <bool kE4M3>
 struct FromFloat8 {
   using type = uint8_t;
